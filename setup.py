@@ -1,0 +1,124 @@
+"""Build script: Python packages (d2_refine + every projects/<Method>/<pkg>) and the op library d2_refine._C.
+
+The extension is compiled from csrc/**/*.cpp (CPU, always) and csrc/**/*.cu (when CUDA is available or
+FORCE_CUDA=1). Without a C++ compiler the package still installs and the ops fall back to their pure-PyTorch
+references (with a warning at first use).
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# projects/<Method>/<pkg>  ->  d2_refine.projects.<pkg>
+PROJECTS = {
+    "iounet": "projects/IoUNet/iounet",
+    "fpt": "projects/FPT/fpt",
+    "ifr": "projects/IFR/ifr",
+    "internet": "projects/InterNet/internet",
+    "rdsnet": "projects/RDSNet/rdsnet",
+}
+
+
+def _packages():
+    packages = find_packages(include=["d2_refine", "d2_refine.*"])
+    package_dir = {}
+    for name, path in PROJECTS.items():
+        if not os.path.isdir(os.path.join(ROOT, path)):
+            continue
+        base = f"d2_refine.projects.{name}"
+        package_dir[base] = path
+        packages.append(base)
+        packages += [f"{base}.{sub}" for sub in find_packages(where=path)]
+    return packages, package_dir
+
+
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script outside the
+    toolkit. Prefer an explicit CUDA_HOME/CUDA_PATH, else the first root that holds lib64/libcudart.so."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "lib64", "libcudart.so")):
+            return root
+    return None
+
+
+def _nvidia_pip_includes():
+    """torch's CUDA headers include cusparse.h & co.; with pip-installed CUDA they live in nvidia/cu*/include."""
+    try:
+        import nvidia  # namespace package from the nvidia-* wheels
+    except ImportError:
+        return []
+    found = []
+    for base in nvidia.__path__:
+        found += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+    return found
+
+
+def _have_cxx_compiler():
+    cxx = os.environ.get("CXX") or "c++"
+    return shutil.which(cxx.split()[0]) is not None or shutil.which("g++") is not None
+
+
+def _extensions():
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    if not sources:
+        return [], {}
+    if not _have_cxx_compiler():
+        sys.stderr.write(
+            "d2_refine: no C++ compiler found (install g++ or set CXX); building without the op library "
+            "d2_refine._C. The ops will use their pure-PyTorch references (slower).\n"
+        )
+        return [], {}
+
+    cuda_home = _find_cuda_home()
+    if cuda_home and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = cuda_home
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    use_cuda = (torch.cuda.is_available() or force_cuda) and cuda_home is not None
+    if force_cuda and cuda_home is None:
+        raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the toolkit root "
+                           "(the folder holding lib64/libcudart.so).")
+
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    extra_compile_args = {"cxx": ["-O3", "-std=c++17"]}
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    ext_cls = CppExtension
+    if use_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+        ext_cls = CUDAExtension
+        define_macros.append(("WITH_CUDA", None))
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        include_dirs += _nvidia_pip_includes()
+    ext = ext_cls(
+        "d2_refine._C",
+        sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+        py_limited_api=True,
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+packages, package_dir = _packages()
+ext_modules, cmdclass = _extensions()
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)
