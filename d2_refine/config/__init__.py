@@ -1,0 +1,1 @@
+from .defaults import add_d2_refine_config, add_shapes_config  # noqa: F401

@@ -1,0 +1,38 @@
+"""``add_d2_refine_config``: the shared keys plus every method's ``add_<method>_config``.
+
+Only adds keys (fvcore's CfgNode, which detectron2's subclasses): works on detectron2's ``get_cfg()`` and is
+importable without detectron2.
+"""
+from fvcore.common.config import CfgNode as CN
+
+
+def add_shapes_config(cfg):
+    """Keys of the embedded procedural dataset ``shapes`` (see d2_refine/data/shapes.py)."""
+    if "SHAPES" in cfg.DATASETS:
+        return
+    _C = cfg.DATASETS
+    _C.SHAPES = CN()
+    # Where the generated images and COCO json go; "" = $DETECTRON2_DATASETS/shapes or ~/.cache/d2_refine/shapes.
+    _C.SHAPES.ROOT = ""
+    # Seed of the generator: the same seed (and parameters) gives byte-identical files.
+    _C.SHAPES.SEED = 0
+    # Number of images of shapes_train and shapes_val.
+    _C.SHAPES.NUM_TRAIN = 2000
+    _C.SHAPES.NUM_VAL = 300
+    # Side of the square images, in pixels.
+    _C.SHAPES.IMAGE_SIZE = 192
+    # Objects per image, drawn uniformly in [MIN_OBJECTS, MAX_OBJECTS].
+    _C.SHAPES.MIN_OBJECTS = 2
+    _C.SHAPES.MAX_OBJECTS = 8
+    # Difficulty in [0, 1]: background texture/noise amplitude, object-colour contrast, occlusion allowed.
+    _C.SHAPES.DIFFICULTY = 0.5
+
+
+def add_d2_refine_config(cfg):
+    """Add the shared keys and every available method's config node to ``cfg`` (in place)."""
+    from ..projects import import_config_functions
+
+    add_shapes_config(cfg)
+    for fn in import_config_functions():
+        fn(cfg)
+    return cfg
