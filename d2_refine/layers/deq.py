@@ -1,0 +1,354 @@
+"""A reusable deep-equilibrium (DEQ) fixed-point layer on top of torchdeq.
+
+``DEQFixedPoint`` solves ``z* = f(z*)`` (``f`` closes over its injected input ``x``) batched over the first
+dimension, with torchdeq's Broyden / Anderson / fixed-point solvers (lowest-residual iterate), and
+differentiates the result implicitly: the training output is ``f(z*)`` evaluated once with autograd, and a
+gradient hook on it replaces the incoming gradient ``v`` by the solution ``g*`` of the adjoint fixed point
+``g = g J_f(z*) + v``, solved by a torchdeq solver with vector-Jacobian products w.r.t. ``z`` only. Autograd
+therefore keeps one graph of ``f`` whatever the number of solver iterations.
+
+What this module adds around torchdeq (torchdeq 0.1.0 has none of it):
+
+* per-row divergence abort (residual above ``divergence_factor`` x the initial one) and a no-NaN rule: a row
+  whose best iterate is non-finite, or whose best residual exceeds its initial residual, is replaced by a
+  fallback (e.g. an explicit K-step unroll), counted and warned about (rate limited);
+* a non-finite adjoint solution falls back to ``g* = v`` (the Jacobian-free gradient), counted;
+* its own gradient hook (torchdeq's ``hook_ift`` has no fallback and no per-call statistics), plus the cheaper
+  "jfb" and "neumann" backward modes;
+* statistics of the forward and backward solves (steps, absolute and relative residual, fallbacks) handed to
+  a ``writer`` callable, so a caller can log them (e.g. to detectron2's EventStorage) without this module
+  importing detectron2;
+* 0 rows: no solve, an empty result that still takes part in autograd;
+* the solve runs in float32 (or float64) with autocast disabled.
+
+Residuals are per row: ``||f(z_i) - z_i||_2`` ("abs") or that divided by ``||f(z_i)||_2`` ("rel"); a solve
+stops when every row is below ``eps * sqrt(D)`` ("abs", D = elements per row) or ``eps`` ("rel").
+"""
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from torchdeq.loss import jac_reg
+from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter
+
+__all__ = ["DEQFixedPoint", "DEQStats", "solve_fixed_point", "jacobian_loss", "cached_parametrizations"]
+
+logger = logging.getLogger(__name__)
+
+SOLVERS = ("broyden", "anderson", "fixed_point")
+BACKWARDS = ("implicit", "jfb", "neumann")
+FALLBACKS = ("explicit", "none")
+
+
+@dataclass
+class DEQStats:
+    """Statistics of one solve (forward or backward), all plain Python numbers.
+
+    nstep: function evaluations spent by the solver; abs_residual: ``||g||_2`` over the whole batch at the
+    returned iterates; rel_residual: the same divided by ``||f||_2`` over the batch; fallbacks: rows replaced
+    by the fallback; diverged: rows aborted for divergence; num_rows: batch size.
+    """
+
+    nstep: int = 0
+    abs_residual: float = 0.0
+    rel_residual: float = 0.0
+    fallbacks: int = 0
+    diverged: int = 0
+    num_rows: int = 0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+class _RateLimitedWarning:
+    def __init__(self, period_s: float = 60.0):
+        self.period_s = period_s
+        self._last = -math.inf
+
+    def __call__(self, msg: str):
+        now = time.monotonic()
+        if now - self._last >= self.period_s:
+            self._last = now
+            logger.warning(msg)
+
+
+_warn = _RateLimitedWarning()
+
+
+class _GuardedFunction:
+    """Wraps ``f`` for a torchdeq solver: counts evaluations, remembers the initial per-row residual, and
+    aborts diverging rows (their output becomes NaN, so torchdeq's lowest-residual tracking never picks
+    them again, and their evaluation is skipped once every row has diverged)."""
+
+    def __init__(self, func: Callable, divergence_factor: float):
+        self.func = func
+        self.factor = divergence_factor
+        self.nfe = 0
+        self.init_residual = None  # (N,)
+        self.dead = None  # (N,) bool
+
+    def __call__(self, z):
+        if self.dead is not None and bool(self.dead.all()):
+            return torch.full_like(z, float("nan"))
+        self.nfe += 1
+        fz = self.func(z)
+        res = (fz - z).flatten(1).norm(dim=1)
+        if self.init_residual is None:
+            self.init_residual = torch.where(torch.isfinite(res), res, torch.full_like(res, math.inf))
+            self.dead = torch.zeros_like(res, dtype=torch.bool)
+        if self.factor > 0:
+            bad = ~torch.isfinite(res) | (res > self.factor * self.init_residual)
+            self.dead = self.dead | bad
+        if bool(self.dead.any()):
+            fz = torch.where(self.dead.view(-1, *([1] * (fz.dim() - 1))), torch.full_like(fz, float("nan")), fz)
+        return fz
+
+
+def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden", max_iter: int = 15,
+                      eps: float = 1e-5, stop_mode: str = "abs", broyden_memory: int = 27, anderson_m: int = 6,
+                      anderson_lam: float = 1e-4, anderson_beta: float = 1.0, divergence_factor: float = 1e6):
+    """Solve ``z = func(z)`` from ``z0`` with a torchdeq solver (no autograd).
+
+    Args:
+        func (callable): maps Tensor[N, ...] to Tensor[N, ...] (rows independent).
+        z0 (Tensor[N, ...]): initial iterate.
+        solver (str): "broyden", "anderson" or "fixed_point".
+        max_iter (int): at most this many evaluations of ``func``.
+        eps (float): stop when every row's residual < eps*sqrt(D) ("abs") or < eps ("rel").
+        broyden_memory (int): Broyden keeps at most min(max_iter, broyden_memory) low-rank pairs.
+        divergence_factor (float): a row whose residual exceeds this times its initial residual is aborted
+            (<= 0 disables).
+
+    Returns:
+        (z_best (Tensor[N, ...]), info (dict)): the lowest-residual iterate of every row and statistics:
+        "abs" (Tensor[N]) and "rel" (Tensor[N]) residuals of z_best, "init_abs" (Tensor[N]), "nfe" (int),
+        "diverged" (Tensor[N] bool).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if stop_mode not in ("abs", "rel"):
+        raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
+    n = z0.shape[0]
+    dim = z0[0].numel() if n > 0 else 0
+    tol = eps * math.sqrt(max(dim, 1)) if stop_mode == "abs" else eps
+    guarded = _GuardedFunction(func, divergence_factor)
+    with torch.no_grad():
+        if solver == "broyden":
+            # torchdeq's Broyden evaluates f(z0) and then max_iter more times: pass max_iter - 1 so that
+            # every solver spends at most ``max_iter`` evaluations
+            z, _, info = broyden_solver(guarded, z0, max_iter=max(1, max_iter - 1), tol=tol, stop_mode=stop_mode,
+                                        LBFGS_thres=max(1, min(max_iter, broyden_memory)), ls=False)
+        elif solver == "anderson":
+            z, _, info = anderson_solver(guarded, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
+                                         m=anderson_m, lam=anderson_lam, tau=anderson_beta)
+        else:
+            z, _, info = fixed_point_iter(guarded, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
+    init = guarded.init_residual if guarded.init_residual is not None else torch.full((n,), math.inf)
+    # torchdeq initialises the "lowest" residual to 1e8 with the initial guess: a row that never improved on
+    # that keeps z0 with a fake residual of 1e8, which the fallback rule below treats as not converged.
+    out = {"abs": info["abs_lowest"].to(z0.dtype), "rel": info["rel_lowest"].to(z0.dtype),
+           "init_abs": init.to(z0.dtype), "nfe": guarded.nfe,
+           "diverged": guarded.dead if guarded.dead is not None else torch.zeros(n, dtype=torch.bool)}
+    return z, out
+
+
+def jacobian_loss(f_out: torch.Tensor, z: torch.Tensor, num_probes: int = 1) -> torch.Tensor:
+    """Hutchinson estimate of ``||J_f(z)||_F^2 / numel`` (DEQ v2), differentiable (torchdeq's ``jac_reg``)."""
+    if z.numel() == 0:
+        return f_out.sum() * 0.0
+    return jac_reg(f_out, z, vecs=num_probes, create_graph=True)
+
+
+class cached_parametrizations:
+    """Context manager: inside it, every parametrized weight of ``module`` (e.g. torch's weight_norm) is
+    computed once, with autograd, and reused by all later accesses (``torch.nn.utils.parametrize.cached``),
+    so a solver's many calls of ``f`` do not recompute (nor store graphs of) the normalised weights."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self._ctx = None
+
+    def __enter__(self):
+        self._ctx = parametrize.cached()
+        self._ctx.__enter__()
+        with torch.enable_grad():  # populate the cache with graph-attached weights
+            for m in self.module.modules():
+                if parametrize.is_parametrized(m):
+                    for name in m.parametrizations.keys():
+                        getattr(m, name)
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _batch_residuals(abs_rows: torch.Tensor, rel_rows: torch.Tensor):
+    """Batch-global ||g||_2 and ||g||_2 / ||f||_2 from per-row values."""
+    finite = torch.isfinite(abs_rows) & torch.isfinite(rel_rows) & (rel_rows > 0)
+    a = torch.where(torch.isfinite(abs_rows), abs_rows, torch.zeros_like(abs_rows))
+    abs_b = float(a.pow(2).sum().sqrt())
+    fnorm = torch.where(finite, abs_rows / rel_rows.clamp_min(1e-30), torch.zeros_like(abs_rows))
+    f_b = float(fnorm.pow(2).sum().sqrt())
+    return abs_b, abs_b / f_b if f_b > 0 else 0.0
+
+
+class DEQFixedPoint(nn.Module):
+    """Fixed point ``z* = f(z*)`` with implicit differentiation (parameter-free; ``f`` is passed per call).
+
+    Args:
+        f_solver (str): forward solver, "broyden" | "anderson" | "fixed_point".
+        b_solver (str): solver of the adjoint fixed point (same choices).
+        f_thres (int): forward solver evaluations in training.
+        test_f_thres (int): forward solver evaluations at test time.
+        b_thres (int): backward solver evaluations (also the number of Neumann terms).
+        f_eps, b_eps (float): stop tolerances (see ``solve_fixed_point``).
+        stop_mode (str): "abs" or "rel" (forward and backward).
+        broyden_memory (int): maximum number of Broyden pairs kept.
+        anderson_m, anderson_lam, anderson_beta: Anderson window, ridge and mixing.
+        backward (str): "implicit" (adjoint solve), "jfb" (g* = v) or "neumann" (g* = v sum_{i<b_thres} J^i).
+        fallback (str): "explicit" (rows that did not converge get ``fallback_fn``'s result) or "none" (keep
+            the best iterate; non-finite rows become 0).
+        divergence_factor (float): abort rows whose residual exceeds this times their initial residual.
+    """
+
+    def __init__(self, *, f_solver: str = "broyden", b_solver: str = "broyden", f_thres: int = 15,
+                 test_f_thres: int = 15, b_thres: int = 15, f_eps: float = 1e-5, b_eps: float = 2e-10,
+                 stop_mode: str = "abs", broyden_memory: int = 27, anderson_m: int = 6,
+                 anderson_lam: float = 1e-4, anderson_beta: float = 1.0, backward: str = "implicit",
+                 fallback: str = "explicit", divergence_factor: float = 1e6):
+        super().__init__()
+        for name, value, choices in (("f_solver", f_solver, SOLVERS), ("b_solver", b_solver, SOLVERS),
+                                     ("backward", backward, BACKWARDS), ("fallback", fallback, FALLBACKS),
+                                     ("stop_mode", stop_mode, ("abs", "rel"))):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        self.f_solver, self.b_solver = f_solver, b_solver
+        self.f_thres, self.test_f_thres, self.b_thres = int(f_thres), int(test_f_thres), int(b_thres)
+        self.f_eps, self.b_eps, self.stop_mode = float(f_eps), float(b_eps), stop_mode
+        self.solver_kwargs = dict(broyden_memory=broyden_memory, anderson_m=anderson_m,
+                                  anderson_lam=anderson_lam, anderson_beta=anderson_beta,
+                                  divergence_factor=divergence_factor)
+        self.backward_mode = backward
+        self.fallback = fallback
+        #: totals since construction (rows), for tests and monitoring
+        self.total_fallbacks = 0
+        self.total_backward_fallbacks = 0
+
+    def extra_repr(self):
+        return (f"f_solver={self.f_solver}, b_solver={self.b_solver}, f_thres={self.f_thres}, "
+                f"test_f_thres={self.test_f_thres}, b_thres={self.b_thres}, backward={self.backward_mode}")
+
+    # ------------------------------------------------------------------ forward
+    def solve(self, func: Callable, z0: torch.Tensor, max_iter: int,
+              fallback_fn: Optional[Callable[[], torch.Tensor]] = None):
+        """No-grad solve with the fallback rule. Returns (z*, DEQStats)."""
+        z, info = solve_fixed_point(func, z0, self.f_solver, max_iter, self.f_eps, self.stop_mode,
+                                    **self.solver_kwargs)
+        flat = z.flatten(1)
+        bad = ~torch.isfinite(flat).all(dim=1) | ~torch.isfinite(info["abs"]) | (info["abs"] > info["init_abs"])
+        n_bad = int(bad.sum())
+        if n_bad:
+            with torch.no_grad():
+                if self.fallback == "explicit" and fallback_fn is not None:
+                    sub = fallback_fn()
+                else:
+                    sub = torch.zeros_like(z)
+                mask = bad.view(-1, *([1] * (z.dim() - 1)))
+                z = torch.where(mask, sub, z)
+                z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))  # never NaN
+            self.total_fallbacks += n_bad
+            _warn(f"DEQ forward solve: {n_bad}/{z.shape[0]} rows did not converge "
+                  f"({int(info['diverged'].sum())} diverged) and used the {self.fallback!r} fallback; "
+                  f"{self.total_fallbacks} rows so far.")
+        abs_keep = torch.where(bad, torch.zeros_like(info["abs"]), info["abs"])
+        rel_keep = torch.where(bad, torch.ones_like(info["rel"]), info["rel"])
+        abs_b, rel_b = _batch_residuals(abs_keep[~bad], rel_keep[~bad]) if n_bad < z.shape[0] else (math.nan,
+                                                                                                      math.nan)
+        stats = DEQStats(nstep=info["nfe"], abs_residual=abs_b, rel_residual=rel_b, fallbacks=n_bad,
+                         diverged=int(info["diverged"].sum()), num_rows=z.shape[0])
+        return z, stats
+
+    def forward(self, func: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
+                fallback_fn: Optional[Callable[[], torch.Tensor]] = None,
+                writer: Optional[Callable[[str, DEQStats], None]] = None,
+                return_jac_loss: bool = False, jac_probes: int = 1):
+        """Solve and return the (differentiable) equilibrium.
+
+        Args:
+            func: ``z -> f(z)``; must be row-independent and differentiable w.r.t. ``z`` and its parameters.
+            z0 (Tensor[N, ...]): initial iterate (typically zeros).
+            fallback_fn: no-argument callable returning a replacement Tensor[N, ...] (e.g. an explicit unroll);
+                called at most once, only when some row did not converge.
+            writer: ``writer(kind, stats)`` with kind "forward" (during this call) and "backward" (during
+                autograd's backward pass, when the adjoint solve ran).
+            return_jac_loss: also return the Jacobian-regularisation loss at z* (training only, else 0).
+
+        Returns:
+            Tensor[N, ...]: in training ``f(z*)`` with the implicit gradient attached; in eval ``z*``.
+            (and the Jacobian loss, a scalar, if ``return_jac_loss``).
+        """
+        zero = z0.new_zeros(())
+        if z0.shape[0] == 0:
+            # no rows: nothing to solve; keep the output connected to f's parameters/inputs for autograd
+            out = func(z0) if self.training else z0
+            if writer is not None:
+                writer("forward", DEQStats())
+            return (out, zero) if return_jac_loss else out
+        max_iter = self.f_thres if self.training else self.test_f_thres
+        z_star, stats = self.solve(func, z0.detach(), max_iter, fallback_fn)
+        if writer is not None:
+            writer("forward", stats)
+        if not (self.training and torch.is_grad_enabled()):
+            return (z_star, zero) if return_jac_loss else z_star
+
+        z_star = z_star.detach().requires_grad_()
+        f_out = func(z_star)
+        jac = jacobian_loss(f_out, z_star, jac_probes) if return_jac_loss else zero
+        if self.backward_mode != "jfb" and f_out.requires_grad:
+            self._attach_adjoint_hook(f_out, z_star, writer)
+        return (f_out, jac) if return_jac_loss else f_out
+
+    # ----------------------------------------------------------------- backward
+    def _attach_adjoint_hook(self, f_out: torch.Tensor, z_star: torch.Tensor, writer):
+        handle = None
+        layer = self
+
+        def hook(v):
+            handle.remove()  # fire once (and never re-enter from the VJPs below)
+            vjp = lambda y: torch.autograd.grad(f_out, z_star, y, retain_graph=True)[0]  # noqa: E731
+            with torch.enable_grad():
+                if layer.backward_mode == "neumann":
+                    g, term = v.clone(), v
+                    for _ in range(layer.b_thres - 1):
+                        term = vjp(term)
+                        g = g + term
+                    res = (vjp(g) + v - g).flatten(1).norm(dim=1)
+                    info = {"abs": res, "rel": res / (vjp(g) + v).flatten(1).norm(dim=1).clamp_min(1e-30),
+                            "init_abs": v.flatten(1).norm(dim=1), "nfe": layer.b_thres + 1,
+                            "diverged": torch.zeros_like(res, dtype=torch.bool)}
+                else:
+                    g, info = solve_fixed_point(lambda y: vjp(y) + v, torch.zeros_like(v), layer.b_solver,
+                                                layer.b_thres, layer.b_eps, layer.stop_mode,
+                                                **layer.solver_kwargs)
+            bad = ~torch.isfinite(g.flatten(1)).all(dim=1) | ~torch.isfinite(info["abs"]) \
+                | (info["abs"] > info["init_abs"])
+            n_bad = int(bad.sum())
+            if n_bad:
+                g = torch.where(bad.view(-1, *([1] * (g.dim() - 1))), v, g)  # Jacobian-free gradient
+                layer.total_backward_fallbacks += n_bad
+                _warn(f"DEQ backward solve: {n_bad}/{g.shape[0]} rows did not converge, used the Jacobian-free "
+                      f"gradient; {layer.total_backward_fallbacks} rows so far.")
+            if writer is not None:
+                ok = ~bad
+                abs_b, rel_b = _batch_residuals(info["abs"][ok], info["rel"][ok]) if n_bad < g.shape[0] \
+                    else (math.nan, math.nan)
+                writer("backward", DEQStats(nstep=info["nfe"], abs_residual=abs_b, rel_residual=rel_b,
+                                            fallbacks=n_bad, diverged=int(info["diverged"].sum()),
+                                            num_rows=g.shape[0]))
+            return g.detach()
+
+        handle = f_out.register_hook(hook)

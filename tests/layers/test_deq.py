@@ -1,0 +1,204 @@
+"""DEQFixedPoint: solvers reach the fixed point, implicit gradient = unrolled autograd, no NaN, 0 rows."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2_refine.layers.deq import DEQFixedPoint, solve_fixed_point
+from d2_refine.utils.testing import cpu_and_cuda
+
+
+class ConvMap(nn.Module):
+    """f(z, x) = tanh(conv(z) + x): contractive when the conv's operator norm is < 1."""
+
+    def __init__(self, channels=8, scale=0.3, dtype=torch.float32, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(channels, channels, 3, 3, generator=g, dtype=dtype)
+        # ||conv||_2 <= 9 * max_tap ||w_tap||_2 <= 3 * max_row ||w_row||_2: this makes it <= scale
+        self.weight = nn.Parameter(w * scale / (3.0 * w.flatten(1).norm(dim=1).max()))
+        self.bias = nn.Parameter(0.1 * torch.randn(channels, generator=g, dtype=dtype))
+
+    def forward(self, z, x):
+        return torch.tanh(F.conv2d(z, self.weight, self.bias, padding=1) + x)
+
+
+def _residual(f, z):
+    return ((f(z) - z).flatten(1).norm(dim=1) / f(z).flatten(1).norm(dim=1)).max().item()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("solver", ["broyden", "anderson", "fixed_point"])
+def test_solver_finds_fixed_point_of_contractive_map(solver, device):
+    torch.manual_seed(0)
+    m = ConvMap().to(device)
+    x = torch.randn(5, 8, 6, 6, device=device)
+    f = lambda z: m(z, x)  # noqa: E731
+    z, info = solve_fixed_point(f, torch.zeros_like(x), solver, max_iter=60, eps=1e-6)
+    assert _residual(f, z) < 1e-5
+    assert info["nfe"] <= 60
+    # all solvers agree with a long plain iteration
+    ref = torch.zeros_like(x)
+    for _ in range(300):
+        ref = f(ref)
+    torch.testing.assert_close(z, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("solver", ["broyden", "anderson", "fixed_point"])
+@pytest.mark.parametrize("backward", ["implicit", "neumann"])
+def test_implicit_gradient_matches_unrolled_autograd(solver, backward):
+    torch.manual_seed(1)
+    dt = torch.float64
+    m = ConvMap(dtype=dt, seed=1)
+    x = torch.randn(3, 8, 6, 6, dtype=dt, requires_grad=True)
+    r = torch.randn(3, 8, 6, 6, dtype=dt)
+    deq = DEQFixedPoint(f_solver=solver, b_solver="broyden", f_thres=100, b_thres=100, f_eps=1e-13,
+                        b_eps=1e-13, backward=backward).train()
+    out = deq(lambda z: m(z, x), torch.zeros_like(x))
+    (out * r).sum().backward()
+    got = [m.weight.grad.clone(), m.bias.grad.clone(), x.grad.clone()]
+    for t in (m.weight, m.bias, x):
+        t.grad = None
+
+    # reference: autograd through 200 unrolled steps started at the (detached) fixed point
+    with torch.no_grad():
+        z = torch.zeros_like(x)
+        for _ in range(400):
+            z = m(z, x)
+    for _ in range(200):
+        z = m(z, x)
+    (z * r).sum().backward()
+    ref = [m.weight.grad, m.bias.grad, x.grad]
+    for a, b in zip(got, ref):
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel < 1e-5, rel
+
+
+def test_jfb_gradient_is_one_step():
+    m = ConvMap(dtype=torch.float64)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    deq = DEQFixedPoint(f_solver="anderson", f_thres=80, f_eps=1e-12, backward="jfb").train()
+    out = deq(lambda z: m(z, x), torch.zeros_like(x))
+    out.sum().backward()
+    g_jfb = x.grad.clone()
+    x.grad = None
+    z = out.detach()
+    m(z, x).sum().backward()
+    torch.testing.assert_close(g_jfb, x.grad)
+
+
+@pytest.mark.parametrize("solver", ["broyden", "anderson", "fixed_point"])
+def test_non_contractive_map_stops_cleanly_with_fallback(solver):
+    # g(z) = exp(z) - z has no root: no solver can converge; iterates blow up
+    x = torch.zeros(4, 3, 2, 2)
+    calls = {"n": 0}
+
+    def f(z):
+        calls["n"] += 1
+        return torch.exp(z) + x
+
+    deq = DEQFixedPoint(f_solver=solver, f_thres=15).eval()
+    stats = {}
+    out = deq(f, torch.zeros_like(x), fallback_fn=lambda: torch.full_like(x, 7.0),
+              writer=lambda kind, s: stats.setdefault(kind, s))
+    assert torch.isfinite(out).all()
+    assert calls["n"] <= 16
+    assert stats["forward"].fallbacks == 4
+    assert deq.total_fallbacks == 4
+    assert (out == 7.0).all()
+
+
+def test_diverging_rows_are_aborted():
+    # f(z) = 10 z + 1: plain iteration multiplies the residual by 10 per step -> aborted after ~7 steps
+    calls = {"n": 0}
+
+    def f(z):
+        calls["n"] += 1
+        return 10 * z + 1
+
+    z, info = solve_fixed_point(f, torch.zeros(2, 5), "fixed_point", max_iter=50, eps=1e-8)
+    assert calls["n"] < 12
+    assert info["diverged"].all()
+    deq = DEQFixedPoint(f_solver="fixed_point", f_thres=50, fallback="none").eval()
+    out = deq(f, torch.zeros(2, 5))
+    assert torch.isfinite(out).all()
+
+
+class _NaNGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z):
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+def test_non_finite_backward_falls_back_to_jfb():
+    w = torch.tensor(2.0, requires_grad=True)
+    deq = DEQFixedPoint(f_solver="fixed_point", f_thres=40, f_eps=1e-9).train()
+    out = deq(lambda z: 0.5 * _NaNGrad.apply(z) + w, torch.zeros(2, 4))
+    out.sum().backward()
+    assert deq.total_backward_fallbacks == 2
+    assert w.grad.item() == pytest.approx(8.0)  # JFB: d(sum(0.5 z* + w))/dw with z* held fixed
+
+
+def test_empty_rows():
+    m = ConvMap()
+    x = torch.randn(0, 8, 6, 6, requires_grad=True)
+    deq = DEQFixedPoint().train()
+    out = deq(lambda z: m(z, x), torch.zeros_like(x))
+    assert out.shape == (0, 8, 6, 6)
+    out.sum().backward()
+    assert m.weight.grad is not None and torch.isfinite(m.weight.grad).all()
+    assert deq.eval()(lambda z: m(z, x), torch.zeros_like(x)).shape == (0, 8, 6, 6)
+
+
+def test_writer_reports_forward_and_backward_stats():
+    m = ConvMap()
+    x = torch.randn(2, 8, 6, 6)
+    seen = {}
+    deq = DEQFixedPoint(f_thres=15, b_thres=15).train()
+    out = deq(lambda z: m(z, x), torch.zeros_like(x), writer=lambda k, s: seen.__setitem__(k, s))
+    assert "forward" in seen and "backward" not in seen
+    out.sum().backward()
+    assert seen["forward"].nstep <= 15 and seen["backward"].nstep <= 15
+    assert 0 <= seen["forward"].rel_residual < 1e-3
+    assert seen["backward"].abs_residual < 1e-3
+
+
+def test_autograd_memory_does_not_grow_with_solver_depth():
+    """Bytes saved by autograd for backward are the same at 5 and 30 solver iterations."""
+    m = ConvMap()
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+
+    def saved_bytes(thres):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        deq = DEQFixedPoint(f_solver="anderson", f_thres=thres, f_eps=0.0).train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            deq(lambda z: m(z, x), torch.zeros_like(x))
+        return total[0]
+
+    assert saved_bytes(5) == saved_bytes(30) > 0
+
+
+def test_jacobian_loss_is_differentiable():
+    m = ConvMap()
+    x = torch.randn(2, 8, 6, 6)
+    deq = DEQFixedPoint().train()
+    out, jac = deq(lambda z: m(z, x), torch.zeros_like(x), return_jac_loss=True)
+    assert jac.item() > 0
+    (out.sum() + jac).backward()
+    assert torch.isfinite(m.weight.grad).all()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="f_solver"):
+        DEQFixedPoint(f_solver="newton")
+    with pytest.raises(ValueError, match="backward"):
+        DEQFixedPoint(backward="exact")
