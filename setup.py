@@ -92,15 +92,17 @@ def _extensions():
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to the toolkit root "
                            "(the folder holding lib64/libcudart.so).")
 
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
-    extra_compile_args = {"cxx": ["-O3", "-std=c++17"]}
+    # Py_LIMITED_API is defined by torch's BuildExtension for py_limited_api extensions; csrc/d2_refine.cpp
+    # uses the limited C API only (a module init stub), the ops are reached through torch.ops.d2_refine.
+    define_macros = []
+    extra_compile_args = {"cxx": ["-O3", "-std=c++20"]}
     include_dirs = [os.path.join(ROOT, "csrc")]
     ext_cls = CppExtension
     if use_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
         ext_cls = CUDAExtension
         define_macros.append(("WITH_CUDA", None))
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
         include_dirs += _nvidia_pip_includes()
     ext = ext_cls(
         "d2_refine._C",

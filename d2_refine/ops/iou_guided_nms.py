@@ -1,0 +1,93 @@
+"""IoU-guided NMS (Jiang et al., ECCV 2018, Algorithm 1), batched per class like torchvision's ``batched_nms``."""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ._library import has_kernel, warn_fallback
+
+__all__ = ["iou_guided_nms"]
+
+_GUIDES = ("rank", "weight", "none")
+
+
+def _check(boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, guide: str) -> None:
+    if guide not in _GUIDES:
+        raise ValueError(f"iou_guided_nms: guide must be one of {_GUIDES}, got {guide!r}")
+    if boxes.dim() != 2 or boxes.size(1) != 4:
+        raise ValueError(f"iou_guided_nms: boxes must be Tensor[N, 4], got shape {tuple(boxes.shape)}")
+    n = boxes.size(0)
+    for name, t in (("scores", scores), ("ious", ious), ("idxs", idxs)):
+        if t.dim() != 1 or t.size(0) != n:
+            raise ValueError(f"iou_guided_nms: {name} must be Tensor[N] with N = {n}, got shape {tuple(t.shape)}")
+
+
+def iou_guided_nms(
+    boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float, guide: str = "rank"
+) -> Tuple[Tensor, Tensor]:
+    """IoU-guided non-maximum suppression, independently per class.
+
+    Within each class, candidates are ranked by ``guide``: ``"rank"`` by the predicted IoU q (the paper),
+    ``"weight"`` by p * q, ``"none"`` by p (plain NMS, scores unchanged). Greedy NMS in that order suppresses a
+    candidate when its IoU with a kept box exceeds ``iou_threshold``; each candidate belongs to the first kept box
+    (in ranking order) that overlaps it above the threshold, and a kept box's score becomes the maximum
+    classification score p over its members. The op does not filter by score (drop p < 0.05 beforehand).
+
+    Args:
+        boxes (Tensor[N, 4]): (x1, y1, x2, y2).
+        scores (Tensor[N]): classification scores p.
+        ious (Tensor[N]): predicted localisation confidences q.
+        idxs (Tensor[N]): integer class of each candidate.
+        iou_threshold (float): suppress when IoU > iou_threshold.
+        guide (str): "rank", "weight" or "none".
+
+    Returns:
+        keep (Tensor[K], int64): indices into the inputs, sorted by updated score descending (ties: smaller index).
+        kept_scores (Tensor[K]): the updated scores, in the same order.
+    """
+    _check(boxes, scores, ious, idxs, guide)
+    scores = scores.detach().to(boxes.dtype)
+    ious = ious.detach().to(boxes.dtype)
+    boxes = boxes.detach()
+    if has_kernel("iou_guided_nms", boxes.device):
+        keep, kept_scores = torch.ops.d2_refine.iou_guided_nms(boxes, scores, ious, idxs, float(iou_threshold), guide)
+        return keep, kept_scores
+    warn_fallback("iou_guided_nms", boxes.device)
+    return _iou_guided_nms_reference(boxes, scores, ious, idxs, iou_threshold, guide)
+
+
+def _iou_guided_nms_reference(
+    boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float, guide: str = "rank"
+) -> Tuple[Tensor, Tensor]:
+    """Vectorised PyTorch IoU-guided NMS (the spec's recipe): greedy per-class NMS on the ranking key with
+    torchvision's ``batched_nms``, then kept x candidates overlaps (same class, IoU > threshold), owner = first kept
+    box in ranking order (argmax), scatter-max of p. Same arguments and results as :func:`iou_guided_nms`."""
+    from torchvision.ops import batched_nms, box_iou
+
+    _check(boxes, scores, ious, idxs, guide)
+    boxes, scores, ious = boxes.detach(), scores.detach(), ious.detach()
+    if boxes.size(0) == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device), scores.new_empty(0)
+    key = {"rank": ious, "weight": scores * ious, "none": scores}[guide]
+    keep = batched_nms(boxes, key, idxs, iou_threshold)  # ranking order within each class
+    if guide == "none":
+        new_scores = scores[keep]
+    else:
+        owner = torch.empty(boxes.size(0), dtype=torch.int64, device=boxes.device)
+        chunk = max(1, (1 << 24) // max(1, keep.numel()))  # bound the kept x candidates matrix
+        kept_boxes, kept_cls = boxes[keep], idxs[keep]
+        self_of = torch.full((boxes.size(0),), -1, dtype=torch.int64, device=boxes.device)
+        self_of[keep] = torch.arange(keep.numel(), device=boxes.device)
+        for start in range(0, boxes.size(0), chunk):
+            cols = slice(start, start + chunk)
+            member = (box_iou(kept_boxes, boxes[cols]) > iou_threshold) & (kept_cls[:, None] == idxs[None, cols])
+            own = self_of[cols]
+            is_kept = own >= 0
+            member[own[is_kept], is_kept.nonzero()[:, 0]] = True  # a kept box belongs to itself
+            owner[cols] = member.to(torch.uint8).argmax(0)  # first kept box in ranking order
+        new_scores = torch.full((keep.numel(),), float("-inf"), dtype=scores.dtype, device=scores.device)
+        new_scores = new_scores.scatter_reduce(0, owner, scores, reduce="amax")
+    by_index = torch.argsort(keep)
+    keep, new_scores = keep[by_index], new_scores[by_index]
+    order = torch.argsort(new_scores, descending=True, stable=True)
+    return keep[order], new_scores[order]

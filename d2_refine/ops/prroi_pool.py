@@ -1,0 +1,149 @@
+"""Precise RoI Pooling (Jiang et al., "Acquisition of Localization Confidence for Accurate Object Detection",
+ECCV 2018): each output bin is the exact integral of the bilinearly interpolated feature map over the bin divided
+by the bin area, so the output is differentiable w.r.t. the box coordinates too."""
+from typing import List, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from ._library import has_kernel, warn_fallback
+
+__all__ = ["prroi_pool", "PrRoIPool2d"]
+
+
+def _as_roi_tensor(rois: Union[Tensor, List[Tensor], Tuple[Tensor, ...]]) -> Tensor:
+    """rois as Tensor[K, 5] (batch index, x1, y1, x2, y2); a list of Tensor[L, 4] per image gets its index column."""
+    if isinstance(rois, Tensor):
+        if rois.dim() != 2 or rois.size(1) != 5:
+            raise ValueError(f"rois must be Tensor[K, 5] (batch index, x1, y1, x2, y2), got shape {tuple(rois.shape)}")
+        return rois
+    if not isinstance(rois, (list, tuple)):
+        raise TypeError(f"rois must be a Tensor[K, 5] or a list of Tensor[L, 4], got {type(rois).__name__}")
+    for b in rois:
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.size(1) != 4:
+            raise ValueError("rois given as a list must hold one Tensor[L, 4] (x1, y1, x2, y2) per image")
+    if len(rois) == 0:
+        raise ValueError("rois given as a list must hold one Tensor[L, 4] per image, got an empty list")
+    index = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(rois)], dim=0)
+    return torch.cat([index, torch.cat(list(rois), dim=0)], dim=1)
+
+
+def prroi_pool(
+    input: Tensor,
+    rois: Union[Tensor, List[Tensor]],
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    aligned: bool = False,
+) -> Tensor:
+    """Precise RoI Pooling.
+
+    Args:
+        input (Tensor[N, C, H, W]): feature maps (float32/float64; also float16/bfloat16 on CUDA).
+        rois (Tensor[K, 5] or List[Tensor[L, 4]]): boxes (x1, y1, x2, y2) in image coordinates, with their batch
+            index as first column, or one Tensor[L, 4] per image. Boxes are never clipped: the map ramps to zero one
+            cell outside its border.
+        output_size (int or Tuple[int, int]): (PH, PW).
+        spatial_scale (float): feature-map cells per image pixel (1/stride).
+        aligned (bool): subtract half a cell after scaling (cell (i, j) centred at (j + 0.5, i + 0.5) in scaled
+            image coordinates). False (default) is the official convention: cell (i, j) at x = j, y = i.
+
+    Returns:
+        Tensor[K, C, PH, PW]: the mean of the interpolated map over each bin; 0 for zero-area bins. Differentiable
+        w.r.t. ``input`` and the four box columns of ``rois`` (the index column gets a zero gradient).
+    """
+    pooled_height, pooled_width = _pair(output_size)
+    rois = _as_roi_tensor(rois)
+    if has_kernel("prroi_pool", input.device):
+        return torch.ops.d2_refine.prroi_pool(
+            input, rois, float(spatial_scale), pooled_height, pooled_width, bool(aligned)
+        )
+    warn_fallback("prroi_pool", input.device)
+    return _prroi_pool_reference(input, rois, (pooled_height, pooled_width), spatial_scale, aligned)
+
+
+class PrRoIPool2d(nn.Module):
+    """Module form of :func:`prroi_pool`: ``PrRoIPool2d(output_size, spatial_scale, aligned)(input, rois)``."""
+
+    def __init__(self, output_size: Union[int, Tuple[int, int]], spatial_scale: float, aligned: bool = False):
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.spatial_scale = float(spatial_scale)
+        self.aligned = bool(aligned)
+
+    def forward(self, input: Tensor, rois: Union[Tensor, List[Tensor]]) -> Tensor:
+        return prroi_pool(input, rois, self.output_size, self.spatial_scale, self.aligned)
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, aligned={self.aligned}"
+
+
+def _cell_terms(start: Tensor, bin_size: Tensor, bins: int, size: int) -> Tuple[Tensor, Tensor]:
+    """The spec's per-cell integrals along one axis, Tensor[K, bins, size + 1] each, for the cells [j, j + 1] with
+    j = -1 .. size - 1: P = integral of (1 - a) and Q = integral of a over the cell's local limits [a0, a1]."""
+    b = torch.arange(bins, dtype=start.dtype, device=start.device)
+    lo = start[:, None] + b * bin_size[:, None]  # [K, bins]
+    hi = lo + bin_size[:, None]
+    cells = torch.arange(-1, size, dtype=start.dtype, device=start.device)
+    a0 = (lo[..., None] - cells).clamp(0, 1)
+    a1 = (hi[..., None] - cells).clamp(0, 1)
+    p = (a1 - a1 * a1 / 2) - (a0 - a0 * a0 / 2)
+    q = (a1 * a1 - a0 * a0) / 2
+    return p, q
+
+
+def _node_weights(start: Tensor, bin_size: Tensor, bins: int, size: int) -> Tensor:
+    """Weight of each node (feature row or column) 0 .. size - 1 in the integral along one axis,
+    Tensor[K, bins, size]: node j collects P of cell j and Q of cell j - 1 (nodes -1 and size hold zeros)."""
+    p, q = _cell_terms(start, bin_size, bins, size)
+    return p[..., 1:] + q[..., :-1]
+
+
+def _prroi_pool_reference(
+    input: Tensor,
+    rois: Union[Tensor, List[Tensor]],
+    output_size: Union[int, Tuple[int, int]],
+    spatial_scale: float = 1.0,
+    aligned: bool = False,
+) -> Tensor:
+    """Pure-PyTorch Precise RoI Pooling: the spec's exact cell-integral formula, vectorised over RoIs (one dense
+    contraction per image), differentiable by autograd w.r.t. input and rois. Same arguments as :func:`prroi_pool`.
+    Memory grows as K * C * H * PW: it is the test oracle and the fallback, not a fast path."""
+    pooled_height, pooled_width = _pair(output_size)
+    rois = _as_roi_tensor(rois)
+    if input.dim() != 4:
+        raise ValueError(f"prroi_pool: input must be Tensor[N, C, H, W], got shape {tuple(input.shape)}")
+    num_images, channels, height, width = input.shape
+    num_rois = rois.size(0)
+    batch = rois[:, 0].detach()
+    if num_rois > 0:
+        bad = (batch < 0) | (batch >= num_images) | (batch != batch.floor())
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise RuntimeError(
+                f"prroi_pool: rois[:, 0] (batch index) must be an integer in [0, N) with N = {num_images} images "
+                f"in input; got {float(batch[row])} in row {row}"
+            )
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * spatial_scale - offset
+    y1 = rois[:, 2] * spatial_scale - offset
+    x2 = rois[:, 3] * spatial_scale - offset
+    y2 = rois[:, 4] * spatial_scale - offset
+    bin_w = (x2 - x1).clamp(min=0) / pooled_width
+    bin_h = (y2 - y1).clamp(min=0) / pooled_height
+    area = bin_w * bin_h  # [K]
+    wx = _node_weights(x1, bin_w, pooled_width, width)  # [K, PW, W]
+    wy = _node_weights(y1, bin_h, pooled_height, height)  # [K, PH, H]
+
+    output = input.new_zeros((num_rois, channels, pooled_height, pooled_width))
+    batch = batch.long()
+    for n in batch.unique().tolist():  # one contraction per image (not per RoI)
+        sel = (batch == n).nonzero()[:, 0]
+        k = sel.numel()
+        # integral along x for every feature row: [C * H, W] @ [W, k * PW]
+        along_x = input[n].reshape(channels * height, width) @ wx[sel].reshape(k * pooled_width, width).t()
+        along_x = along_x.reshape(channels, height, k, pooled_width)
+        integral = torch.einsum("kph,chkq->kcpq", wy[sel], along_x)
+        output = output.index_copy(0, sel, integral)
+    safe_area = torch.where(area > 0, area, torch.ones_like(area))[:, None, None, None]
+    return torch.where(area[:, None, None, None] > 0, output / safe_area, torch.zeros_like(output))
