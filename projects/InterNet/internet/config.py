@@ -1,0 +1,56 @@
+"""``add_internet_config``: the ``MODEL.INTERNET`` node (Feature Intertwiner, Li et al., ICLR 2019)."""
+from fvcore.common.config import CfgNode as CN
+
+
+def add_internet_config(cfg):
+    """Add ``MODEL.INTERNET`` (defaults of the released "meta_105" setting) to ``cfg`` in place; no-op if present."""
+    if "INTERNET" in cfg.MODEL:
+        return cfg
+    _C = cfg.MODEL
+    _C.INTERNET = CN()
+    # Off: InterNetROIHeads behaves as StandardROIHeads with InterNet's level assignment (no make-up, no loss).
+    _C.INTERNET.ENABLED = True
+    # Level of each RoI: "fpn" (k = round(4 + log2(sqrt(wh)/224)), clamped to the pyramid) or "roi_size"
+    # (finest level whose FEAT_POOL_SIZE x FEAT_POOL_SIZE cells cover the box: sqrt(wh) <= FEAT_POOL_SIZE*stride).
+    _C.INTERNET.ASSIGNMENT = "fpn"
+    # Make-up layer applied to every FPN map the box/mask heads pool from (training and inference).
+    _C.INTERNET.MAKEUP = CN()
+    # Number of conv (+norm+ReLU) blocks; the first one upsamples when UPSAMPLE_FACTOR is 2.
+    _C.INTERNET.MAKEUP.NUM_CONV = 1
+    # 1: conv 3x3 stride 1 (released); 2: transposed conv k3 s2 doubling the resolution.
+    _C.INTERNET.MAKEUP.UPSAMPLE_FACTOR = 1
+    # Norm after each conv: "Affine" (the original's effective BN: frozen 0/1 statistics, trainable scale/shift),
+    # "BN" (batch statistics), "" (none), or any detectron2 get_norm name ("GN", "SyncBN", "FrozenBN", ...).
+    _C.INTERNET.MAKEUP.NORM = "Affine"
+    # One make-up block per level sharing the conv, differing in their norm (original MULTI_MAKEUP).
+    _C.INTERNET.MAKEUP.MULTI = False
+    # Side of the RoI features fed to the critic (both sets).
+    _C.INTERNET.FEAT_POOL_SIZE = 14
+    # Output channels of the critic (the dimension of the class buffer).
+    _C.INTERNET.CRITIC_DIM = 1024
+    # Norm of the critic's three convs (same names as MAKEUP.NORM; "BN" falls back to running stats on one RoI).
+    _C.INTERNET.CRITIC_NORM = "Affine"
+    # Distance between the small-object critic outputs and the class centroids: "l2" | "l1" | "kl" | "ot".
+    _C.INTERNET.LOSS = "l2"
+    # Weight of loss_intertwiner (released: 10 with l2; the paper's ot setting used 1000).
+    _C.INTERNET.LOSS_WEIGHT = 10.0
+    # Levels whose RoIs are the less reliable set (the reliable set of a level: RoIs of every higher level).
+    _C.INTERNET.LEVELS = ["p2", "p3", "p4"]
+    # Class buffer: 1 = running mean over all history; K > 1 = count-weighted FIFO of the last K updates per class.
+    _C.INTERNET.BUFFER_SIZE = 1
+    # Instance-level loss (each RoI vs its class centroid) instead of the class-level one (class mean vs centroid).
+    _C.INTERNET.INSTANCE_LEVEL = False
+    # Fraction of the first epoch during which the buffer fills but loss_intertwiner is 0.
+    _C.INTERNET.WARMUP_FRACTION = 0.0
+    # Optimal-transport distance (LOSS "ot").
+    _C.INTERNET.OT = CN()
+    # Entropic regularisation of the Sinkhorn solves.
+    _C.INTERNET.OT.EPSILON = 1.0
+    # Sinkhorn iterations (exactly that many).
+    _C.INTERNET.OT.ITERS = 5
+    # Ground cost between the OT critic's 1-d samples: "sqeuclidean" (carries gradient) or "cosine" (released;
+    # gradient-free almost everywhere with the plan detached).
+    _C.INTERNET.OT.COST = "sqeuclidean"
+    # Channels of the OT critic (= number of 1-d samples per distribution).
+    _C.INTERNET.OT.DIM = 256
+    return cfg

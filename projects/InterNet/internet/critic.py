@@ -1,0 +1,69 @@
+"""The critic: RoI features (C x S x S) -> one ``dim``-vector per RoI, shared by levels and sets (torch only)."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .norm import build_norm
+
+__all__ = ["ACTIVATIONS", "InterNetCritic"]
+
+#: output activation per loss: sigmoid after the last ReLU for l1/l2, softmax over channels for kl, none for ot
+ACTIVATIONS = {"l1": "sigmoid", "l2": "sigmoid", "kl": "softmax", "ot": "none"}
+
+
+class InterNetCritic(nn.Module):
+    """conv 3x3 s2 + norm + ReLU, conv (S/2)x(S/2) valid + norm + ReLU, conv 1x1 + norm + ReLU, then the
+    loss's activation.
+
+    Channel widths follow the original (256 -> 512 -> 1024 -> 1024 for ``dim`` 1024): ``dim // 2`` after the
+    first conv, ``dim`` after the others.
+
+    Args:
+        in_channels (int): channels of the pooled RoI features.
+        pool_size (int): their side S (even; 14 in the original).
+        dim (int): output dimension.
+        norm (str): see :func:`~.norm.build_norm`.
+        activation (str): "sigmoid" | "softmax" | "none".
+    """
+
+    def __init__(self, in_channels: int = 256, pool_size: int = 14, dim: int = 1024, norm: str = "Affine",
+                 activation: str = "sigmoid"):
+        super().__init__()
+        if pool_size < 2 or pool_size % 2:
+            raise ValueError(f"MODEL.INTERNET.FEAT_POOL_SIZE must be even and >= 2, got {pool_size}")
+        if activation not in ("sigmoid", "softmax", "none"):
+            raise ValueError(f"activation must be sigmoid, softmax or none, got {activation!r}")
+        self.activation = activation
+        self.pool_size = pool_size
+        bias = norm in ("", None)
+        self.conv1 = nn.Conv2d(in_channels, dim // 2, 3, stride=2, padding=1, bias=bias)
+        self.conv2 = nn.Conv2d(dim // 2, dim, pool_size // 2, bias=bias)
+        self.conv3 = nn.Conv2d(dim, dim, 1, bias=bias)
+        self.norms = nn.ModuleList(build_norm(norm, c) or nn.Identity() for c in (dim // 2, dim, dim))
+        for conv in (self.conv1, self.conv2, self.conv3):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x (Tensor[R, C, S, S]): pooled RoI features (R may be 0).
+
+        Returns:
+            Tensor[R, dim]: activated critic outputs.
+        """
+        if x.shape[-1] != self.pool_size or x.shape[-2] != self.pool_size:
+            raise ValueError(f"critic input must be Tensor[R, C, {self.pool_size}, {self.pool_size}], "
+                             f"got {tuple(x.shape)}")
+        for conv, norm in zip((self.conv1, self.conv2, self.conv3), self.norms):
+            if x.shape[0] == 0:  # keep the graph (and DDP) happy without running norms on empty batches
+                x = conv(x)
+            else:
+                x = F.relu(norm(conv(x)))
+        x = x.flatten(1)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(x)
+        if self.activation == "softmax":
+            return F.softmax(x, dim=1)
+        return x
