@@ -10,7 +10,10 @@ def add_iounet_config(cfg):
     if "IOU_NET" in cfg.MODEL:
         return cfg
     _C = cfg.MODEL
-    _C.IOU_NET = CN()
+    # the node has the class of ``cfg`` (detectron2's CfgNode subclass when given one): merging a YAML checks
+    # that the types match
+    node_cls = type(cfg) if isinstance(cfg, CN) else CN
+    _C.IOU_NET = node_cls()
     # --- IoU head (always pools with PrRoIPool: roi_align has no gradient w.r.t. the box) ---
     # Output side of the PrRoIPool features of the IoU head.
     _C.IOU_NET.POOLER_RESOLUTION = 7

@@ -33,3 +33,16 @@ def test_unknown_key_is_rejected():
     cfg = add_iounet_config(_cfg())
     with pytest.raises((KeyError, AssertionError), match="NOT_A_KEY"):
         cfg.merge_from_list(["MODEL.IOU_NET.NOT_A_KEY", 1])
+
+
+def test_merges_yaml_into_detectron2_cfg(tmp_path):
+    import pytest
+
+    pytest.importorskip("detectron2")
+    from detectron2.config import get_cfg
+
+    cfg = add_iounet_config(get_cfg())
+    f = tmp_path / "c.yaml"
+    f.write_text("MODEL:\n  IOU_NET:\n    STEPS: 2\n    LOSS: bce\n")
+    cfg.merge_from_file(str(f))
+    assert cfg.MODEL.IOU_NET.STEPS == 2 and cfg.MODEL.IOU_NET.LOSS == "bce"

@@ -1,0 +1,128 @@
+"""IoU-Net inference for one image (IoU-Net spec, section 6). Torch / torchvision / d2_refine.ops only.
+
+Box-head outputs -> candidates -> IoU-guided NMS (or plain class-wise NMS) -> optimisation-based refinement
+of the best boxes -> score x predicted IoU -> top-k. Every stage can be switched off; with all of them off
+this is detectron2's ``fast_rcnn_inference_single_image``.
+"""
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torchvision.ops import batched_nms
+
+from .refine import refine_boxes
+
+__all__ = ["iounet_inference_single_image"]
+
+#: ``iou_fn(boxes) -> ious``: boxes (Tensor[B, 4]) -> decoded IoUs of every class (Tensor[B, K], or
+#: Tensor[B, 1] class-agnostic), differentiable w.r.t. the boxes.
+AllClassIoUFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _clip(boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+    h, w = image_size
+    x = boxes[..., 0::2].clamp(0, w)
+    y = boxes[..., 1::2].clamp(0, h)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
+
+
+def _at_class(ious: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    if ious.shape[1] == 1:
+        return ious[:, 0]
+    return ious.gather(1, classes.view(-1, 1))[:, 0]
+
+
+def iounet_inference_single_image(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    image_size: Tuple[int, int],
+    iou_fn: AllClassIoUFn,
+    *,
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    topk: int = 100,
+    iou_nms: bool = True,
+    nms_guide: str = "rank",
+    refine: bool = True,
+    pre_refine: int = 100,
+    refine_kwargs: Optional[dict] = None,
+    score_times_iou: bool = True,
+) -> Dict[str, torch.Tensor]:
+    """
+    Args:
+        boxes (Tensor[R, K * 4] or Tensor[R, 4]): regressed boxes of the R proposals (class-specific or not).
+        scores (Tensor[R, K + 1]): softmax scores, background last.
+        image_size ((h, w)): to clip boxes.
+        iou_fn: the IoU head on boxes of this image (see :data:`AllClassIoUFn`).
+        score_thresh: candidates need a class score >= score_thresh.
+        nms_thresh: IoU threshold of (IoU-guided) NMS.
+        topk: detections kept (< 0: all).
+        iou_nms: IoU-guided NMS (spec section 4) on candidates (proposal, class) whose box is the one regressed
+            for the proposal's argmax class; else detectron2's class-wise NMS on class-specific boxes.
+        nms_guide: "rank" | "weight" | "none", the ranking key of IoU-guided NMS.
+        refine: refine the ``pre_refine`` best boxes after NMS (kwargs of :func:`refine_boxes`).
+        score_times_iou: final score = score x predicted IoU (clamped to [0, 1]) of the final box.
+    Returns:
+        dict with "boxes" (Tensor[D, 4]), "scores" (Tensor[D]), "classes" (Tensor[D] int64), "ious"
+        (Tensor[D], predicted IoU of the final box, or None when no stage needed it), "refine_steps"
+        (Tensor[D'] steps of the refined boxes), "refine_gain" (Tensor[D'] IoU gain of the refined boxes).
+    """
+    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
+    if not bool(valid.all()):
+        boxes, scores = boxes[valid], scores[valid]
+    scores = scores[:, :-1]
+    num_classes = scores.shape[1]
+    boxes = _clip(boxes.reshape(len(boxes), boxes.shape[1] // 4, 4), image_size)  # R x (K or 1) x 4
+    ious: Optional[torch.Tensor] = None
+    empty = boxes.new_zeros((0,))
+
+    if iou_nms:
+        from d2_refine.ops import iou_guided_nms
+
+        fg_score, fg_cls = scores.max(dim=1)
+        prop = torch.nonzero(fg_score >= score_thresh)[:, 0]
+        prop_boxes = boxes[prop, fg_cls[prop]] if boxes.shape[1] > 1 else boxes[prop, 0]
+        with torch.no_grad():
+            prop_ious = iou_fn(prop_boxes) if len(prop) else boxes.new_zeros((0, num_classes))
+        cand = torch.nonzero(scores[prop] >= score_thresh)  # (row in prop, class)
+        r, k = cand[:, 0], cand[:, 1]
+        cand_boxes, cand_scores = prop_boxes[r], scores[prop[r], k]
+        cand_ious = prop_ious[r, 0] if prop_ious.shape[1] == 1 else prop_ious[r, k]
+        keep, kept_scores = iou_guided_nms(cand_boxes, cand_scores, cand_ious, k, nms_thresh, guide=nms_guide)
+        limit = max(topk, pre_refine if refine else 0) if topk >= 0 else len(keep)
+        keep, kept_scores = keep[:limit], kept_scores[:limit]
+        boxes, scores, classes, ious = cand_boxes[keep], kept_scores, k[keep], cand_ious[keep]
+    else:
+        mask = scores > score_thresh  # detectron2's filter
+        inds = torch.nonzero(mask)
+        boxes = boxes[inds[:, 0], 0] if boxes.shape[1] == 1 else boxes[mask]
+        scores, classes = scores[mask], inds[:, 1]
+        keep = batched_nms(boxes, scores, classes, nms_thresh)
+        if topk >= 0:
+            keep = keep[: max(topk, pre_refine if refine else 0)]
+        boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+        if (refine or score_times_iou) and len(boxes):
+            with torch.no_grad():
+                ious = _at_class(iou_fn(boxes), classes)
+        elif refine or score_times_iou:
+            ious = empty
+
+    steps, gain = empty.long(), empty
+    if refine and len(boxes):
+        n = min(pre_refine, len(boxes))
+
+        def fn(b, rows):
+            return _at_class(iou_fn(b), classes[:n][rows])
+
+        res = refine_boxes(boxes[:n], fn, image_size=image_size, **(refine_kwargs or {}))
+        boxes = torch.cat([res.boxes, boxes[n:]])
+        ious = torch.cat([res.ious, ious[n:]])
+        steps, gain = res.steps, res.ious - res.init_ious
+    if score_times_iou and ious is not None:
+        scores = scores * ious.clamp(0.0, 1.0)
+    order = torch.argsort(scores, descending=True)
+    if topk >= 0:
+        order = order[:topk]
+    out = {"boxes": boxes[order], "scores": scores[order], "classes": classes[order],
+           "ious": None if ious is None else ious[order].clamp(0.0, 1.0),
+           "refine_steps": steps, "refine_gain": gain}
+    return out

@@ -1,0 +1,45 @@
+"""``ROIPooler`` whose level poolers are PrRoIPool: the multi-level pooler of the IoU head, and what
+``MODEL.ROI_BOX_HEAD.POOLER_TYPE: "PrRoIPool"`` (or "PrRoIPoolV2", the half-pixel-aligned variant) builds.
+
+ROIPooler's level assignment and scatter are kept; PrRoIPool is differentiable w.r.t. the box coordinates,
+so the pooled features (and everything computed from them) can be differentiated w.r.t. the boxes. The level
+of each box is re-assigned at every call, so a box refined across a level boundary is pooled from its new level.
+"""
+from typing import Sequence
+
+from detectron2.modeling.poolers import ROIPooler
+from torch import nn
+
+__all__ = ["PrRoIPooler", "PRROI_POOLER_TYPES", "build_roi_pooler"]
+
+#: pooler type name -> ``aligned`` argument of PrRoIPool2d
+PRROI_POOLER_TYPES = {"PrRoIPool": False, "PrRoIPoolV2": True}
+
+
+class PrRoIPooler(ROIPooler):
+    """Multi-level RoI pooler on Precise RoI Pooling.
+
+    Args:
+        output_size (int or (int, int)): pooled height and width.
+        scales (list[float]): 1 / stride of each level (a pyramid, as in :class:`ROIPooler`).
+        aligned (bool): subtract half a pixel after scaling (False: the official PrRoIPool convention).
+        canonical_box_size, canonical_level: FPN level assignment (as in :class:`ROIPooler`).
+    """
+
+    def __init__(self, output_size, scales: Sequence[float], aligned: bool = False, canonical_box_size: int = 224,
+                 canonical_level: int = 4):
+        # ROIPooler validates the pyramid and sets the level bookkeeping; its level poolers are then replaced.
+        super().__init__(output_size, scales, sampling_ratio=0, pooler_type="ROIAlignV2",
+                         canonical_box_size=canonical_box_size, canonical_level=canonical_level)
+        from d2_refine.ops import PrRoIPool2d
+
+        self.level_poolers = nn.ModuleList(
+            PrRoIPool2d(self.output_size, spatial_scale=scale, aligned=aligned) for scale in scales
+        )
+
+
+def build_roi_pooler(output_size, scales, sampling_ratio: int, pooler_type: str, **kwargs) -> ROIPooler:
+    """:class:`PrRoIPooler` for the PrRoIPool types, detectron2's :class:`ROIPooler` otherwise."""
+    if pooler_type in PRROI_POOLER_TYPES:
+        return PrRoIPooler(output_size, scales, aligned=PRROI_POOLER_TYPES[pooler_type], **kwargs)
+    return ROIPooler(output_size, scales, sampling_ratio=sampling_ratio, pooler_type=pooler_type, **kwargs)

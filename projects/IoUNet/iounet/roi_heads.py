@@ -1,0 +1,194 @@
+"""``IoUNetROIHeads``: StandardROIHeads + an IoU head trained on IoU-balanced jittered RoIs, and IoU-Net's
+inference (IoU-guided NMS, optimisation-based refinement, score x IoU), each stage switchable in config.
+"""
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
+
+from .inference import iounet_inference_single_image
+from .iou_head import IoUHead
+from .jitter import IoUBalancedJitter
+from .pooler import PRROI_POOLER_TYPES, PrRoIPooler
+
+__all__ = ["IoUNetROIHeads"]
+
+logger = logging.getLogger(__name__)
+
+_NMS_GUIDES = ("rank", "weight", "none")
+
+
+def _swap_prroi_type(cfg, node: str):
+    """A copy of ``cfg`` whose ``MODEL.<node>.POOLER_TYPE`` is ROIAlignV2 when it is a PrRoIPool type (so that
+    StandardROIHeads' builders accept it), and the PrRoIPool ``aligned`` flag, or None."""
+    pooler_type = cfg.MODEL[node].POOLER_TYPE
+    if pooler_type not in PRROI_POOLER_TYPES:
+        return cfg, None
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL[node].POOLER_TYPE = "ROIAlignV2"
+    return cfg, PRROI_POOLER_TYPES[pooler_type]
+
+
+@ROI_HEADS_REGISTRY.register()
+class IoUNetROIHeads(StandardROIHeads):
+    """StandardROIHeads with IoU-Net's IoU head (IoU-Net spec, sections 2-7).
+
+    Training adds ``loss_iou`` (on IoU-balanced RoIs jittered around the ground truth) to the box, mask and
+    keypoint losses. Inference replaces the box branch's post-processing by IoU-Net's; masks and keypoints
+    then run on the refined boxes. Instances get ``pred_ious`` whenever the IoU head was used.
+
+    Args (besides StandardROIHeads'):
+        iou_pooler (ROIPooler): PrRoIPool pooler of the IoU head (differentiable w.r.t. the boxes).
+        iou_head (IoUHead): the IoU head.
+        jitter (IoUBalancedJitter): the training-RoI generator.
+        iou_nms, nms_guide, nms_thresh: IoU-guided NMS switch, ranking key, threshold.
+        refine, pre_refine, refine_kwargs: refinement switch, boxes refined, :func:`refine_boxes` kwargs.
+        score_times_iou (bool): multiply the final score by the predicted IoU.
+    """
+
+    @configurable
+    def __init__(self, *, iou_pooler: PrRoIPooler, iou_head: IoUHead, jitter: IoUBalancedJitter,
+                 iou_nms: bool = True, nms_guide: str = "rank", nms_thresh: float = 0.5, refine: bool = True,
+                 pre_refine: int = 100, refine_kwargs: Optional[dict] = None, score_times_iou: bool = True,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if nms_guide not in _NMS_GUIDES:
+            raise ValueError(f"MODEL.IOU_NET.NMS_GUIDE must be one of {_NMS_GUIDES}, got {nms_guide!r}")
+        self.iou_pooler = iou_pooler
+        self.iou_head = iou_head
+        self.jitter = jitter
+        self.iou_nms = iou_nms
+        self.nms_guide = nms_guide
+        self.iou_nms_thresh = nms_thresh
+        self.refine = refine
+        self.pre_refine = pre_refine
+        self.refine_kwargs = dict(refine_kwargs or {})
+        self.score_times_iou = score_times_iou
+        self.reset_refine_stats()
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        if "IOU_NET" not in cfg.MODEL:
+            raise KeyError("MODEL.IOU_NET is missing: call d2_refine.add_d2_refine_config(cfg) (or "
+                           "add_iounet_config) before merging an IoU-Net config")
+        ret = super().from_config(cfg, input_shape)
+        c = cfg.MODEL.IOU_NET
+        in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
+        in_channels = input_shape[in_features[0]].channels
+        ret["iou_pooler"] = PrRoIPooler(c.POOLER_RESOLUTION, tuple(1.0 / input_shape[k].stride for k in in_features))
+        ret["iou_head"] = IoUHead(in_channels, c.POOLER_RESOLUTION, cfg.MODEL.ROI_HEADS.NUM_CLASSES, c.NUM_FC,
+                                  c.FC_DIM, c.CLS_AGNOSTIC, c.LOSS, c.LOSS_WEIGHT, c.SMOOTH_L1_BETA)
+        ret["jitter"] = IoUBalancedJitter(c.NUM_ROIS, c.FG_IOU, c.BIN_POOL, c.XY_STEPS, c.WH_STEPS, c.POOL_SEED)
+        ret.update(iou_nms=c.IOU_NMS, nms_guide=c.NMS_GUIDE, nms_thresh=c.NMS_THRESH, refine=c.REFINE,
+                   pre_refine=c.PRE_REFINE, score_times_iou=c.SCORE_TIMES_IOU,
+                   refine_kwargs=dict(steps=c.STEPS, step_size=c.STEP_SIZE, early_stop=c.EARLY_STOP,
+                                      degrade_tol=c.DEGRADE_TOL, revert_on_degrade=c.REVERT_ON_DEGRADE))
+        return ret
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        cfg2, aligned = _swap_prroi_type(cfg, "ROI_BOX_HEAD")
+        ret = super()._init_box_head(cfg2, input_shape)
+        if aligned is not None:
+            ret["box_pooler"] = cls._prroi_like(ret["box_pooler"], aligned)
+        return ret
+
+    @classmethod
+    def _init_mask_head(cls, cfg, input_shape):
+        cfg2, aligned = _swap_prroi_type(cfg, "ROI_MASK_HEAD")
+        ret = super()._init_mask_head(cfg2, input_shape)
+        if aligned is not None and ret.get("mask_pooler") is not None:
+            ret["mask_pooler"] = cls._prroi_like(ret["mask_pooler"], aligned)
+        return ret
+
+    @staticmethod
+    def _prroi_like(pooler, aligned: bool) -> PrRoIPooler:
+        scales = [2.0 ** -lvl for lvl in range(pooler.min_level, pooler.max_level + 1)]
+        return PrRoIPooler(pooler.output_size, scales, aligned=aligned,
+                           canonical_box_size=pooler.canonical_box_size, canonical_level=pooler.canonical_level)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, images: ImageList, features: Dict[str, torch.Tensor], proposals: List[Instances],
+                targets: Optional[List[Instances]] = None):
+        if not self.training:
+            return super().forward(images, features, proposals, targets)
+        proposals, losses = super().forward(images, features, proposals, targets)
+        losses.update(self._forward_iou_losses(features, targets))
+        return proposals, losses
+
+    def _forward_iou_losses(self, features: Dict[str, torch.Tensor], targets: List[Instances]):
+        """``loss_iou`` on IoU-balanced RoIs jittered around each image's ground truth."""
+        rois, ious, classes = [], [], []
+        for t in targets:
+            r, q, c = self.jitter(t.gt_boxes.tensor, t.gt_classes, t.image_size)
+            rois.append(Boxes(r))
+            ious.append(q)
+            classes.append(c)
+        pooled = self.iou_pooler([features[f] for f in self.box_in_features], rois)
+        raw = self.iou_head(pooled)
+        ious, classes = torch.cat(ious), torch.cat(classes)
+        losses = self.iou_head.losses(raw, classes, ious)
+        storage = get_event_storage()
+        storage.put_scalar("iou_net/num_rois", len(ious) / max(len(targets), 1))
+        if len(ious):
+            with torch.no_grad():
+                pred = self.iou_head.decode(self.iou_head.select(raw, classes))
+                storage.put_scalar("iou_net/mae", (pred - ious).abs().mean().item())
+        return losses
+
+    # ------------------------------------------------------------------ inference
+    def reset_refine_stats(self):
+        """Zero the running refinement statistics (see :meth:`refine_stats`)."""
+        self._refine_totals = {"boxes": 0, "steps": 0.0, "gain": 0.0}
+
+    def refine_stats(self) -> Dict[str, float]:
+        """Mean refinement steps and mean predicted-IoU gain per refined box since the last reset."""
+        n = max(self._refine_totals["boxes"], 1)
+        return {"boxes": self._refine_totals["boxes"], "mean_steps": self._refine_totals["steps"] / n,
+                "mean_iou_gain": self._refine_totals["gain"] / n}
+
+    def _iou_fn(self, feats: List[torch.Tensor]):
+        def fn(boxes: torch.Tensor) -> torch.Tensor:
+            return self.iou_head.decode(self.iou_head(self.iou_pooler(feats, [Boxes(boxes)])))
+
+        return fn
+
+    def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+        if self.training or not (self.iou_nms or self.refine or self.score_times_iou):
+            return super()._forward_box(features, proposals)
+        feats = [features[f] for f in self.box_in_features]
+        box_features = self.box_head(self.box_pooler(feats, [x.proposal_boxes for x in proposals]))
+        predictions = self.box_predictor(box_features)
+        del box_features
+        all_boxes = self.box_predictor.predict_boxes(predictions, proposals)
+        all_scores = self.box_predictor.predict_probs(predictions, proposals)
+        if self.refine and any(torch.is_inference(f) for f in feats):
+            with torch.inference_mode(False):  # inference tensors cannot be saved for backward
+                feats = [f.clone() for f in feats]
+        bp = self.box_predictor
+        results = []
+        for i, (boxes, scores, p) in enumerate(zip(all_boxes, all_scores, proposals)):
+            out = iounet_inference_single_image(
+                boxes, scores, p.image_size, self._iou_fn([f[i : i + 1] for f in feats]),
+                score_thresh=bp.test_score_thresh, nms_thresh=self.iou_nms_thresh if self.iou_nms else
+                bp.test_nms_thresh, topk=bp.test_topk_per_image, iou_nms=self.iou_nms, nms_guide=self.nms_guide,
+                refine=self.refine, pre_refine=self.pre_refine, refine_kwargs=self.refine_kwargs,
+                score_times_iou=self.score_times_iou)
+            inst = Instances(p.image_size)
+            inst.pred_boxes = Boxes(out["boxes"])
+            inst.scores = out["scores"]
+            inst.pred_classes = out["classes"]
+            if out["ious"] is not None:
+                inst.pred_ious = out["ious"]
+            results.append(inst)
+            n = len(out["refine_steps"])
+            self._refine_totals["boxes"] += n
+            self._refine_totals["steps"] += float(out["refine_steps"].sum())
+            self._refine_totals["gain"] += float(out["refine_gain"].sum())
+        return results

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from d2_refine.projects.iounet.inference import iounet_inference_single_image
+from d2_refine.projects.iounet.jitter import pairwise_iou
+
+
+def _case(seed=0, num_props=60, num_classes=3):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(num_props, 2, generator=g) * 150
+    wh = 10 + torch.rand(num_props, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + wh], 1).repeat(1, num_classes)
+    boxes = boxes + torch.randn(boxes.shape, generator=g) * 2
+    logits = torch.randn(num_props, num_classes + 1, generator=g) * 2
+    return boxes, logits.softmax(1)
+
+
+def _iou_fn(gt):
+    def fn(b):  # a perfect, differentiable 'IoU head': best true IoU, the same for every class
+        return pairwise_iou(b, gt).max(dim=1).values[:, None]
+
+    return fn
+
+
+def test_all_stages_off_is_detectron2_inference():
+    d2 = pytest.importorskip("detectron2.modeling.roi_heads.fast_rcnn")
+    boxes, scores = _case()
+    out = iounet_inference_single_image(boxes, scores, (200, 190), lambda b: None, iou_nms=False, refine=False,
+                                        score_times_iou=False)
+    ref, _ = d2.fast_rcnn_inference_single_image(boxes, scores, (200, 190), 0.05, 0.5, 100)
+    torch.testing.assert_close(out["boxes"], ref.pred_boxes.tensor)
+    torch.testing.assert_close(out["scores"], ref.scores)
+    assert torch.equal(out["classes"], ref.pred_classes)
+    assert out["ious"] is None
+
+
+def test_refinement_raises_true_iou_and_scores_use_it():
+    boxes, scores = _case(1)
+    gt = boxes[::6, :4] + 3.0  # the proposals are a few pixels off these
+    base = iounet_inference_single_image(boxes, scores, (200, 190), _iou_fn(gt), iou_nms=False, refine=False,
+                                         score_times_iou=True)
+    ref = iounet_inference_single_image(boxes, scores, (200, 190), _iou_fn(gt), iou_nms=False, refine=True,
+                                        score_times_iou=True)
+    assert len(ref["boxes"]) == len(base["boxes"]) > 0
+    assert ref["refine_gain"].mean() > 0.02 and torch.isfinite(ref["boxes"]).all()
+    true_iou = pairwise_iou(ref["boxes"], gt).max(1).values
+    torch.testing.assert_close(ref["ious"], true_iou.clamp(0, 1))
+    assert (ref["scores"][:-1] >= ref["scores"][1:]).all()
+    assert ref["boxes"][:, 0::2].max() <= 190 and ref["boxes"][:, 1::2].max() <= 200
+
+
+def test_iou_guided_nms_path_and_empty_image():
+    pytest.importorskip("d2_refine.ops")
+    boxes, scores = _case(2)
+    gt = boxes[::5, :4]
+    out = iounet_inference_single_image(boxes, scores, (200, 190), _iou_fn(gt), iou_nms=True, refine=True)
+    assert len(out["boxes"]) > 0 and (out["scores"] >= 0).all() and out["ious"] is not None
+    # no candidate above the threshold -> empty result, not an error
+    low = torch.full_like(scores, 0.01)
+    low[:, -1] = 1.0
+    for nms in (True, False):
+        out = iounet_inference_single_image(boxes, low, (200, 190), _iou_fn(gt), iou_nms=nms, refine=True)
+        assert out["boxes"].shape == (0, 4) and out["scores"].shape == (0,) and out["classes"].shape == (0,)
+    out = iounet_inference_single_image(torch.zeros((0, 12)), torch.zeros((0, 4)), (20, 20), _iou_fn(gt))
+    assert out["boxes"].shape == (0, 4)
