@@ -7,3 +7,10 @@ from d2_refine.utils.env import has_detectron2
 
 from .config import add_rdsnet_config  # noqa: F401
 from .mbrm import MBRM, mbrm_refine_boxes  # noqa: F401
+from .mask_loss import ohem_mask_loss  # noqa: F401
+from .masks import correlate, crop_region, decode_soft_masks  # noqa: F401
+
+if has_detectron2():
+    from .head import RDSNetHead  # noqa: F401
+    from .meta_arch import RDSNet  # noqa: F401  (registers META_ARCH "RDSNet")
+    from .pixel_head import RDSNetPixelHead  # noqa: F401
