@@ -79,32 +79,51 @@ class _RateLimitedWarning:
 _warn = _RateLimitedWarning()
 
 
-class _GuardedFunction:
-    """Wraps ``f`` for a torchdeq solver: counts evaluations, remembers the initial per-row residual, and
-    aborts diverging rows (their output becomes NaN, so torchdeq's lowest-residual tracking never picks
-    them again, and their evaluation is skipped once every row has diverged)."""
+class _Stop(Exception):
+    """Raised by ``_GuardedFunction`` to end a torchdeq solver loop early."""
 
-    def __init__(self, func: Callable, divergence_factor: float):
-        self.func = func
-        self.factor = divergence_factor
+
+class _GuardedFunction:
+    """Wraps ``f`` for a torchdeq solver and does the book-keeping torchdeq 0.1.0 gets wrong or lacks.
+
+    For every evaluated pair (z, f(z)) it computes the per-row residual and keeps, per row, the evaluated
+    iterate z with the lowest residual (``torch.where``, so a non-finite iterate is never picked: torchdeq's
+    own tracking mixes rows by multiplying with a 0/1 mask, and 0 * NaN = NaN). A row is aborted (``dead``)
+    when its residual is non-finite or exceeds ``factor`` x its initial residual. It raises ``_Stop`` once
+    every row is converged (below ``tol``) or aborted, which also keeps one NaN row from defeating torchdeq's
+    batch-max stop test.
+    """
+
+    def __init__(self, func: Callable, tol: float, stop_mode: str, divergence_factor: float, max_evals: int):
+        self.func, self.tol, self.stop_mode, self.factor = func, tol, stop_mode, divergence_factor
+        self.max_evals = max_evals
         self.nfe = 0
-        self.init_residual = None  # (N,)
-        self.dead = None  # (N,) bool
+        self.best_z = self.best_abs = self.best_rel = self.init_abs = self.dead = None
 
     def __call__(self, z):
-        if self.dead is not None and bool(self.dead.all()):
-            return torch.full_like(z, float("nan"))
         self.nfe += 1
         fz = self.func(z)
         res = (fz - z).flatten(1).norm(dim=1)
-        if self.init_residual is None:
-            self.init_residual = torch.where(torch.isfinite(res), res, torch.full_like(res, math.inf))
-            self.dead = torch.zeros_like(res, dtype=torch.bool)
-        if self.factor > 0:
-            bad = ~torch.isfinite(res) | (res > self.factor * self.init_residual)
-            self.dead = self.dead | bad
-        if bool(self.dead.any()):
-            fz = torch.where(self.dead.view(-1, *([1] * (fz.dim() - 1))), torch.full_like(fz, float("nan")), fz)
+        rel = res / (fz.flatten(1).norm(dim=1) + 1e-9)
+        finite = torch.isfinite(res) & torch.isfinite(rel)
+        inf = torch.full_like(res, math.inf)
+        if self.best_z is None:
+            self.best_z = z.detach().clone()
+            self.best_abs, self.best_rel = torch.where(finite, res, inf), torch.where(finite, rel, inf)
+            self.init_abs = self.best_abs.clone()
+            self.dead = ~finite
+        else:
+            crit, best = (res, self.best_abs) if self.stop_mode == "abs" else (rel, self.best_rel)
+            better = finite & ~self.dead & (crit < best)
+            self.best_z = torch.where(better.view(-1, *([1] * (z.dim() - 1))), z.detach(), self.best_z)
+            self.best_abs = torch.where(better, res, self.best_abs)
+            self.best_rel = torch.where(better, rel, self.best_rel)
+            self.dead = self.dead | ~finite
+            if self.factor > 0:
+                self.dead = self.dead | (res > self.factor * self.init_abs)
+        best = self.best_abs if self.stop_mode == "abs" else self.best_rel
+        if self.nfe >= self.max_evals or bool(((best < self.tol) | self.dead).all()):
+            raise _Stop
         return fz
 
 
@@ -117,43 +136,44 @@ def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden",
         func (callable): maps Tensor[N, ...] to Tensor[N, ...] (rows independent).
         z0 (Tensor[N, ...]): initial iterate.
         solver (str): "broyden", "anderson" or "fixed_point".
-        max_iter (int): at most this many evaluations of ``func``.
+        max_iter (int): at most this many evaluations of ``func`` (the first one is at ``z0``).
         eps (float): stop when every row's residual < eps*sqrt(D) ("abs") or < eps ("rel").
         broyden_memory (int): Broyden keeps at most min(max_iter, broyden_memory) low-rank pairs.
         divergence_factor (float): a row whose residual exceeds this times its initial residual is aborted
             (<= 0 disables).
 
     Returns:
-        (z_best (Tensor[N, ...]), info (dict)): the lowest-residual iterate of every row and statistics:
-        "abs" (Tensor[N]) and "rel" (Tensor[N]) residuals of z_best, "init_abs" (Tensor[N]), "nfe" (int),
-        "diverged" (Tensor[N] bool).
+        (z_best (Tensor[N, ...]), info (dict)): per row the evaluated iterate with the lowest residual, and
+        "abs", "rel" (Tensor[N], its residuals; inf if none was finite), "init_abs" (Tensor[N], residual at
+        ``z0``), "nfe" (int, evaluations spent), "diverged" (Tensor[N] bool, rows aborted).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if stop_mode not in ("abs", "rel"):
         raise ValueError(f"stop_mode must be 'abs' or 'rel', got {stop_mode!r}")
-    n = z0.shape[0]
-    dim = z0[0].numel() if n > 0 else 0
-    tol = eps * math.sqrt(max(dim, 1)) if stop_mode == "abs" else eps
-    guarded = _GuardedFunction(func, divergence_factor)
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    dim = z0[0].numel() if z0.shape[0] > 0 else 1
+    tol = eps * math.sqrt(dim) if stop_mode == "abs" else eps
+    guarded = _GuardedFunction(func, tol, stop_mode, divergence_factor, max_iter)
     with torch.no_grad():
-        if solver == "broyden":
-            # torchdeq's Broyden evaluates f(z0) and then max_iter more times: pass max_iter - 1 so that
-            # every solver spends at most ``max_iter`` evaluations
-            z, _, info = broyden_solver(guarded, z0, max_iter=max(1, max_iter - 1), tol=tol, stop_mode=stop_mode,
-                                        LBFGS_thres=max(1, min(max_iter, broyden_memory)), ls=False)
-        elif solver == "anderson":
-            z, _, info = anderson_solver(guarded, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
-                                         m=anderson_m, lam=anderson_lam, tau=anderson_beta)
-        else:
-            z, _, info = fixed_point_iter(guarded, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode)
-    init = guarded.init_residual if guarded.init_residual is not None else torch.full((n,), math.inf)
-    # torchdeq initialises the "lowest" residual to 1e8 with the initial guess: a row that never improved on
-    # that keeps z0 with a fake residual of 1e8, which the fallback rule below treats as not converged.
-    out = {"abs": info["abs_lowest"].to(z0.dtype), "rel": info["rel_lowest"].to(z0.dtype),
-           "init_abs": init.to(z0.dtype), "nfe": guarded.nfe,
-           "diverged": guarded.dead if guarded.dead is not None else torch.zeros(n, dtype=torch.bool)}
-    return z, out
+        try:
+            if solver == "broyden":
+                # the guard stops every solver after ``max_iter`` evaluations (torchdeq's Broyden would spend
+                # max_iter + 1, its Anderson at least 3)
+                broyden_solver(guarded, z0, max_iter=max_iter, tol=-1.0, stop_mode=stop_mode,
+                               LBFGS_thres=max(1, min(max_iter, broyden_memory)), ls=False)
+            elif solver == "anderson":
+                anderson_solver(guarded, z0, max_iter=max_iter + 2, tol=-1.0, stop_mode=stop_mode,
+                                m=anderson_m, lam=anderson_lam, tau=anderson_beta)
+            else:
+                fixed_point_iter(guarded, z0, max_iter=max_iter + 1, tol=-1.0, stop_mode=stop_mode)
+        except _Stop:
+            pass
+    if guarded.best_z is None:  # max_iter == 0 cannot happen; keep the contract anyway
+        raise RuntimeError("the solver did not evaluate f")
+    return guarded.best_z, {"abs": guarded.best_abs, "rel": guarded.best_rel, "init_abs": guarded.init_abs,
+                            "nfe": guarded.nfe, "diverged": guarded.dead}
 
 
 def jacobian_loss(f_out: torch.Tensor, z: torch.Tensor, num_probes: int = 1) -> torch.Tensor:
@@ -165,8 +185,9 @@ def jacobian_loss(f_out: torch.Tensor, z: torch.Tensor, num_probes: int = 1) -> 
 
 class cached_parametrizations:
     """Context manager: inside it, every parametrized weight of ``module`` (e.g. torch's weight_norm) is
-    computed once, with autograd, and reused by all later accesses (``torch.nn.utils.parametrize.cached``),
-    so a solver's many calls of ``f`` do not recompute (nor store graphs of) the normalised weights."""
+    computed once on entry, under the caller's grad mode (enter it with grad enabled in training so the
+    cached weights carry their graph), and reused by all later accesses (``parametrize.cached``), so a
+    solver's many no-grad calls of ``f`` neither recompute the normalised weights nor detach them."""
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -175,11 +196,10 @@ class cached_parametrizations:
     def __enter__(self):
         self._ctx = parametrize.cached()
         self._ctx.__enter__()
-        with torch.enable_grad():  # populate the cache with graph-attached weights
-            for m in self.module.modules():
-                if parametrize.is_parametrized(m):
-                    for name in m.parametrizations.keys():
-                        getattr(m, name)
+        for m in self.module.modules():
+            if parametrize.is_parametrized(m):
+                for name in m.parametrizations.keys():
+                    getattr(m, name)
         return self
 
     def __exit__(self, *exc):
@@ -243,13 +263,20 @@ class DEQFixedPoint(nn.Module):
                 f"test_f_thres={self.test_f_thres}, b_thres={self.b_thres}, backward={self.backward_mode}")
 
     # ------------------------------------------------------------------ forward
+    def _not_converged(self, z, info, eps):
+        """Rows to replace: non-finite, or no evaluated iterate improved on the initial one (and the initial
+        one is not itself converged)."""
+        tol = eps * math.sqrt(z[0].numel()) if self.stop_mode == "abs" else eps
+        crit_ok = info["abs"] < tol if self.stop_mode == "abs" else info["rel"] < tol
+        return ~torch.isfinite(z.flatten(1)).all(dim=1) | ~torch.isfinite(info["abs"]) \
+            | ((info["abs"] >= info["init_abs"]) & ~crit_ok)
+
     def solve(self, func: Callable, z0: torch.Tensor, max_iter: int,
               fallback_fn: Optional[Callable[[], torch.Tensor]] = None):
         """No-grad solve with the fallback rule. Returns (z*, DEQStats)."""
         z, info = solve_fixed_point(func, z0, self.f_solver, max_iter, self.f_eps, self.stop_mode,
                                     **self.solver_kwargs)
-        flat = z.flatten(1)
-        bad = ~torch.isfinite(flat).all(dim=1) | ~torch.isfinite(info["abs"]) | (info["abs"] > info["init_abs"])
+        bad = self._not_converged(z, info, self.f_eps)
         n_bad = int(bad.sum())
         if n_bad:
             with torch.no_grad():
@@ -334,8 +361,7 @@ class DEQFixedPoint(nn.Module):
                     g, info = solve_fixed_point(lambda y: vjp(y) + v, torch.zeros_like(v), layer.b_solver,
                                                 layer.b_thres, layer.b_eps, layer.stop_mode,
                                                 **layer.solver_kwargs)
-            bad = ~torch.isfinite(g.flatten(1)).all(dim=1) | ~torch.isfinite(info["abs"]) \
-                | (info["abs"] > info["init_abs"])
+            bad = layer._not_converged(g, info, layer.b_eps)
             n_bad = int(bad.sum())
             if n_bad:
                 g = torch.where(bad.view(-1, *([1] * (g.dim() - 1))), v, g)  # Jacobian-free gradient

@@ -1,0 +1,58 @@
+"""The IFR refinement block f(z, x) ("injection + double residual"); torch only.
+
+    a = z + x;  h = ReLU(GN(conv1(a)));  h = GN(conv2(h));  f = GN(ReLU(h + a))
+
+conv1/conv2: 3x3, C->C, padding 1, no bias (PyTorch default init); three separate affine GroupNorms.
+The implicit model puts torch's weight normalisation (``parametrizations.weight_norm``, per output channel,
+g initialised to ||V|| so W starts at the plain init) on both convs.
+"""
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm as _weight_norm
+
+__all__ = ["IFRBlock", "explicit_unroll"]
+
+
+class IFRBlock(nn.Module):
+    """f(z, x) of IFR.
+
+    Args:
+        channels (int): C of z and x.
+        num_groups (int): groups of the three GroupNorms.
+        weight_norm (bool): weight-normalise conv1 and conv2.
+    """
+
+    def __init__(self, channels: int, num_groups: int = 4, weight_norm: bool = True):
+        super().__init__()
+        if channels % num_groups != 0:
+            raise ValueError(f"channels ({channels}) must be divisible by num_groups ({num_groups})")
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(num_groups, channels, eps=1e-5)
+        self.norm2 = nn.GroupNorm(num_groups, channels, eps=1e-5)
+        self.norm3 = nn.GroupNorm(num_groups, channels, eps=1e-5)
+        if weight_norm:
+            _weight_norm(self.conv1, dim=0)
+            _weight_norm(self.conv2, dim=0)
+        self.weight_norm = weight_norm
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            z (Tensor[N, C, H, W]): current state.
+            x (Tensor[N, C, H, W]): injected RoI feature.
+        Returns:
+            Tensor[N, C, H, W]
+        """
+        a = z + x
+        h = torch.relu(self.norm1(self.conv1(a)))
+        h = self.norm2(self.conv2(h))
+        return self.norm3(torch.relu(h + a))
+
+
+def explicit_unroll(block: nn.Module, x: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """z_0 = 0, z_{k+1} = block(z_k, x); returns z_K (with autograd if grad is enabled)."""
+    z = torch.zeros_like(x)
+    for _ in range(num_steps):
+        z = block(z, x)
+    return z

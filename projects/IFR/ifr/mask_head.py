@@ -1,0 +1,157 @@
+"""``IFRMaskHead``: Mask R-CNN mask head whose 4 stacked convs become one implicit (DEQ) refinement block.
+
+x = RoIAlign mask features (N, C, 14, 14) -> refinement z (fixed point of ``IFRBlock`` or its K-step unroll)
+-> ConvTranspose 2x2 s2 -> ReLU -> 1x1 conv to class logits (N, num_classes, 28, 28). Loss and inference are
+``BaseMaskRCNNHead``'s. Works under StandardROIHeads and CascadeROIHeads (one shared mask head).
+"""
+import logging
+from typing import Optional
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ConvTranspose2d, ShapeSpec
+from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, BaseMaskRCNNHead
+from detectron2.utils.events import get_event_storage
+
+from d2_refine.layers.deq import DEQFixedPoint, DEQStats, cached_parametrizations
+
+from .block import IFRBlock, explicit_unroll
+
+__all__ = ["IFRMaskHead", "build_ifr_deq"]
+
+logger = logging.getLogger(__name__)
+
+
+def _current_iter() -> Optional[int]:
+    try:
+        return get_event_storage().iter
+    except AssertionError:  # no EventStorage (used outside a trainer)
+        return None
+
+
+def build_ifr_deq(cfg) -> DEQFixedPoint:
+    """The fixed-point layer configured by ``cfg.MODEL.IFR``."""
+    c = cfg.MODEL.IFR
+    return DEQFixedPoint(f_solver=c.F_SOLVER, b_solver=c.B_SOLVER, f_thres=c.F_THRES, test_f_thres=c.TEST_F_THRES,
+                         b_thres=c.B_THRES, f_eps=c.F_EPS, b_eps=c.B_EPS, stop_mode=c.STOP_MODE,
+                         broyden_memory=c.BROYDEN_MEMORY, anderson_m=c.ANDERSON.M, anderson_lam=c.ANDERSON.LAM,
+                         anderson_beta=c.ANDERSON.BETA, backward=c.BACKWARD, fallback=c.FALLBACK)
+
+
+@ROI_MASK_HEAD_REGISTRY.register()
+class IFRMaskHead(BaseMaskRCNNHead):
+    """Mask head with implicit feature refinement (IFR, Ma et al., ACM MM 2021).
+
+    Args:
+        input_shape (ShapeSpec): RoI feature shape; ``channels`` is the block width C.
+        num_classes (int): mask classes (1 = class agnostic).
+        mode (str): "implicit" (fixed point, implicit gradient) or "explicit" (weight sharing, K-unroll).
+        num_unroll (int): K of the explicit model, of the warm-up and of the fallback.
+        pretrain_steps (int): implicit model: training iterations (``EventStorage.iter``) spent in the explicit
+            K-unroll before switching to the implicit solve. Test time is always implicit.
+        num_groups (int): GroupNorm groups in the block.
+        weight_norm (bool): weight-normalise the block's convs.
+        jac_loss_weight (float): weight of the Jacobian-regularisation loss ``loss_ifr_jac`` (0 = off).
+        deq (DEQFixedPoint): solver settings (default: Broyden, 15 iterations).
+        loss_weight, vis_period: as ``BaseMaskRCNNHead``.
+    """
+
+    @configurable
+    def __init__(self, input_shape: ShapeSpec, *, num_classes: int, mode: str = "implicit", num_unroll: int = 4,
+                 pretrain_steps: int = 0, num_groups: int = 4, weight_norm: bool = True,
+                 jac_loss_weight: float = 0.0, deq: Optional[DEQFixedPoint] = None, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ("implicit", "explicit"):
+            raise ValueError(f"MODEL.IFR.MODE must be 'implicit' or 'explicit', got {mode!r}")
+        if num_unroll < 1:
+            raise ValueError(f"MODEL.IFR.NUM_UNROLL must be >= 1, got {num_unroll}")
+        channels = input_shape.channels
+        self.mode, self.num_unroll, self.pretrain_steps = mode, int(num_unroll), int(pretrain_steps)
+        self.jac_loss_weight = float(jac_loss_weight)
+        self.block = IFRBlock(channels, num_groups=num_groups, weight_norm=weight_norm)
+        self.deq = deq if deq is not None else DEQFixedPoint()
+        self.deconv = ConvTranspose2d(channels, channels, kernel_size=2, stride=2, padding=0)
+        self.predictor = nn.Conv2d(channels, num_classes, kernel_size=1)
+        weight_init.c2_msra_fill(self.deconv)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.constant_(self.predictor.bias, 0)
+        self._jac_loss = None
+        self._logged_switch = False
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        c = cfg.MODEL.IFR
+        ret.update(
+            input_shape=input_shape,
+            num_classes=1 if cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK else cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+            mode=c.MODE, num_unroll=c.NUM_UNROLL, pretrain_steps=c.PRETRAIN_STEPS, num_groups=c.NUM_GROUPS,
+            weight_norm=c.WEIGHT_NORM, jac_loss_weight=c.JAC_LOSS_WEIGHT, deq=build_ifr_deq(cfg),
+        )
+        return ret
+
+    def use_implicit(self) -> bool:
+        """Whether this call solves for the fixed point (else the explicit K-unroll)."""
+        if self.mode == "explicit":
+            return False
+        if not self.training:
+            return True
+        it = _current_iter()
+        return it is None or it >= self.pretrain_steps
+
+    def _log(self, kind: str, s: DEQStats):
+        if not self.training:
+            return
+        try:
+            storage = get_event_storage()
+        except AssertionError:
+            return
+        p = "ifr/fwd_" if kind == "forward" else "ifr/bwd_"
+        storage.put_scalar(p + "nstep", s.nstep)
+        if s.abs_residual == s.abs_residual:  # not NaN (NaN when every RoI fell back)
+            storage.put_scalar(p + "residual", s.abs_residual)
+            storage.put_scalar(p + "residual_rel", s.rel_residual)
+        storage.put_scalar("ifr/fallbacks" if kind == "forward" else "ifr/bwd_fallbacks", s.fallbacks)
+
+    def refine(self, x: torch.Tensor) -> torch.Tensor:
+        """Refined RoI features z (Tensor[N, C, H, W]) from x (Tensor[N, C, H, W]), computed in fp32."""
+        implicit = self.use_implicit()
+        if self.training:
+            try:
+                get_event_storage().put_scalar("ifr/implicit", float(implicit))
+            except AssertionError:
+                pass
+            if implicit and not self._logged_switch and self.mode == "implicit":
+                logger.info("IFRMaskHead: implicit fixed-point refinement from iteration %s on.", _current_iter())
+                self._logged_switch = True
+        self._jac_loss = None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            with cached_parametrizations(self.block):
+                if not implicit:
+                    return explicit_unroll(self.block, x, self.num_unroll)
+
+                def fallback():
+                    with torch.no_grad():
+                        return explicit_unroll(self.block, x, self.num_unroll)
+
+                want_jac = self.training and self.jac_loss_weight > 0
+                out = self.deq(lambda z: self.block(z, x), torch.zeros_like(x), fallback_fn=fallback,
+                               writer=self._log, return_jac_loss=want_jac)
+                if want_jac:
+                    out, self._jac_loss = out
+                return out
+
+    def layers(self, x):
+        z = self.refine(x)
+        return self.predictor(torch.relu(self.deconv(z)))
+
+    def forward(self, x, instances):
+        out = super().forward(x, instances)
+        if self.training and self.jac_loss_weight > 0:
+            jac = self._jac_loss if self._jac_loss is not None else x.sum() * 0.0
+            out["loss_ifr_jac"] = jac * self.jac_loss_weight
+        return out

@@ -1,0 +1,84 @@
+"""IFR block (torch only): parameter count, explicit unroll, fixed point and implicit gradient of the block."""
+import pytest
+import torch
+
+from d2_refine.layers.deq import DEQFixedPoint, cached_parametrizations
+from d2_refine.projects.ifr import IFRBlock, explicit_unroll
+from d2_refine.utils.testing import cpu_and_cuda
+
+
+def _contractive_block(dtype=torch.float64, channels=8, seed=0):
+    torch.manual_seed(seed)
+    b = IFRBlock(channels, num_groups=4, weight_norm=True).to(dtype)
+    with torch.no_grad():  # halve the weight-norm gains: W = 0.5 W_init
+        b.conv1.parametrizations.weight.original0.mul_(0.5)
+        b.conv2.parametrizations.weight.original0.mul_(0.5)
+    return b
+
+
+def test_parameter_count_matches_spec():
+    b = IFRBlock(256, 4, weight_norm=True)
+    n = sum(p.numel() for p in b.parameters())
+    print(f"IFR block parameters: {n} (with weight norm)")
+    assert n == 2 * 589_824 + 2 * 256 + 3 * 512
+    assert sum(p.numel() for p in IFRBlock(256, 4, weight_norm=False).parameters()) == 2 * 589_824 + 3 * 512
+    # no duplicated (frozen copy) tensors in the state dict
+    assert len(b.state_dict()) == len(list(b.parameters()))
+
+
+def test_weight_norm_starts_at_plain_init():
+    torch.manual_seed(0)
+    plain = IFRBlock(16, 4, weight_norm=False)
+    torch.manual_seed(0)
+    wn = IFRBlock(16, 4, weight_norm=True)
+    torch.testing.assert_close(wn.conv1.weight, plain.conv1.weight)
+    x = torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(wn(torch.zeros_like(x), x), plain(torch.zeros_like(x), x))
+
+
+def test_explicit_unroll_is_k_calls():
+    b = IFRBlock(8, 4)
+    x = torch.randn(3, 8, 6, 6)
+    z = torch.zeros_like(x)
+    for _ in range(4):
+        z = b(z, x)
+    torch.testing.assert_close(explicit_unroll(b, x, 4), z)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_solvers_agree_on_fixed_point(device):
+    b = _contractive_block(torch.float64).to(device)
+    x = torch.randn(4, 8, 6, 6, device=device, dtype=torch.float64)
+    outs = []
+    for solver in ("broyden", "anderson", "fixed_point"):
+        deq = DEQFixedPoint(f_solver=solver, test_f_thres=300, f_eps=1e-12, anderson_lam=1e-12).eval()
+        with torch.no_grad():
+            z = deq(lambda z: b(z, x), torch.zeros_like(x))
+        assert ((b(z, x) - z).norm() / z.norm()).item() < 1e-7
+        outs.append(z)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[0], outs[2], atol=1e-5, rtol=1e-4)
+
+
+def test_implicit_gradient_of_block_matches_200_step_unroll():
+    """Spec claim 3: float64, C = 8, 6x6, contractive weights, relative error < 1e-5."""
+    b = _contractive_block()
+    x = torch.randn(3, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    r = torch.randn_like(x)
+    deq = DEQFixedPoint(f_solver="broyden", b_solver="broyden", f_thres=60, b_thres=60, f_eps=1e-14,
+                        b_eps=1e-14).train()
+    with cached_parametrizations(b):
+        out = deq(lambda z: b(z, x), torch.zeros_like(x))
+    (out * r).sum().backward()
+    params = list(b.parameters()) + [x]
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    with torch.no_grad():
+        z = out.detach()
+    for _ in range(200):
+        z = b(z, x)
+    (z * r).sum().backward()
+    for a, p in zip(got, params):
+        rel = ((a - p.grad).norm() / p.grad.norm()).item()
+        assert rel < 1e-5, rel
