@@ -8,11 +8,13 @@ def add_rdsnet_config(cfg):
     """Add the RDSNet / MBRM keys to ``cfg`` (in place; a second call is a no-op)."""
     if "RDSNET" in cfg.MODEL:
         return cfg
-    _C = cfg.MODEL.RDSNET = CN()
+    # nodes of cfg's own class (detectron2's CfgNode subclasses fvcore's): YAML merges check node types strictly
+    node = type(cfg) if isinstance(cfg, CN) else CN
+    _C = cfg.MODEL.RDSNET = node()
     # Channels d of one object representation; the representation tower outputs A * 2 * d (background, foreground).
     _C.REP_DIM = 32
 
-    _C.PIXEL_HEAD = CN()
+    _C.PIXEL_HEAD = node()
     # FPN levels fused by the pixel head, highest resolution first (each next level has twice the stride).
     _C.PIXEL_HEAD.IN_FEATURES = ["p3", "p4", "p5"]
     # Channels of the pixel head's 3x3 convs.
@@ -37,7 +39,7 @@ def add_rdsnet_config(cfg):
     # Foreground probability above which a mask pixel is on.
     _C.MASK_THRESHOLD = 0.4
 
-    _C.MBRM = CN()
+    _C.MBRM = node()
     # Refine the boxes from the masks at inference (shares all trained weights with the model without it).
     _C.MBRM.ENABLED = False
     # Prior sigma = max(1, GAMMA * box side) around each detected edge.
