@@ -6,15 +6,17 @@ def add_internet_config(cfg):
     """Add ``MODEL.INTERNET`` (defaults of the released "meta_105" setting) to ``cfg`` in place; no-op if present."""
     if "INTERNET" in cfg.MODEL:
         return cfg
+    # nodes of cfg's own class (detectron2's CfgNode subclasses fvcore's): YAML merges check types strictly
+    node = type(cfg) if isinstance(cfg, CN) else CN
     _C = cfg.MODEL
-    _C.INTERNET = CN()
+    _C.INTERNET = node()
     # Off: InterNetROIHeads behaves as StandardROIHeads with InterNet's level assignment (no make-up, no loss).
     _C.INTERNET.ENABLED = True
     # Level of each RoI: "fpn" (k = round(4 + log2(sqrt(wh)/224)), clamped to the pyramid) or "roi_size"
     # (finest level whose FEAT_POOL_SIZE x FEAT_POOL_SIZE cells cover the box: sqrt(wh) <= FEAT_POOL_SIZE*stride).
     _C.INTERNET.ASSIGNMENT = "fpn"
     # Make-up layer applied to every FPN map the box/mask heads pool from (training and inference).
-    _C.INTERNET.MAKEUP = CN()
+    _C.INTERNET.MAKEUP = node()
     # Number of conv (+norm+ReLU) blocks; the first one upsamples when UPSAMPLE_FACTOR is 2.
     _C.INTERNET.MAKEUP.NUM_CONV = 1
     # 1: conv 3x3 stride 1 (released); 2: transposed conv k3 s2 doubling the resolution.
@@ -43,7 +45,7 @@ def add_internet_config(cfg):
     # Fraction of the first epoch during which the buffer fills but loss_intertwiner is 0.
     _C.INTERNET.WARMUP_FRACTION = 0.0
     # Optimal-transport distance (LOSS "ot").
-    _C.INTERNET.OT = CN()
+    _C.INTERNET.OT = node()
     # Entropic regularisation of the Sinkhorn solves.
     _C.INTERNET.OT.EPSILON = 1.0
     # Sinkhorn iterations (exactly that many).

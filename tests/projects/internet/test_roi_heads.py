@@ -147,3 +147,17 @@ def test_bad_config_raises():
         build_model(_cfg("MODEL.INTERNET.LEVELS", "['p7']"))
     with pytest.raises(ValueError, match="LOSS must be one of"):
         build_model(_cfg("MODEL.INTERNET.LOSS", "l3"))
+
+
+CONFIGS = os.path.join(os.path.dirname(BASE), os.pardir, "InterNet")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yaml")))
+def test_configs_load(name):
+    cfg = setup_cfg(os.path.join(CONFIGS, name))
+    assert cfg.MODEL.ROI_HEADS.NAME == "InterNetROIHeads" and cfg.MODEL.INTERNET.ENABLED
+    assert cfg.MODEL.INTERNET.LOSS in ("l2", "ot")
+    if "shapes" in name:
+        assert cfg.DATASETS.TRAIN == ("shapes_train",) and cfg.MODEL.RESNETS.DEPTH == 18
+    else:
+        assert cfg.MODEL.RESNETS.DEPTH in (50, 101) and cfg.MODEL.WEIGHTS.endswith(f"R-{cfg.MODEL.RESNETS.DEPTH}.pkl")
