@@ -78,3 +78,34 @@ def test_bad_inputs_raise():
         buf.update(torch.rand(1, 5), torch.tensor([0]))
     with pytest.raises(ValueError, match="BUFFER_SIZE"):
         ClassBuffer(3, 4, size=0)
+
+
+def _dist_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        buf = ClassBuffer(3, 4)
+        g = torch.Generator().manual_seed(rank)
+        feats = torch.rand(rank + 2, 4, generator=g)
+        labels = torch.tensor([0, 2, 2][: rank + 2])
+        buf.update(feats, labels)
+        torch.save({"feats": feats, "labels": labels, "state": buf.state_dict()}, f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_update_all_reduces_sums_and_counts(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
+    allf = torch.cat([r0["feats"], r1["feats"]])
+    ally = torch.cat([r0["labels"], r1["labels"]])
+    for r in (r0, r1):  # every rank holds the centroids of both ranks' features
+        assert r["state"]["counts"].tolist() == [2, 0, 3]
+        for c in (0, 2):
+            torch.testing.assert_close(r["state"]["centroids"][c], allf[ally == c].mean(0))

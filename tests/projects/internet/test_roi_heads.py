@@ -161,3 +161,19 @@ def test_configs_load(name):
         assert cfg.DATASETS.TRAIN == ("shapes_train",) and cfg.MODEL.RESNETS.DEPTH == 18
     else:
         assert cfg.MODEL.RESNETS.DEPTH in (50, 101) and cfg.MODEL.WEIGHTS.endswith(f"R-{cfg.MODEL.RESNETS.DEPTH}.pkl")
+
+
+def test_warmup_fraction_fills_buffer_without_loss():
+    from detectron2.data import DatasetCatalog
+
+    name = "internet_test_warmup_10"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"file_name": f"{i}.png"} for i in range(10)])
+    # 10 images, 2 per batch: an epoch is 5 iterations, 40 % of it = 2 warm-up iterations
+    model = build_model(_cfg("DATASETS.TRAIN", f"('{name}',)", "SOLVER.IMS_PER_BATCH", "2",
+                             "MODEL.INTERNET.WARMUP_FRACTION", "0.4"))
+    assert model.roi_heads.warmup_iters == 2
+    with EventStorage(0) as storage:
+        got = [_train_step(model, _batch(), storage)["loss_intertwiner"].item() for _ in range(3)]
+        assert model.roi_heads.class_buffer.occupancy == 2
+    assert got[0] == 0.0 and got[1] == 0.0 and got[2] > 0
