@@ -1,0 +1,130 @@
+"""FPT attention kernels: every memory-efficient path equals the naive full-matrix one."""
+import math
+
+import pytest
+import torch
+
+from d2_refine.projects.fpt.attention import (euclidean_mixture_attention, euclidean_qk, linear_mixture_attention,
+                                              mixture_attention)
+from d2_refine.utils.testing import cpu_and_cuda
+
+
+def _inputs(n=2, m=2, length=37, s=11, d=8, cv=16, device="cpu", dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, m, length, d, generator=g, dtype=dtype).to(device)
+    k = torch.randn(n, m, s, d, generator=g, dtype=dtype).to(device)
+    v = torch.randn(n, s, cv, generator=g, dtype=dtype).to(device)
+    pi = torch.softmax(torch.randn(n, m, generator=g, dtype=dtype), -1).to(device)
+    return q, k, v, pi
+
+
+def _reference(q, k, v, pi, scale):
+    """Straight from the definition, loop over mixtures."""
+    out = 0
+    for m in range(q.shape[1]):
+        a = torch.softmax(q[:, m] @ k[:, m].transpose(1, 2) * scale, dim=-1)
+        out = out + pi[:, m, None, None] * (a @ v)
+    return out
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("impl", ["naive", "chunked", "sdpa", "auto"])
+@pytest.mark.parametrize("m,d,cv", [(1, 8, 8), (2, 8, 16), (2, 5, 13), (4, 16, 64)])
+def test_mixture_attention_matches_reference(device, impl, m, d, cv):
+    q, k, v, pi = _inputs(m=m, d=d, cv=cv, device=device)
+    out = mixture_attention(q, k, v, pi if m > 1 else None, scale=1 / math.sqrt(d * m), impl=impl, query_chunk=8)
+    expected = _reference(q, k, v, pi if m > 1 else torch.ones_like(pi[:, :1]), 1 / math.sqrt(d * m))
+    assert out.shape == (2, 37, cv)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sdpa"])
+def test_mixture_attention_float32_close_to_naive(impl):
+    q, k, v, pi = _inputs(length=300, s=75, d=32, cv=64, dtype=torch.float32)
+    out = mixture_attention(q, k, v, pi, scale=0.125, impl=impl, query_chunk=64)
+    torch.testing.assert_close(out, mixture_attention(q, k, v, pi, scale=0.125, impl="naive"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "sdpa", "auto"])
+def test_mixture_attention_gradients_match_naive(impl):
+    q, k, v, pi = _inputs(length=19, s=7)
+    for t in (q, k, v, pi):
+        t.requires_grad_(True)
+    grads = []
+    for i in ("naive", impl):
+        out = mixture_attention(q, k, v, pi, scale=0.3, impl=i, query_chunk=5)
+        grads.append(torch.autograd.grad((out * torch.cos(out)).sum(), (q, k, v, pi)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_dropout_paths_keep_expectation_and_drop():
+    """With dropout the chunked path (CPU 'auto') draws one mask per A_m like naive: same mean, not the same."""
+    q, k, v, pi = _inputs(n=1, length=4, s=6, cv=4)
+    clean = mixture_attention(q, k, v, pi, scale=0.5, impl="naive")
+    torch.manual_seed(0)
+    runs = torch.stack([mixture_attention(q, k, v, pi, scale=0.5, dropout_p=0.3, impl="auto", query_chunk=3)
+                        for _ in range(3000)])
+    assert not torch.allclose(runs[0], clean)
+    torch.testing.assert_close(runs.mean(0), clean, rtol=0, atol=0.08)
+
+
+def test_euclidean_qk_reproduces_negative_squared_distance_up_to_row_constant():
+    q, k, _, _ = _inputs(m=1, length=9, s=6)
+    q_hat, k_hat = euclidean_qk(q, k)
+    logits = q_hat @ k_hat.transpose(-1, -2)
+    neg_dist = -torch.cdist(q, k).pow(2)
+    diff = logits - neg_dist  # equals |q_i|^2, constant along keys
+    torch.testing.assert_close(diff, q.pow(2).sum(-1, keepdim=True).expand_as(diff))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("impl", ["chunked", "sdpa", "auto"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_euclidean_attention_matches_naive(device, impl, m):
+    q, k, v, pi = _inputs(m=m, d=7, cv=14, device=device)
+    pi = pi if m > 1 else None
+    expected = euclidean_mixture_attention(q, k, v, pi, temperature=0.4, impl="naive")
+    out = euclidean_mixture_attention(q, k, v, pi, temperature=0.4, impl=impl, query_chunk=10)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    # and the naive path is the definition
+    w = torch.softmax(-0.4 * torch.cdist(q[:, 0], k[:, 0]).pow(2), -1)
+    if m == 1:
+        torch.testing.assert_close(expected, w @ v)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_linear_attention_matches_naive(m):
+    q, k, v, pi = _inputs(m=m)
+    pi = pi if m > 1 else None
+    expected = linear_mixture_attention(q, k, v, pi, impl="naive")
+    torch.testing.assert_close(linear_mixture_attention(q, k, v, pi), expected)
+    if m == 1:
+        torch.testing.assert_close(expected, (q[:, 0] @ k[:, 0].transpose(1, 2) / k.shape[2]) @ v)
+
+
+def test_empty_queries_give_empty_output():
+    q, k, v, pi = _inputs(length=0)
+    for impl in ("naive", "chunked", "sdpa"):
+        assert mixture_attention(q, k, v, pi, scale=1.0, impl=impl).shape == (2, 0, 16)
+
+
+def test_bad_arguments_raise_clear_errors():
+    q, k, v, pi = _inputs()
+    with pytest.raises(ValueError, match="impl must be one of"):
+        mixture_attention(q, k, v, pi, scale=1.0, impl="flash")
+    with pytest.raises(ValueError, match="pi"):
+        mixture_attention(q, k, v, None, scale=1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        mixture_attention(q, k[:, :, :, :3], v, pi, scale=1.0)
+
+
+def test_sdpa_never_materialises_the_attention_matrix():
+    """Eval-mode ST-sized attention: peak allocation stays far below one L x S fp32 matrix per head."""
+    profiler = pytest.importorskip("torch.profiler")
+    q, k, v, pi = _inputs(n=1, length=4096, s=1024, d=32, cv=64, dtype=torch.float32)
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        mixture_attention(q, k, v, pi, scale=0.1, impl="sdpa")
+    biggest = max((e.cpu_memory_usage for e in prof.events()), default=0)
+    matrix = 4096 * 1024 * 4
+    assert biggest < matrix / 2, f"an allocation of {biggest} bytes (one attention matrix: {matrix})"
