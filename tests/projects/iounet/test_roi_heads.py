@@ -142,3 +142,22 @@ def test_missing_config_node_and_bad_guide_raise():
         build_model(cfg)
     with pytest.raises(ValueError, match="NMS_GUIDE"):
         build_model(_cfg("MODEL.IOU_NET.NMS_GUIDE", "best"))
+
+
+def test_mask_rcnn_variant_masks_follow_refined_boxes():
+    torch.manual_seed(0)
+    m = build_model(_cfg("MODEL.MASK_ON", True, "MODEL.ROI_MASK_HEAD.POOLER_TYPE", "PrRoIPool",
+                         "MODEL.ROI_MASK_HEAD.CONV_DIM", 16, "MODEL.ROI_MASK_HEAD.NUM_CONV", 1))
+    assert isinstance(m.roi_heads.mask_pooler, PrRoIPooler)
+    inp = _input()
+    inp["instances"].gt_masks = __import__("detectron2.structures", fromlist=["BitMasks"]).BitMasks(
+        torch.zeros(2, SIZE, SIZE, dtype=torch.bool))
+    m.train()
+    with EventStorage():
+        losses = m([inp])
+    assert "loss_mask" in losses and "loss_iou" in losses and all(torch.isfinite(v) for v in losses.values())
+    m.eval()
+    m.roi_heads.box_predictor.test_score_thresh = 0.0
+    with torch.no_grad():
+        inst = m([_input()])[0]["instances"]
+    assert inst.has("pred_masks") and inst.has("pred_ious") and len(inst.pred_masks) == len(inst)

@@ -1,0 +1,186 @@
+"""Inference latency of IoU-Net's stages vs the Faster R-CNN baseline, same inputs, same run.
+
+Two models:
+
+1. R-50-FPN at 800x1333, batch 1, untrained weights with pinned box counts: 1000 fixed random proposals
+   (the RPN still runs), a box predictor
+   whose class scores are fixed so that every proposal is a candidate for exactly ``--cands-per-box`` classes,
+   and at least 100 boxes after NMS going through refinement. The baseline is Faster R-CNN
+   (StandardROIHeads, ROIAlignV2) sharing the backbone/RPN/box-head weights.
+2. The trained shapes model (``--shapes-weights``, e.g. /tmp/iounet/model_final.pth) on shapes_val images;
+   its baseline is the same model with every IoU-Net stage off (detectron2's inference; PrRoIPool box head).
+
+Usage::
+
+    OMP_NUM_THREADS=2 python benchmarks/iounet_latency.py [--shapes-weights PATH] [--device cuda]
+
+Prints a device/torch header, then ``case | base ms | ours ms | ratio`` rows (ours / base).
+"""
+import argparse
+import copy
+import os
+import platform
+import sys
+
+import torch
+from torch.utils import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cfg(config, opts):
+    from d2_refine.engine import setup_cfg
+
+    return setup_cfg(os.path.join(ROOT, config), opts, freeze=False)
+
+
+def _set_stages(model, iou_nms, refine, score_times_iou, force_steps=False):
+    m = copy.deepcopy(model)
+    h = m.roi_heads
+    h.iou_nms, h.refine, h.score_times_iou = iou_nms, refine, score_times_iou
+    if force_steps:  # no early stop: every refined box takes all T steps (worst case)
+        h.refine_kwargs = dict(h.refine_kwargs, early_stop=-1.0, degrade_tol=-float("inf"))
+    return m.eval()
+
+
+def _time(fn, min_run_time):
+    fn()  # warm-up
+    t = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return t.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return [model([x]) for x in inputs]
+
+
+class _PinnedProposals(torch.nn.Module):
+    """Runs the RPN (its cost counts) and then replaces its proposals by fixed random boxes, so that the box
+    counts downstream do not depend on the untrained weights."""
+
+    def __init__(self, rpn, num=1000, seed=0):
+        super().__init__()
+        self.rpn, self.num, self.seed = rpn, num, seed
+
+    def forward(self, images, features, gt_instances=None):
+        from detectron2.structures import Boxes
+
+        proposals, losses = self.rpn(images, features, gt_instances)
+        g = torch.Generator().manual_seed(self.seed)
+        for p, (h, w) in zip(proposals, images.image_sizes):
+            size = 24 + torch.rand(self.num, 2, generator=g) * 300
+            xy = torch.rand(self.num, 2, generator=g) * torch.tensor([w, h]) - size / 2
+            b = torch.cat([xy, xy + size], 1)
+            b[:, 0::2] = b[:, 0::2].clamp(0, w)
+            b[:, 1::2] = b[:, 1::2].clamp(0, h)
+            p.proposal_boxes = Boxes(b.to(p.proposal_boxes.device))
+            p.objectness_logits = torch.zeros(self.num, device=b.device)
+        return proposals, losses
+
+
+def r50_case(device, min_run_time, cands_per_box):
+    from detectron2.modeling import build_model
+
+    opts = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "MODEL.RPN.POST_NMS_TOPK_TEST", 1000,
+            "MODEL.RPN.PRE_NMS_TOPK_TEST", 1000, "MODEL.ROI_HEADS.NUM_CLASSES", 80]
+    torch.manual_seed(0)
+    ours = build_model(_cfg("configs/IoUNet/iounet_R_50_FPN_1x_coco.yaml", opts)).eval()
+    base_cfg = _cfg("configs/IoUNet/iounet_R_50_FPN_1x_coco.yaml",
+                    opts + ["MODEL.ROI_HEADS.NAME", "StandardROIHeads", "MODEL.ROI_BOX_HEAD.POOLER_TYPE",
+                            "ROIAlignV2"])
+    base = build_model(base_cfg).eval()
+    base.load_state_dict(ours.state_dict(), strict=False)
+    for m in (ours, base):
+        m.proposal_generator = _PinnedProposals(m.proposal_generator)
+    # pinned scores: zero weights, a bias giving cands_per_box classes p >= 0.05 for every proposal
+    for m in (ours, base):
+        cls = m.roi_heads.box_predictor.cls_score
+        with torch.no_grad():
+            cls.weight.zero_()
+            cls.bias.fill_(-4.0)
+            cls.bias[:cands_per_box] = 0.0
+            cls.bias[-1] = 0.5  # background
+    g = torch.Generator().manual_seed(0)
+    img = (torch.rand(3, 800, 1333, generator=g) * 255).to(device)
+    inputs = [{"image": img, "height": 800, "width": 1333}]
+    p = torch.softmax(ours.roi_heads.box_predictor.cls_score.bias, 0)
+    print(f"# R-50-FPN 800x1333: 1000 proposals, class scores {p[0].item():.3f} x {cands_per_box} classes"
+          f" (background {p[-1].item():.3f}) -> {1000 * cands_per_box} candidates before NMS")
+    variants = {
+        "+ IoU-NMS": _set_stages(ours, True, False, False),
+        "+ IoU-NMS + refine (full IoU-Net)": _set_stages(ours, True, True, True),
+        "+ IoU-NMS + refine, all 5 steps": _set_stages(ours, True, True, True, force_steps=True),
+        "IoU-Net stages off (PrRoIPool box head)": _set_stages(ours, False, False, False),
+    }
+    t_base = _time(lambda: _run(base, inputs), min_run_time)
+    rows = []
+    for name, m in variants.items():
+        m.roi_heads.reset_refine_stats()
+        out = _run(m, inputs)[0][0]["instances"]
+        st = m.roi_heads.refine_stats()
+        t = _time(lambda: _run(m, inputs), min_run_time)
+        rows.append((f"R50-FPN 800x1333 {name} [{len(out)} dets, {st['boxes']} refined, "
+                     f"{st['mean_steps']:.1f} steps]", t_base, t))
+    return rows
+
+
+def shapes_case(device, min_run_time, weights, num_images):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.detection_utils import read_image
+    from detectron2.modeling import build_model
+
+    from d2_refine.data import prepare_datasets
+
+    cfg = _cfg("configs/IoUNet/iounet_R_18_FPN_shapes.yaml", ["MODEL.DEVICE", device])
+    prepare_datasets(cfg)
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(weights)
+    dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])[:num_images]
+    inputs = []
+    for d in dicts:
+        im = read_image(d["file_name"], format=cfg.INPUT.FORMAT)
+        inputs.append({"image": torch.as_tensor(im.transpose(2, 0, 1).copy()).float().to(device),
+                       "height": d["height"], "width": d["width"]})
+    base = _set_stages(model, False, False, False)
+    t_base = _time(lambda: _run(base, inputs), min_run_time) / len(inputs)
+    rows = []
+    for name, m in {"+ IoU-NMS": _set_stages(model, True, False, False),
+                    "+ IoU-NMS + refine (full IoU-Net)": _set_stages(model, True, True, True)}.items():
+        m.roi_heads.reset_refine_stats()
+        _run(m, inputs)
+        st = m.roi_heads.refine_stats()
+        t = _time(lambda: _run(m, inputs), min_run_time) / len(inputs)
+        rows.append((f"shapes trained, {len(inputs)} imgs {name} [{st['boxes'] / len(inputs):.0f} refined/img, "
+                     f"{st['mean_steps']:.1f} steps]", t_base, t))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--min-run-time", type=float, default=5.0, help="seconds of timing per variant")
+    ap.add_argument("--cands-per-box", type=int, default=2)
+    ap.add_argument("--shapes-weights", default="/tmp/iounet/model_final.pth")
+    ap.add_argument("--shapes-images", type=int, default=20)
+    ap.add_argument("--skip-r50", action="store_true")
+    args = ap.parse_args()
+
+    import d2_refine  # noqa: F401  (registers IoUNetROIHeads, shapes)
+    from d2_refine.ops import has_ops
+
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    print(f"# device: {args.device} ({dev}), threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"compiled d2_refine ops: {has_ops()}, python {sys.version.split()[0]}")
+    rows = [] if args.skip_r50 else r50_case(args.device, args.min_run_time, args.cands_per_box)
+    if args.shapes_weights and os.path.exists(args.shapes_weights):
+        rows += shapes_case(args.device, args.min_run_time, args.shapes_weights, args.shapes_images)
+    else:
+        print(f"# no trained shapes weights at {args.shapes_weights!r}: shapes case skipped")
+    print("case | base ms | ours ms | ratio")
+    for name, b, o in rows:
+        print(f"{name} | {b:.1f} | {o:.1f} | {o / b:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
