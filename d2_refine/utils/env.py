@@ -1,6 +1,5 @@
 """Whether detectron2 is importable, and one clear error when it is needed but missing."""
 import functools
-import importlib.util
 
 DETECTRON2_INSTALL_HINT = (
     "detectron2 is not installed. It is not on PyPI; install it from its official repository, after torch:\n"
@@ -16,10 +15,8 @@ class MissingDetectron2Error(ImportError):
 @functools.lru_cache(maxsize=None)
 def has_detectron2() -> bool:
     """True when detectron2 (with its compiled ops) can be imported."""
-    if importlib.util.find_spec("detectron2") is None:
-        return False
     try:
-        import detectron2.layers  # noqa: F401  (fails when the compiled ops are missing)
+        import detectron2.layers  # noqa: F401  (fails too when detectron2's compiled ops are missing)
     except Exception:
         return False
     return True
