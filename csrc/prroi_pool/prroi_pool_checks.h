@@ -38,3 +38,22 @@ inline void check_prroi_pool_grad(const at::Tensor& grad, const at::Tensor& inpu
 
 }  // namespace prroi
 }  // namespace d2_refine
+
+namespace d2_refine {
+namespace prroi {
+
+// Device-agnostic batch-index check (one host synchronisation on CUDA): every rois[:, 0] an integer in [0, N).
+inline void check_batch_indices(const at::Tensor& rois, int64_t num_images) {
+  if (rois.size(0) == 0) {
+    return;
+  }
+  const at::Tensor b = rois.select(1, 0);
+  const at::Tensor bad = (b < 0).logical_or(b >= static_cast<double>(num_images)).logical_or(b != b.floor());
+  if (bad.any().item<bool>()) {
+    const int64_t row = bad.nonzero().select(1, 0)[0].item<int64_t>();
+    fail_batch_index(b[row].item<double>(), row, num_images);
+  }
+}
+
+}  // namespace prroi
+}  // namespace d2_refine

@@ -1,0 +1,401 @@
+"""Precise RoI Pooling: kernels vs the pure-PyTorch reference, vs an independent midpoint-rule integral, closed-form
+cases of the spec, gradients (gradcheck on features and box coordinates), degenerate inputs, registration."""
+import importlib
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from d2_refine.ops import PrRoIPool2d, _prroi_pool_reference, has_ops, prroi_pool
+from d2_refine.utils.testing import cpu_and_cuda
+
+prroi_module = importlib.import_module("d2_refine.ops.prroi_pool")  # the module, not the function
+needs_ops = pytest.mark.skipif(not has_ops(), reason="the compiled op library d2_refine._C is not built")
+
+
+def _random_rois(num, num_images, extent, max_size, generator, dtype=torch.float64, outside=2.0):
+    """Tensor[num, 5] of boxes (x1, y1, x2, y2) reaching up to `outside` px beyond [0, extent]."""
+    xy = torch.rand(num, 2, generator=generator, dtype=dtype) * (extent + 2 * outside) - outside
+    wh = torch.rand(num, 2, generator=generator, dtype=dtype) * max_size
+    index = torch.randint(0, num_images, (num, 1), generator=generator).to(dtype)
+    return torch.cat([index, xy, xy + wh], 1)
+
+
+def _bilinear(plane, x, y):
+    """f(x, y) of the spec (bilinear, F = 0 off the map) for a [C, H, W] plane at points x, y (any shape)."""
+    channels, height, width = plane.shape
+    x0, y0 = x.detach().floor().long(), y.detach().floor().long()
+    tx, ty = x - x0, y - y0
+    out = 0
+    for dy, wy in ((0, 1 - ty), (1, ty)):
+        for dx, wx in ((0, 1 - tx), (1, tx)):
+            xi, yi = x0 + dx, y0 + dy
+            inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
+            value = plane[:, yi.clamp(0, height - 1), xi.clamp(0, width - 1)] * inside
+            out = out + wx * wy * value
+    return out
+
+
+def _midpoint(input, rois, output_size, spatial_scale, aligned, samples):
+    """Midpoint rule with samples x samples points per bin of the bilinear map: an independent approximation of
+    PrRoIPool (error O(samples^-2)), differentiable w.r.t. input and rois by autograd."""
+    ph_, pw_ = output_size
+    outputs = []
+    for k in range(rois.size(0)):
+        n = int(rois[k, 0])
+        offset = 0.5 if aligned else 0.0
+        x1, y1, x2, y2 = (rois[k, 1:] * spatial_scale - offset).unbind()
+        bw, bh = (x2 - x1).clamp(min=0) / pw_, (y2 - y1).clamp(min=0) / ph_
+        t = (torch.arange(samples, dtype=rois.dtype) + 0.5) / samples
+        xs = x1 + (torch.arange(pw_, dtype=rois.dtype)[:, None] + t) * bw  # [PW, M]
+        ys = y1 + (torch.arange(ph_, dtype=rois.dtype)[:, None] + t) * bh  # [PH, M]
+        grid_y = ys[:, :, None, None].expand(ph_, samples, pw_, samples)
+        grid_x = xs[None, None].expand(ph_, samples, pw_, samples)
+        values = _bilinear(input[n], grid_x, grid_y)  # [C, PH, M, PW, M]
+        outputs.append(values.mean(dim=(2, 4)) * ((bw * bh) > 0))
+    return torch.stack(outputs)
+
+
+def _edges(rois, output_size, spatial_scale, aligned=False):
+    """All bin edges (scaled) of rois, to keep them off integer lines in gradchecks."""
+    ph_, pw_ = output_size
+    offset = 0.5 if aligned else 0.0
+    x1, y1, x2, y2 = (rois[:, 1:] * spatial_scale - offset).unbind(1)
+    u = torch.arange(pw_ + 1, dtype=rois.dtype) / pw_
+    v = torch.arange(ph_ + 1, dtype=rois.dtype) / ph_
+    return torch.cat([(x1[:, None] * (1 - u) + x2[:, None] * u).flatten(), (y1[:, None] * (1 - v) + y2[:, None] * v).flatten()])
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_forward_matches_reference(device, dtype, aligned, contiguous):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 13, 17, generator=g, dtype=dtype)
+    rois = _random_rois(30, 2, 60, 40, g, dtype=dtype, outside=8)
+    if not contiguous:
+        x = x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # channels-last-like strides
+        rois = torch.cat([rois, torch.zeros_like(rois)], 1)[:, :5]  # sliced view
+        assert not x.is_contiguous() and not rois.is_contiguous()
+    x, rois = x.to(device), rois.to(device)
+    out = prroi_pool(x, rois, (3, 4), 0.25, aligned)
+    expected = _prroi_pool_reference(x.double(), rois.double(), (3, 4), 0.25, aligned)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+@needs_ops
+@pytest.mark.parametrize("aligned", [False, True])
+def test_forward_matches_midpoint_rule(aligned):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    rois = _random_rois(6, 2, 16, 16, g, outside=3)
+    out = prroi_pool(x, rois, (2, 3), 0.5, aligned)
+    assert out.abs().amax(dim=(1, 2, 3)).min() > 0  # every RoI meets the map
+    # the midpoint rule of a piecewise-bilinear map errs by O(M^-2) (erratically: it depends on where the kinks fall)
+    assert (out - _midpoint(x, rois, (2, 3), 0.5, aligned, 64)).abs().max() < 1e-3
+    assert (out - _midpoint(x, rois, (2, 3), 0.5, aligned, 512)).abs().max() < 2e-5
+
+
+@needs_ops
+def test_coordinate_gradient_matches_midpoint_rule():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, 8, 10, generator=g, dtype=torch.float64)
+    rois = torch.tensor([[0, 1.3, 0.7, 7.6, 6.2], [0, -1.4, 2.2, 4.9, 9.3]], dtype=torch.float64)
+    weights = torch.randn(2, 2, 2, 2, generator=g, dtype=torch.float64)
+    r1 = rois.clone().requires_grad_()
+    (prroi_pool(x, r1, 2, 1.0) * weights).sum().backward()
+    r2 = rois.clone().requires_grad_()
+    (_midpoint(x, r2, (2, 2), 1.0, False, 512) * weights).sum().backward()
+    assert r1.grad[:, 0].abs().max() == 0
+    torch.testing.assert_close(r1.grad, r2.grad, atol=5e-3, rtol=0)
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("aligned", [False, True])
+def test_backward_matches_reference(device, aligned):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 11, 12, generator=g, dtype=torch.float64).to(device)
+    rois = _random_rois(25, 2, 48, 40, g, outside=6).to(device)
+    weights = torch.randn(25, 4, 3, 3, generator=g, dtype=torch.float64).to(device)
+    grads = []
+    for fn in (prroi_pool, _prroi_pool_reference):
+        xi, ri = x.clone().requires_grad_(), rois.clone().requires_grad_()
+        (fn(xi, ri, 3, 0.25, aligned) * weights).sum().backward()
+        grads.append((xi.grad, ri.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-9, atol=1e-9)
+    assert grads[0][1][:, 0].abs().max() == 0
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("seed", range(5))
+def test_backward_gradcheck_features(device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, 6, 7, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    rois = _random_rois(5, 2, 7, 6, g, outside=2).to(device)
+    assert torch.autograd.gradcheck(lambda t: prroi_pool(t, rois, (2, 3), 1.0), (x,))
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_backward_gradcheck_coordinates(device, aligned, seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    x = torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64).to(device)
+    while True:  # bin edges off integer lines (the map's kinks), as the spec asks
+        rois = _random_rois(4, 2, 14, 12, g, outside=3)
+        rois[:, 3:] = torch.maximum(rois[:, 3:], rois[:, 1:3] + 1.0)
+        edges = _edges(rois, (2, 3), 0.5, aligned)
+        if (edges - edges.round()).abs().min() > 1e-3:
+            break
+    index, coords = rois[:, :1].to(device), rois[:, 1:].to(device).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda c: prroi_pool(x, torch.cat([index, c], 1), (2, 3), 0.5, aligned), (coords,)
+    )
+
+
+@needs_ops
+def test_backward_gradcheck_features_and_coordinates_together():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.zeros(2, 1, dtype=torch.float64)
+    coords = torch.tensor([[0.33, 0.41, 4.27, 3.62], [-0.71, 1.13, 3.38, 5.57]], dtype=torch.float64,
+                          requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, c: prroi_pool(t, torch.cat([index, c], 1), 2, 1.0), (x, coords))
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    c=st.floats(-5, 5),
+    x1=st.floats(0, 6), y1=st.floats(0, 5), w=st.floats(0.05, 4), h=st.floats(0.05, 4),
+    ph=st.integers(1, 4), pw=st.integers(1, 4),
+)
+def test_constant_map_gives_constant_and_zero_coordinate_gradient(c, x1, y1, w, h, ph, pw):
+    # bins inside [0, W - 1] x [0, H - 1] (W = 11, H = 10: the box ends at most at 10 x 9)
+    x = torch.full((1, 2, 10, 11), c, dtype=torch.float64)
+    rois = torch.tensor([[0, x1, y1, x1 + w, y1 + h]], dtype=torch.float64, requires_grad=True)
+    out = prroi_pool(x, rois, (ph, pw), 1.0)
+    torch.testing.assert_close(out, torch.full_like(out, c), rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert rois.grad.abs().max() < 1e-9
+
+
+@settings(deadline=None, max_examples=20)
+@given(
+    x1=st.floats(-2, 8), y1=st.floats(-2, 8), w=st.floats(0.1, 6), h=st.floats(0.1, 6),
+    ph=st.integers(1, 3), pw=st.integers(1, 3), seed=st.integers(0, 2**16),
+)
+def test_midpoint_sampling_converges_to_output(x1, y1, w, h, ph, pw, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 1, 9, 10, generator=g, dtype=torch.float64)
+    rois = torch.tensor([[0, x1, y1, x1 + w, y1 + h]], dtype=torch.float64)
+    out = prroi_pool(x, rois, (ph, pw), 1.0)
+    errors = [(out - _midpoint(x, rois, (ph, pw), 1.0, False, m)).abs().max().item() for m in (8, 64)]
+    assert errors[1] <= 2e-3  # |F| <= 1, second differences of f bounded: O(1/64^2) with margin for kinks
+    assert errors[1] <= errors[0] + 1e-12
+
+
+@needs_ops
+def test_linear_map_closed_form():
+    # F[i, j] = j: O = (xs + xe) / 2 and dO/dx1 = s (1 - (pw + 1/2) / PW) for bins inside the map
+    height, width, scale, pw_ = 12, 16, 0.5, 4
+    x = torch.arange(width, dtype=torch.float64).expand(1, 1, height, width).contiguous()
+    rois = torch.tensor([[0, 3.3, 4.1, 25.7, 19.9]], dtype=torch.float64, requires_grad=True)
+    out = prroi_pool(x, rois, (3, pw_), scale)
+    bw = (25.7 - 3.3) * scale / pw_
+    xs = 3.3 * scale + torch.arange(pw_, dtype=torch.float64) * bw
+    torch.testing.assert_close(out[0, 0], ((2 * xs + bw) / 2).expand(3, pw_), rtol=1e-12, atol=1e-12)
+    for p in range(pw_):
+        (grad,) = torch.autograd.grad(out[0, 0, 1, p], rois, retain_graph=True)
+        assert grad[0, 1].item() == pytest.approx(scale * (1 - (p + 0.5) / pw_), abs=1e-12)
+        assert grad[0, 3].item() == pytest.approx(scale * (p + 0.5) / pw_, abs=1e-12)
+        assert abs(grad[0, 2].item()) < 1e-12 and abs(grad[0, 4].item()) < 1e-12
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_degenerate_boxes_give_zero_output_and_gradient(device):
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, device=device, requires_grad=True)
+    rois = torch.tensor(
+        [
+            [0, 2.0, 2.0, 2.0, 6.0],  # zero width
+            [0, 2.0, 5.0, 6.0, 5.0],  # zero height
+            [0, 6.0, 6.0, 2.0, 2.0],  # inverted
+            [0, 3.0, 3.0, 3.0, 3.0],  # a point
+            [0, 20.0, 20.0, 30.0, 30.0],  # fully outside the map (beyond the ramp)
+            [0, -9.0, -9.0, -1.5, -2.0],  # fully outside, before the origin
+        ],
+        dtype=torch.float64, device=device, requires_grad=True,
+    )
+    out = prroi_pool(x, rois, 3, 1.0)
+    assert torch.isfinite(out).all() and out.abs().max() == 0
+    out.sum().backward()
+    assert torch.isfinite(rois.grad).all() and rois.grad.abs().max() == 0
+    assert x.grad.abs().max() == 0
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_boxes_partly_outside_and_bins_smaller_than_a_cell(device):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 2, 6, 7, generator=g, dtype=torch.float64).to(device)
+    rois = torch.tensor(
+        [[0, -3.0, -2.5, 2.2, 3.1], [0, 4.5, 3.5, 9.0, 8.0], [0, 1.1, 1.2, 1.6, 1.5], [0, 5.9, 4.95, 6.4, 5.3]],
+        dtype=torch.float64, device=device,
+    )
+    out = prroi_pool(x, rois, (7, 7), 1.0)  # last two: bins of 0.07 x 0.04 cells
+    torch.testing.assert_close(out, _prroi_pool_reference(x, rois, 7, 1.0), rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(out).all()
+    # the map ramps to zero one cell beyond its border and no further
+    edge = prroi_pool(x, torch.tensor([[0, 6.0, 0.0, 7.0, 5.0]], dtype=torch.float64, device=device), 1, 1.0)
+    assert edge.abs().max() > 0
+    beyond = prroi_pool(x, torch.tensor([[0, 7.0, 0.0, 8.0, 5.0]], dtype=torch.float64, device=device), 1, 1.0)
+    assert beyond.abs().max() == 0
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_empty_rois(device):
+    x = torch.randn(2, 3, 5, 5, device=device, requires_grad=True)
+    rois = torch.zeros(0, 5, device=device, requires_grad=True)
+    out = prroi_pool(x, rois, (2, 4), 1.0)
+    assert out.shape == (0, 3, 2, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and x.grad.abs().max() == 0
+    assert rois.grad.shape == (0, 5)
+    assert _prroi_pool_reference(x, rois, (2, 4), 1.0).shape == (0, 3, 2, 4)
+
+
+@needs_ops
+def test_single_roi_and_list_of_boxes():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 9, 9, generator=g)
+    boxes = [torch.tensor([[1.0, 1.5, 6.0, 7.0]]), torch.tensor([[0.5, 0.5, 3.0, 4.0], [2.0, 2.0, 8.0, 5.0]])]
+    single = prroi_pool(x, torch.tensor([[0, 1.0, 1.5, 6.0, 7.0]]), 2, 1.0)
+    assert single.shape == (1, 3, 2, 2)
+    as_list = prroi_pool(x, boxes, 2, 1.0)
+    as_tensor = prroi_pool(x, torch.tensor([[0, 1.0, 1.5, 6.0, 7.0], [1, 0.5, 0.5, 3.0, 4.0], [1, 2.0, 2.0, 8.0, 5.0]]), 2, 1.0)
+    torch.testing.assert_close(as_list, as_tensor)
+    torch.testing.assert_close(as_list[:1], single)
+    b = boxes[1].clone().requires_grad_()
+    prroi_pool(x, [boxes[0], b], 2, 1.0).sum().backward()
+    assert b.grad is not None and b.grad.abs().sum() > 0
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("bad", [2.0, -1.0, 0.5, float("nan")])
+def test_batch_index_out_of_range_raises(device, bad):
+    x = torch.randn(2, 3, 5, 5, device=device)
+    rois = torch.tensor([[0, 1.0, 1.0, 3.0, 3.0], [bad, 1.0, 1.0, 3.0, 3.0]], device=device)
+    with pytest.raises(RuntimeError, match=r"batch index.*\[0, N\) with N = 2.*row 1"):
+        prroi_pool(x, rois, 2, 1.0)
+    with pytest.raises(RuntimeError, match=r"batch index"):
+        _prroi_pool_reference(x, rois, 2, 1.0)
+
+
+@needs_ops
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(1, 2, 5, 5)
+    with pytest.raises(ValueError, match=r"rois must be Tensor\[K, 5\]"):
+        prroi_pool(x, torch.zeros(3, 4), 2, 1.0)
+    with pytest.raises(RuntimeError, match=r"input must be Tensor\[N, C, H, W\]"):
+        prroi_pool(x[0], torch.zeros(1, 5), 2, 1.0)
+    with pytest.raises(RuntimeError, match="rois must have the dtype of input"):
+        prroi_pool(x, torch.zeros(1, 5, dtype=torch.float64), 2, 1.0)
+    with pytest.raises(RuntimeError, match="output_size must be positive"):
+        prroi_pool(x, torch.zeros(1, 5), (0, 2), 1.0)
+    with pytest.raises(RuntimeError, match="spatial_scale must be positive"):
+        prroi_pool(x, torch.zeros(1, 5), 2, 0.0)
+
+
+@needs_ops
+def test_double_backward_raises():
+    x = torch.randn(1, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.5, 3.5, 3.5]], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(prroi_pool(x, rois, 2, 1.0).sum(), rois, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad.sum().backward()
+
+
+def test_module_matches_function():
+    pool = PrRoIPool2d(3, 0.5, aligned=True)
+    assert "output_size=(3, 3)" in repr(pool) and "aligned=True" in repr(pool)
+    x = torch.randn(1, 2, 8, 8)
+    rois = torch.tensor([[0, 1.0, 2.0, 9.0, 12.0]])
+    torch.testing.assert_close(pool(x, rois), prroi_pool(x, rois, 3, 0.5, True))
+
+
+def test_fallback_warns_once_and_matches_reference(monkeypatch):
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    rois = torch.tensor([[0, 0.5, 1.0, 4.5, 5.0]], dtype=torch.float64)
+    monkeypatch.setattr(prroi_module, "has_kernel", lambda op, device: False)
+    monkeypatch.setattr("d2_refine.ops._library._WARNED", set())
+    with pytest.warns(UserWarning, match="pure-PyTorch reference"):
+        out = prroi_pool(x, rois, 2, 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prroi_pool(x, rois, 2, 1.0)  # no second warning
+    torch.testing.assert_close(out, _prroi_pool_reference(x, rois, 2, 1.0))
+
+
+@needs_ops
+def test_opcheck():
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.7, 1.1, 9.3, 6.2], [1, -1.0, 2.0, 4.0, 12.5]], dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.d2_refine.prroi_pool.default, (x, rois, 0.75, 2, 3, True))
+    torch.library.opcheck(torch.ops.d2_refine.prroi_pool.default, (x.detach(), rois.detach(), 0.75, 2, 3, False))
+    grad = torch.randn(2, 3, 2, 3, dtype=torch.float64)
+    torch.library.opcheck(
+        torch.ops.d2_refine._prroi_pool_backward.default,
+        (grad, x.detach(), rois.detach(), 0.75, 2, 3, False, True, True),
+    )
+
+
+@needs_ops
+def test_compile_fullgraph():
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0.7, 1.1, 7.3, 6.2], [1, 1.0, 2.0, 4.0, 8.5]], dtype=torch.float64, requires_grad=True)
+
+    def fn(features, boxes):
+        return (prroi_pool(features, boxes, (2, 2), 1.0) ** 2).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(x, rois)
+    grads = torch.autograd.grad(out, (x, rois))
+    expected = fn(x, rois)
+    expected_grads = torch.autograd.grad(expected, (x, rois))
+    torch.testing.assert_close(out, expected)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_cuda(dtype):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 4, 10, 10, generator=g)
+    rois = torch.tensor([[0, 1.0, 1.5, 7.0, 8.0], [0, -1.0, 2.0, 4.5, 9.0]])
+    expected = prroi_pool(x, rois, 3, 1.0)
+    xh, rh = x.cuda().to(dtype).requires_grad_(), rois.cuda().to(dtype).requires_grad_()
+    out = prroi_pool(xh, rh, 3, 1.0)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert torch.isfinite(xh.grad.float()).all() and torch.isfinite(rh.grad.float()).all()
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    if not (has_ops() and torch.cuda.is_available()):
+        pytest.skip("needs the compiled library and CUDA")
+    for op in ("prroi_pool", "_prroi_pool_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"d2_refine::{op}", "CUDA")
