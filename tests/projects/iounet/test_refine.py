@@ -79,3 +79,31 @@ def test_empty_and_clip():
     boxes = torch.tensor([[10.0, 10.0, 50.0, 50.0]])
     res = refine_boxes(boxes, lambda b, r: b[:, 2] / 100, steps=3, image_size=(60, 55))
     assert res.boxes[0, 2] <= 55 and res.steps[0] == 3
+
+
+def test_refinement_through_prroi_pool_on_a_fixed_head():
+    """A fixed 'head' on PrRoIPool features: channel 0 is the indicator of a hidden target box, so the pooled
+    bins integrate to the intersection area and inter / union is a differentiable IoU estimate."""
+    from d2_refine.ops import prroi_pool
+
+    stride, size = 4.0, 160
+    target = torch.tensor([40.0, 52.0, 112.0, 100.0])
+    ys, xs = torch.meshgrid(torch.arange(size // 4) * stride, torch.arange(size // 4) * stride, indexing="ij")
+    inside = (xs >= target[0]) & (xs <= target[2]) & (ys >= target[1]) & (ys <= target[3])
+    feat = inside.float()[None, None]
+
+    def head(boxes, rows):
+        rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes], 1)
+        pooled = prroi_pool(feat, rois, 7, 1 / stride)[:, 0]  # K x 7 x 7
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        inter = pooled.mean((1, 2)) * area
+        t_area = float(inside.sum()) * stride ** 2
+        return inter / (area + t_area - inter)
+
+    boxes = torch.tensor([[30.0, 40.0, 100.0, 90.0], [50.0, 60.0, 125.0, 115.0], [36.0, 50.0, 120.0, 108.0]])
+    res = refine_boxes(boxes, head, steps=5, step_size=0.5)
+    assert torch.isfinite(res.boxes).all() and torch.isfinite(res.ious).all()
+    assert (res.ious > res.init_ious).all()
+    true_before = pairwise_iou(boxes, target[None])[:, 0]
+    true_after = pairwise_iou(res.boxes, target[None])[:, 0]
+    assert (true_after > true_before).all()
