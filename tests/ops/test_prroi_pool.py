@@ -198,9 +198,10 @@ def test_midpoint_sampling_converges_to_output(x1, y1, w, h, ph, pw, seed):
     x = torch.rand(1, 1, 9, 10, generator=g, dtype=torch.float64)
     rois = torch.tensor([[0, x1, y1, x1 + w, y1 + h]], dtype=torch.float64)
     out = prroi_pool(x, rois, (ph, pw), 1.0)
-    errors = [(out - _midpoint(x, rois, (ph, pw), 1.0, False, m)).abs().max().item() for m in (8, 64)]
-    assert errors[1] <= 2e-3  # |F| <= 1, second differences of f bounded: O(1/64^2) with margin for kinks
-    assert errors[1] <= errors[0] + 1e-12
+    # |F| <= 1: the midpoint rule errs by O(M^-2) (not monotonically: it depends on where the kinks fall)
+    errors = [(out - _midpoint(x, rois, (ph, pw), 1.0, False, m)).abs().max().item() for m in (16, 256)]
+    assert errors[0] <= 2e-2
+    assert errors[1] <= 2e-4
 
 
 @needs_ops

@@ -1,8 +1,10 @@
 // Precise RoI Pooling, CPU kernels (float32 / float64).
 //
 // A serial pre-pass tabulates, for every RoI and every bin, the non-zero node weights along x and y (the map is
-// separable, see prroi_pool_common.h): a few hundred numbers per RoI. The three passes then read that table:
-//  - forward: parallel over (RoI, channel);
+// separable, see prroi_pool_common.h): a few hundred numbers per RoI. The three passes then read that table and
+// work on channels-last copies of the map and of the gradient, so that every inner loop is a vectorised axpy over
+// channels:
+//  - forward: parallel over (RoI, bin row);
 //  - gradient w.r.t. input: parallel over channels (each thread owns whole feature planes, so the RoIs that share
 //    cells never write concurrently: no atomics);
 //  - gradient w.r.t. rois: parallel over RoIs (each RoI owns its row).
@@ -82,19 +84,85 @@ RoITable<T> build_table(const T* rois, int64_t num_rois, int64_t num_images, int
   return t;
 }
 
+// The kernels run on a channels-last copy of the map ([N, H, W, C]): all channels share the node weights, so the
+// innermost loops are contiguous axpys over channels, which the compiler vectorises.
+
+template <typename T>
+inline void axpy(int64_t n, T a, const T* __restrict__ x, T* __restrict__ y) {
+  for (int64_t c = 0; c < n; ++c) {
+    y[c] += a * x[c];
+  }
+}
+
+template <typename T>
+inline T dot(int64_t n, const T* __restrict__ x, const T* __restrict__ y) {
+  T acc[4] = {0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    acc[0] += x[c] * y[c];
+    acc[1] += x[c + 1] * y[c + 1];
+    acc[2] += x[c + 2] * y[c + 2];
+    acc[3] += x[c + 3] * y[c + 3];
+  }
+  for (; c < n; ++c) {
+    acc[0] += x[c] * y[c];
+  }
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// sum[0:C] = integral of the bin (RoI k, bin (ph, pw)) for every channel, from the channels-last map.
+template <typename T>
+inline void bin_integral(const T* input, const RoITable<T>& t, int64_t k, int64_t ph, int64_t pw, int64_t channels,
+                         int64_t height, int64_t width, int64_t pooled_height, int64_t pooled_width, T* sum) {
+  const int64_t by = k * pooled_height + ph, bx = k * pooled_width + pw;
+  const int64_t ny = t.y.count(by), y0 = t.y.lo[by], nx = t.x.count(bx), x0 = t.x.lo[bx];
+  const T* wy = t.y.weights(by);
+  const T* wx = t.x.weights(bx);
+  const T* image = input + t.batch[k] * height * width * channels;
+  std::fill(sum, sum + channels, T(0));
+  for (int64_t ii = 0; ii < ny; ++ii) {
+    const T* row = image + ((y0 + ii) * width + x0) * channels;
+    for (int64_t jj = 0; jj < nx; ++jj) {
+      axpy(channels, wy[ii] * wx[jj], row + jj * channels, sum);
+    }
+  }
+}
+
+// output: [K, PH, PW, C]
 template <typename T>
 void forward_impl(const T* input, const RoITable<T>& t, int64_t num_rois, int64_t channels, int64_t height,
                   int64_t width, int64_t pooled_height, int64_t pooled_width, T* output) {
-  const int64_t bins = pooled_height * pooled_width;
-  at::parallel_for(0, num_rois * channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t kc = begin; kc < end; ++kc) {
-      const int64_t k = kc / channels, c = kc % channels;
+  at::parallel_for(0, num_rois * pooled_height, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t kp = begin; kp < end; ++kp) {
+      const int64_t k = kp / pooled_height, ph = kp % pooled_height;
       const T area = t.geom[k].area;
       if (!(area > T(0))) {
         continue;  // output is zero-initialised
       }
-      const T* plane = input + (t.batch[k] * channels + c) * height * width;
-      T* out = output + kc * bins;
+      for (int64_t pw = 0; pw < pooled_width; ++pw) {
+        T* out = output + (kp * pooled_width + pw) * channels;
+        bin_integral(input, t, k, ph, pw, channels, height, width, pooled_height, pooled_width, out);
+        const T inv = T(1) / area;
+        for (int64_t c = 0; c < channels; ++c) {
+          out[c] *= inv;
+        }
+      }
+    }
+  });
+}
+
+// grad: [K, PH, PW, C]; grad_input: [N, H, W, C]. Each thread owns a slice of channels of every cell.
+template <typename T>
+void backward_input_impl(const T* grad, const RoITable<T>& t, int64_t num_rois, int64_t channels, int64_t height,
+                         int64_t width, int64_t pooled_height, int64_t pooled_width, T* grad_input) {
+  at::parallel_for(0, channels, 16, [&](int64_t begin, int64_t end) {
+    const int64_t span = end - begin;
+    for (int64_t k = 0; k < num_rois; ++k) {
+      const T area = t.geom[k].area;
+      if (!(area > T(0))) {
+        continue;
+      }
+      T* image = grad_input + t.batch[k] * height * width * channels + begin;
       for (int64_t ph = 0; ph < pooled_height; ++ph) {
         const int64_t by = k * pooled_height + ph;
         const int64_t ny = t.y.count(by), y0 = t.y.lo[by];
@@ -103,53 +171,12 @@ void forward_impl(const T* input, const RoITable<T>& t, int64_t num_rois, int64_
           const int64_t bx = k * pooled_width + pw;
           const int64_t nx = t.x.count(bx), x0 = t.x.lo[bx];
           const T* wx = t.x.weights(bx);
-          T sum = 0;
+          const T* g = grad + ((k * pooled_height + ph) * pooled_width + pw) * channels + begin;
           for (int64_t ii = 0; ii < ny; ++ii) {
-            const T* row = plane + (y0 + ii) * width + x0;
-            T row_sum = 0;
+            T* row = image + ((y0 + ii) * width + x0) * channels;
+            const T gy = wy[ii] / area;
             for (int64_t jj = 0; jj < nx; ++jj) {
-              row_sum += wx[jj] * row[jj];
-            }
-            sum += wy[ii] * row_sum;
-          }
-          out[ph * pooled_width + pw] = sum / area;
-        }
-      }
-    }
-  });
-}
-
-template <typename T>
-void backward_input_impl(const T* grad, const RoITable<T>& t, int64_t num_rois, int64_t channels, int64_t height,
-                         int64_t width, int64_t pooled_height, int64_t pooled_width, T* grad_input) {
-  const int64_t bins = pooled_height * pooled_width;
-  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = 0; k < num_rois; ++k) {
-      const T area = t.geom[k].area;
-      if (!(area > T(0))) {
-        continue;
-      }
-      for (int64_t c = begin; c < end; ++c) {
-        T* plane = grad_input + (t.batch[k] * channels + c) * height * width;
-        const T* g = grad + (k * channels + c) * bins;
-        for (int64_t ph = 0; ph < pooled_height; ++ph) {
-          const int64_t by = k * pooled_height + ph;
-          const int64_t ny = t.y.count(by), y0 = t.y.lo[by];
-          const T* wy = t.y.weights(by);
-          for (int64_t pw = 0; pw < pooled_width; ++pw) {
-            const T gv = g[ph * pooled_width + pw] / area;
-            if (gv == T(0)) {
-              continue;
-            }
-            const int64_t bx = k * pooled_width + pw;
-            const int64_t nx = t.x.count(bx), x0 = t.x.lo[bx];
-            const T* wx = t.x.weights(bx);
-            for (int64_t ii = 0; ii < ny; ++ii) {
-              T* row = plane + (y0 + ii) * width + x0;
-              const T gy = gv * wy[ii];
-              for (int64_t jj = 0; jj < nx; ++jj) {
-                row[jj] += gy * wx[jj];
-              }
+              axpy(span, gy * wx[jj], g, row + jj * channels);
             }
           }
         }
@@ -159,14 +186,14 @@ void backward_input_impl(const T* grad, const RoITable<T>& t, int64_t num_rois, 
 }
 
 // d O / d (bin edges) by the spec's closed form, summed over channels and bins, then chained to (x1, y1, x2, y2).
+// input and grad channels-last as above.
 template <typename T>
 void backward_rois_impl(const T* grad, const T* input, const RoITable<T>& t, int64_t num_rois, int64_t channels,
                         int64_t height, int64_t width, int64_t pooled_height, int64_t pooled_width,
                         T spatial_scale, T* grad_rois) {
-  const int64_t bins = pooled_height * pooled_width;
   at::parallel_for(0, num_rois, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> g_xs(pooled_width), g_xe(pooled_width), g_ys(pooled_height), g_ye(pooled_height);
-    std::vector<prroi::Taps<T>> t_xs(pooled_width), t_xe(pooled_width), t_ys(pooled_height), t_ye(pooled_height);
+    std::vector<T> sum(channels), l_xs(channels), l_xe(channels), l_ys(channels), l_ye(channels);
     for (int64_t k = begin; k < end; ++k) {
       const RoIGeometry<T> geo = t.geom[k];
       if (!(geo.area > T(0))) {
@@ -176,62 +203,50 @@ void backward_rois_impl(const T* grad, const T* input, const RoITable<T>& t, int
       std::fill(g_xe.begin(), g_xe.end(), T(0));
       std::fill(g_ys.begin(), g_ys.end(), T(0));
       std::fill(g_ye.begin(), g_ye.end(), T(0));
-      for (int64_t pw = 0; pw < pooled_width; ++pw) {
-        const T xs = geo.x_start + static_cast<T>(pw) * geo.bin_w;
-        t_xs[pw] = prroi::line_taps(xs, width);
-        t_xe[pw] = prroi::line_taps(xs + geo.bin_w, width);
-      }
+      const T* image = input + t.batch[k] * height * width * channels;
       for (int64_t ph = 0; ph < pooled_height; ++ph) {
-        const T ys = geo.y_start + static_cast<T>(ph) * geo.bin_h;
-        t_ys[ph] = prroi::line_taps(ys, height);
-        t_ye[ph] = prroi::line_taps(ys + geo.bin_h, height);
-      }
-      for (int64_t c = 0; c < channels; ++c) {
-        const T* plane = input + (t.batch[k] * channels + c) * height * width;
-        const T* g = grad + (k * channels + c) * bins;
-        for (int64_t ph = 0; ph < pooled_height; ++ph) {
-          const int64_t by = k * pooled_height + ph;
-          const int64_t ny = t.y.count(by), y0 = t.y.lo[by];
-          const T* wy = t.y.weights(by);
-          const prroi::Taps<T> ys = t_ys[ph], ye = t_ye[ph];
-          const T* ys0 = plane + ys.k0 * width;
-          const T* ys1 = plane + ys.k1 * width;
-          const T* ye0 = plane + ye.k0 * width;
-          const T* ye1 = plane + ye.k1 * width;
-          for (int64_t pw = 0; pw < pooled_width; ++pw) {
-            const T gv = g[ph * pooled_width + pw];
-            if (gv == T(0)) {
-              continue;
-            }
-            const int64_t bx = k * pooled_width + pw;
-            const int64_t nx = t.x.count(bx), x0 = t.x.lo[bx];
-            const T* wx = t.x.weights(bx);
-            const prroi::Taps<T> xs = t_xs[pw], xe = t_xe[pw];
-            // S = integral over the bin; Lx(x) = integral along the vertical line x over [ys, ye]
-            T sum = 0, l_xs = 0, l_xe = 0;
-            for (int64_t ii = 0; ii < ny; ++ii) {
-              const T* row = plane + (y0 + ii) * width;
-              T row_sum = 0;
-              for (int64_t jj = 0; jj < nx; ++jj) {
-                row_sum += wx[jj] * row[x0 + jj];
-              }
-              sum += wy[ii] * row_sum;
-              l_xs += wy[ii] * (xs.w0 * row[xs.k0] + xs.w1 * row[xs.k1]);
-              l_xe += wy[ii] * (xe.w0 * row[xe.k0] + xe.w1 * row[xe.k1]);
-            }
-            // Ly(y) = integral along the horizontal line y over [xs, xe]
-            T l_ys = 0, l_ye = 0;
-            for (int64_t jj = 0; jj < nx; ++jj) {
-              const int64_t j = x0 + jj;
-              l_ys += wx[jj] * (ys.w0 * ys0[j] + ys.w1 * ys1[j]);
-              l_ye += wx[jj] * (ye.w0 * ye0[j] + ye.w1 * ye1[j]);
-            }
-            const T out = sum / geo.area;
-            g_xs[pw] += gv * (geo.bin_h * out - l_xs);
-            g_xe[pw] += gv * (l_xe - geo.bin_h * out);
-            g_ys[ph] += gv * (geo.bin_w * out - l_ys);
-            g_ye[ph] += gv * (l_ye - geo.bin_w * out);
+        const int64_t by = k * pooled_height + ph;
+        const int64_t ny = t.y.count(by), y0 = t.y.lo[by];
+        const T* wy = t.y.weights(by);
+        const T ys_coord = geo.y_start + static_cast<T>(ph) * geo.bin_h;
+        const prroi::Taps<T> ys = prroi::line_taps(ys_coord, height);
+        const prroi::Taps<T> ye = prroi::line_taps(ys_coord + geo.bin_h, height);
+        for (int64_t pw = 0; pw < pooled_width; ++pw) {
+          const int64_t bx = k * pooled_width + pw;
+          const int64_t nx = t.x.count(bx), x0 = t.x.lo[bx];
+          const T* wx = t.x.weights(bx);
+          const T xs_coord = geo.x_start + static_cast<T>(pw) * geo.bin_w;
+          const prroi::Taps<T> xs = prroi::line_taps(xs_coord, width);
+          const prroi::Taps<T> xe = prroi::line_taps(xs_coord + geo.bin_w, width);
+          bin_integral(input, t, k, ph, pw, channels, height, width, pooled_height, pooled_width, sum.data());
+          // Lx(x): integral along the vertical line x over [ys, ye]; Ly(y): along the horizontal line y
+          std::fill(l_xs.begin(), l_xs.end(), T(0));
+          std::fill(l_xe.begin(), l_xe.end(), T(0));
+          std::fill(l_ys.begin(), l_ys.end(), T(0));
+          std::fill(l_ye.begin(), l_ye.end(), T(0));
+          for (int64_t ii = 0; ii < ny; ++ii) {
+            const T* row = image + (y0 + ii) * width * channels;
+            axpy(channels, wy[ii] * xs.w0, row + xs.k0 * channels, l_xs.data());
+            axpy(channels, wy[ii] * xs.w1, row + xs.k1 * channels, l_xs.data());
+            axpy(channels, wy[ii] * xe.w0, row + xe.k0 * channels, l_xe.data());
+            axpy(channels, wy[ii] * xe.w1, row + xe.k1 * channels, l_xe.data());
           }
+          for (int64_t jj = 0; jj < nx; ++jj) {
+            const int64_t j = x0 + jj;
+            axpy(channels, wx[jj] * ys.w0, image + (ys.k0 * width + j) * channels, l_ys.data());
+            axpy(channels, wx[jj] * ys.w1, image + (ys.k1 * width + j) * channels, l_ys.data());
+            axpy(channels, wx[jj] * ye.w0, image + (ye.k0 * width + j) * channels, l_ye.data());
+            axpy(channels, wx[jj] * ye.w1, image + (ye.k1 * width + j) * channels, l_ye.data());
+          }
+          const T* g = grad + ((k * pooled_height + ph) * pooled_width + pw) * channels;
+          // sum_c g (h O - Lx(xs)) with O = S / A, etc.
+          const T g_out = dot(channels, g, sum.data()) / geo.area;
+          const T g_lxs = dot(channels, g, l_xs.data()), g_lxe = dot(channels, g, l_xe.data());
+          const T g_lys = dot(channels, g, l_ys.data()), g_lye = dot(channels, g, l_ye.data());
+          g_xs[pw] += geo.bin_h * g_out - g_lxs;
+          g_xe[pw] += g_lxe - geo.bin_h * g_out;
+          g_ys[ph] += geo.bin_w * g_out - g_lys;
+          g_ye[ph] += g_lye - geo.bin_w * g_out;
         }
       }
       // xs = x1' (1 - u) + x2' u, xe = x1' (1 - u') + x2' u' with u = pw / PW, u' = (pw + 1) / PW, x' = s x
@@ -256,26 +271,31 @@ void backward_rois_impl(const T* grad, const T* input, const RoITable<T>& t, int
   });
 }
 
+// [N, C, H, W] -> contiguous [N, H, W, C] (free when the tensor is already channels-last)
+at::Tensor to_nhwc(const at::Tensor& t) {
+  return t.permute({0, 2, 3, 1}).contiguous();
+}
+
 at::Tensor prroi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                                      int64_t pooled_height, int64_t pooled_width, bool aligned) {
   prroi::check_prroi_pool_args(input, rois, spatial_scale, pooled_height, pooled_width);
   TORCH_CHECK(input.device().is_cpu(), "prroi_pool: input must be a CPU tensor for the CPU kernel");
   const int64_t num_rois = rois.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
-  at::Tensor output = at::zeros({num_rois, channels, pooled_height, pooled_width}, input.options());
-  if (num_rois == 0) {
-    return output;
+  if (num_rois == 0 || channels == 0) {
+    return at::zeros({num_rois, channels, pooled_height, pooled_width}, input.options());
   }
-  const at::Tensor input_ = input.contiguous(), rois_ = rois.contiguous();
+  const at::Tensor rois_ = rois.contiguous();
+  at::Tensor output;  // [K, PH, PW, C], returned as a [K, C, PH, PW] view made contiguous
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prroi_pool_forward_cpu", [&] {
     const RoITable<scalar_t> table =
         build_table(rois_.data_ptr<scalar_t>(), num_rois, input.size(0), height, width,
                     static_cast<scalar_t>(spatial_scale), aligned, pooled_height, pooled_width);
-    if (output.numel() > 0) {
-      forward_impl(input_.data_ptr<scalar_t>(), table, num_rois, channels, height, width, pooled_height,
-                   pooled_width, output.data_ptr<scalar_t>());
-    }
+    const at::Tensor input_ = to_nhwc(input);
+    output = at::zeros({num_rois, pooled_height, pooled_width, channels}, input.options());
+    forward_impl(input_.data_ptr<scalar_t>(), table, num_rois, channels, height, width, pooled_height, pooled_width,
+                 output.data_ptr<scalar_t>());
   });
-  return output;
+  return output.permute({0, 3, 1, 2}).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& grad, const at::Tensor& input,
@@ -287,27 +307,29 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
   prroi::check_prroi_pool_grad(grad, input, rois, pooled_height, pooled_width);
   TORCH_CHECK(input.device().is_cpu(), "_prroi_pool_backward: input must be a CPU tensor for the CPU kernel");
   const int64_t num_rois = rois.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
-  at::Tensor grad_input = at::zeros(input.sizes(), input.options());
   at::Tensor grad_rois = at::zeros(rois.sizes(), rois.options());
   if (num_rois == 0 || grad.numel() == 0 || !(input_requires_grad || rois_requires_grad)) {
-    return std::make_tuple(grad_input, grad_rois);
+    return std::make_tuple(at::zeros(input.sizes(), input.options()), grad_rois);
   }
-  const at::Tensor grad_ = grad.contiguous(), input_ = input.contiguous(), rois_ = rois.contiguous();
+  const at::Tensor rois_ = rois.contiguous();
+  const at::Tensor grad_ = to_nhwc(grad);  // [K, PH, PW, C]
+  at::Tensor grad_input_nhwc = at::zeros({input.size(0), height, width, channels}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "prroi_pool_backward_cpu", [&] {
     const RoITable<scalar_t> table =
         build_table(rois_.data_ptr<scalar_t>(), num_rois, input.size(0), height, width,
                     static_cast<scalar_t>(spatial_scale), aligned, pooled_height, pooled_width);
     if (input_requires_grad) {
       backward_input_impl(grad_.data_ptr<scalar_t>(), table, num_rois, channels, height, width, pooled_height,
-                          pooled_width, grad_input.data_ptr<scalar_t>());
+                          pooled_width, grad_input_nhwc.data_ptr<scalar_t>());
     }
     if (rois_requires_grad) {
+      const at::Tensor input_ = to_nhwc(input);
       backward_rois_impl(grad_.data_ptr<scalar_t>(), input_.data_ptr<scalar_t>(), table, num_rois, channels, height,
                          width, pooled_height, pooled_width, static_cast<scalar_t>(spatial_scale),
                          grad_rois.data_ptr<scalar_t>());
     }
   });
-  return std::make_tuple(grad_input, grad_rois);
+  return std::make_tuple(grad_input_nhwc.permute({0, 3, 1, 2}).contiguous(input.suggest_memory_format()), grad_rois);
 }
 
 }  // namespace

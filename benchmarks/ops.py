@@ -1,0 +1,129 @@
+"""Benchmark of the op library (d2_refine.ops) against torchvision on the same inputs, in one run.
+
+    python benchmarks/ops.py [--device cpu|cuda] [--no-reference]
+
+Rows: ``case | base ms | ours ms | ratio`` with ratio = ours / base (lower is better; < 1 means ours is faster).
+- PrRoIPool forward+backward (w.r.t. the features; "+ box grad" also w.r.t. the boxes) vs
+  ``torchvision.ops.roi_align`` (7x7, aligned, sampling_ratio 0 and 2) on 512 RoIs over a 256x200x304 map
+  (stride 4 of an 800x1216 image), and vs the pure-PyTorch reference ``_prroi_pool_reference``.
+- IoU-guided NMS vs ``torchvision.ops.batched_nms`` (the same number of boxes, classes, threshold 0.5).
+Timings are medians of torch.utils.benchmark's blocked_autorange; run on a quiet machine (default threads).
+"""
+import argparse
+
+import torch
+import torch.utils.benchmark as benchmark
+import torchvision
+from torchvision.ops import batched_nms, roi_align
+
+from d2_refine.ops import _prroi_pool_reference, has_ops, iou_guided_nms, prroi_pool
+
+
+def _time(fn, min_run_time=2.0):
+    fn()  # warm-up
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _row(case, base_ms, ours_ms):
+    print(f"{case} | {base_ms:.2f} | {ours_ms:.2f} | {ours_ms / base_ms:.2f}x", flush=True)
+
+
+def _random_rois(num, image_hw, generator, device):
+    h, w = image_hw
+    size = torch.empty(num, 2).uniform_(16, 400, generator=generator)  # (w, h) in pixels
+    x1 = torch.rand(num, generator=generator) * (w - size[:, 0])
+    y1 = torch.rand(num, generator=generator) * (h - size[:, 1])
+    boxes = torch.stack([x1, y1, x1 + size[:, 0], y1 + size[:, 1]], 1)
+    return torch.cat([torch.zeros(num, 1), boxes], 1).to(device)
+
+
+def bench_prroi_pool(device, with_reference):
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 256, 200, 304, generator=g).to(device)
+    rois = _random_rois(512, (800, 1216), g, device)
+    grad = torch.randn(512, 256, 7, 7, generator=g).to(device)
+    scale = 0.25
+
+    def run(pool, box_grad=False):
+        def fn():
+            x = features.detach().requires_grad_()
+            r = rois.detach().requires_grad_(box_grad)
+            out = pool(x, r)
+            torch.autograd.backward(out, grad)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return fn
+
+    ours = run(lambda x, r: prroi_pool(x, r, 7, scale, aligned=True))
+    ours_box = run(lambda x, r: prroi_pool(x, r, 7, scale, aligned=True), box_grad=True)
+    t_ours = _time(ours)
+    t_ours_box = _time(ours_box)
+    for ratio in (0, 2):
+        t_base = _time(run(lambda x, r: roi_align(x, r, 7, scale, sampling_ratio=ratio, aligned=True)))
+        _row(f"prroi_pool fwd+bwd vs roi_align(sampling_ratio={ratio}), 512 RoIs, 256x200x304", t_base, t_ours)
+        _row(f"prroi_pool fwd+bwd + box grad vs roi_align(sampling_ratio={ratio})", t_base, t_ours_box)
+    if with_reference:
+        t_ref = _time(run(lambda x, r: _prroi_pool_reference(x, r, 7, scale, aligned=True)), min_run_time=5.0)
+        _row("prroi_pool fwd+bwd vs _prroi_pool_reference (base = reference)", t_ref, t_ours)
+        t_ref_box = _time(run(lambda x, r: _prroi_pool_reference(x, r, 7, scale, aligned=True), box_grad=True),
+                          min_run_time=5.0)
+        _row("prroi_pool fwd+bwd + box grad vs _prroi_pool_reference + box grad", t_ref_box, t_ours_box)
+
+
+def _nms_inputs(num_boxes, num_classes, shared_boxes, generator, device):
+    """num_boxes random boxes; shared_boxes: every box is a candidate of every class (IoU-Net's inference: one
+    regressed box per proposal, a candidate per class), else each box has one random class."""
+    xy = torch.rand(num_boxes, 2, generator=generator) * 1000
+    wh = torch.empty(num_boxes, 2).uniform_(20, 300, generator=generator)
+    boxes = torch.cat([xy, xy + wh], 1)
+    if shared_boxes:
+        boxes = boxes.repeat(num_classes, 1)
+        idxs = torch.arange(num_classes).repeat_interleave(num_boxes)
+    else:
+        idxs = torch.randint(0, num_classes, (num_boxes,), generator=generator)
+    n = boxes.size(0)
+    scores = torch.empty(n).uniform_(0.05, 1.0, generator=generator)
+    ious = torch.rand(n, generator=generator)
+    return boxes.to(device), scores.to(device), ious.to(device), idxs.to(device)
+
+
+def bench_nms(device):
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        ("1000 boxes x 80 classes (80,000 candidates)", 1000, 80, True),
+        ("1000 boxes, 80 classes (random labels)", 1000, 80, False),
+        ("5000 boxes, 1 class", 5000, 1, False),
+        ("5000 boxes, 80 classes (random labels)", 5000, 80, False),
+    ]
+    for name, num_boxes, num_classes, shared in cases:
+        boxes, scores, ious, idxs = _nms_inputs(num_boxes, num_classes, shared, g, device)
+
+        def base():
+            batched_nms(boxes, ious, idxs, 0.5)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        def ours():
+            iou_guided_nms(boxes, scores, ious, idxs, 0.5, "rank")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        _row(f"iou_guided_nms vs batched_nms, {name}", _time(base), _time(ours))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-reference", action="store_true", help="skip the slow pure-PyTorch reference rows")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name} | torch {torch.__version__} | torchvision {torchvision.__version__} | "
+          f"compiled ops: {has_ops()}")
+    print("case | base ms | ours ms | ratio (ours/base)")
+    bench_prroi_pool(device, with_reference=not args.no_reference)
+    bench_nms(device)
+
+
+if __name__ == "__main__":
+    main()
