@@ -20,7 +20,7 @@ def ap_at_iou(coco_eval, iou: float) -> float:
 class D2RefineCOCOEvaluator(COCOEvaluator):
     def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
         results = super()._derive_coco_results(coco_eval, iou_type, class_names)
-        if coco_eval is not None and iou_type != "keypoints":
-            for iou in EXTRA_IOU_THRESHOLDS:
-                results[f"AP{int(round(iou * 100))}"] = ap_at_iou(coco_eval, iou)
+        if iou_type != "keypoints":
+            for iou in EXTRA_IOU_THRESHOLDS:  # NaN like the other metrics when there is nothing to evaluate
+                results[f"AP{int(round(iou * 100))}"] = float("nan") if coco_eval is None else ap_at_iou(coco_eval, iou)
         return results
