@@ -7,9 +7,11 @@ Rows: ``case | base ms | ours ms | ratio`` with ratio = ours / base (lower is be
   ``torchvision.ops.roi_align`` (7x7, aligned, sampling_ratio 0 and 2) on 512 RoIs over a 256x200x304 map
   (stride 4 of an 800x1216 image), and vs the pure-PyTorch reference ``_prroi_pool_reference``.
 - IoU-guided NMS vs ``torchvision.ops.batched_nms`` (the same number of boxes, classes, threshold 0.5).
-Timings are medians of torch.utils.benchmark's blocked_autorange; run on a quiet machine (default threads).
+Timings: medians of torch.utils.benchmark's blocked_autorange, base and ours measured alternately over 3 rounds
+(so that both see the same load); run on a quiet machine (default threads).
 """
 import argparse
+import statistics
 
 import torch
 import torch.utils.benchmark as benchmark
@@ -19,9 +21,19 @@ from torchvision.ops import batched_nms, roi_align
 from d2_refine.ops import _prroi_pool_reference, has_ops, iou_guided_nms, prroi_pool
 
 
-def _time(fn, min_run_time=2.0):
+def _time(fn, min_run_time=1.0):
     fn()  # warm-up
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _compare(base, ours, rounds=3, min_run_time=1.0):
+    """Median times (ms) of base and ours, measured alternately in `rounds` rounds so that both see the same
+    machine load."""
+    tb, to = [], []
+    for _ in range(rounds):
+        tb.append(_time(base, min_run_time))
+        to.append(_time(ours, min_run_time))
+    return statistics.median(tb), statistics.median(to)
 
 
 def _row(case, base_ms, ours_ms):
@@ -56,18 +68,16 @@ def bench_prroi_pool(device, with_reference):
 
     ours = run(lambda x, r: prroi_pool(x, r, 7, scale, aligned=True))
     ours_box = run(lambda x, r: prroi_pool(x, r, 7, scale, aligned=True), box_grad=True)
-    t_ours = _time(ours)
-    t_ours_box = _time(ours_box)
     for ratio in (0, 2):
-        t_base = _time(run(lambda x, r: roi_align(x, r, 7, scale, sampling_ratio=ratio, aligned=True)))
-        _row(f"prroi_pool fwd+bwd vs roi_align(sampling_ratio={ratio}), 512 RoIs, 256x200x304", t_base, t_ours)
-        _row(f"prroi_pool fwd+bwd + box grad vs roi_align(sampling_ratio={ratio})", t_base, t_ours_box)
+        base = run(lambda x, r: roi_align(x, r, 7, scale, sampling_ratio=ratio, aligned=True))
+        _row(f"prroi_pool fwd+bwd vs roi_align(sampling_ratio={ratio}), 512 RoIs, 256x200x304", *_compare(base, ours))
+        _row(f"prroi_pool fwd+bwd + box grad vs roi_align(sampling_ratio={ratio})", *_compare(base, ours_box))
     if with_reference:
-        t_ref = _time(run(lambda x, r: _prroi_pool_reference(x, r, 7, scale, aligned=True)), min_run_time=5.0)
-        _row("prroi_pool fwd+bwd vs _prroi_pool_reference (base = reference)", t_ref, t_ours)
-        t_ref_box = _time(run(lambda x, r: _prroi_pool_reference(x, r, 7, scale, aligned=True), box_grad=True),
-                          min_run_time=5.0)
-        _row("prroi_pool fwd+bwd + box grad vs _prroi_pool_reference + box grad", t_ref_box, t_ours_box)
+        reference = run(lambda x, r: _prroi_pool_reference(x, r, 7, scale, aligned=True))
+        _row("prroi_pool fwd+bwd vs _prroi_pool_reference", *_compare(reference, ours, min_run_time=0.1))
+        reference_box = run(lambda x, r: _prroi_pool_reference(x, r, 7, scale, aligned=True), box_grad=True)
+        _row("prroi_pool fwd+bwd + box grad vs _prroi_pool_reference + box grad",
+             *_compare(reference_box, ours_box, min_run_time=0.1))
 
 
 def _nms_inputs(num_boxes, num_classes, shared_boxes, generator, device):
@@ -108,7 +118,7 @@ def bench_nms(device):
             if device.type == "cuda":
                 torch.cuda.synchronize()
 
-        _row(f"iou_guided_nms vs batched_nms, {name}", _time(base), _time(ours))
+        _row(f"iou_guided_nms vs batched_nms, {name}", *_compare(base, ours))
 
 
 def main():
