@@ -122,5 +122,5 @@ setup(
     package_dir=package_dir,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
 )

@@ -110,8 +110,7 @@ def edge_distributions(
     dtype = horizontal.dtype if horizontal.is_floating_point() else torch.float32
     horizontal, vertical, boxes = horizontal.to(dtype), vertical.to(dtype), boxes.to(dtype)
     x1, y1, x2, y2 = boxes.unbind(dim=1)
-    # sigma from the box size, at least one pixel (detectron2 width x2 - x1 == inclusive width - 1 + 1: the
-    # original uses the inclusive coordinates' difference, x2_incl - x1 = (x2 - 1) - x1)
+    # sigma = max(1, gamma * side), with the original's inclusive side x2_incl - x1 = (x2 - 1) - x1
     sigma_x = ((x2 - 1 - x1) * gamma).clamp(min=1.0)
     sigma_y = ((y2 - 1 - y1) * gamma).clamp(min=1.0)
     w, h = horizontal.shape[1], vertical.shape[1]
