@@ -62,3 +62,13 @@ def test_yaml_with_unknown_key_names_the_file(tmp_path):
     bad.write_text(f'_BASE_: "{ROOT}/configs/Base-RCNN-FPN.yaml"\nMODEL:\n  TYPO_KEY: 3\n')
     with pytest.raises(ConfigError, match=r"bad.yaml.*MODEL.TYPO_KEY"):
         setup_cfg(str(bad))
+
+
+def test_yaml_can_set_shapes_keys(tmp_path):
+    from d2_refine.engine import setup_cfg
+
+    f = tmp_path / "small.yaml"
+    f.write_text(f'_BASE_: "{ROOT}/configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml"\n'
+                 "DATASETS:\n  SHAPES:\n    NUM_TRAIN: 50\n    DIFFICULTY: 0.2\n")
+    cfg = setup_cfg(str(f))
+    assert cfg.DATASETS.SHAPES.NUM_TRAIN == 50 and cfg.DATASETS.SHAPES.DIFFICULTY == 0.2
