@@ -11,4 +11,5 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """COCOEvaluator (bbox, and segm when the model predicts masks) for any COCO-format dataset."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return D2RefineCOCOEvaluator(dataset_name, output_dir=output_folder)
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return D2RefineCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
