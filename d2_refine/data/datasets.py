@@ -6,7 +6,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 from detectron2.utils import comm
 
-from .shapes import SHAPES_CLASSES, ShapesParams, default_shapes_root, generate_shapes_split, shapes_split_dir
+from .shapes import SHAPES_CLASSES, ShapesParams, default_shapes_root, generate_shapes_split, shapes_split_files
 
 SPLITS = {"shapes_train": "train", "shapes_val": "val"}
 _registered = {}  # dataset name -> (root, ShapesParams)
@@ -26,7 +26,6 @@ def register_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: 
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        out = shapes_split_dir(root, split, params)
 
         def _load(root=root, split=split, params=params, name=name):
             files = generate_shapes_split(root, split, params)
@@ -34,7 +33,7 @@ def register_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: 
 
         DatasetCatalog.register(name, _load)
         MetadataCatalog.get(name).set(
-            json_file=f"{out}/annotations.json", image_root=f"{out}/images", evaluator_type="coco",
+            **shapes_split_files(root, split, params), evaluator_type="coco",
             thing_classes=list(SHAPES_CLASSES),
         )
         _registered[name] = (root, params)

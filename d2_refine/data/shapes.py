@@ -16,7 +16,8 @@ from typing import Dict, List, Optional
 import cv2
 import numpy as np
 
-__all__ = ["SHAPES_CLASSES", "ShapesParams", "generate_shapes_split", "shapes_split_dir"]
+__all__ = ["SHAPES_CLASSES", "ShapesParams", "generate_shapes_split", "shapes_split_dir", "shapes_split_files",
+           "default_shapes_root"]
 
 SHAPES_CLASSES = ("circle", "triangle", "square", "star", "hexagon", "cross")
 
@@ -183,6 +184,12 @@ def shapes_split_dir(root: str, split: str, params: ShapesParams) -> str:
     return os.path.join(root, f"{split}_{params.key()}")
 
 
+def shapes_split_files(root: str, split: str, params: ShapesParams) -> Dict[str, str]:
+    """Where ``split`` lives (generated or not): ``{"json_file": ..., "image_root": ...}``."""
+    out = shapes_split_dir(root, split, params)
+    return {"json_file": os.path.join(out, "annotations.json"), "image_root": os.path.join(out, "images")}
+
+
 def generate_shapes_split(root: str, split: str, params: ShapesParams, progress: bool = True) -> Dict[str, str]:
     """Write ``split`` (images/*.png + annotations.json) under ``root`` once; later calls reuse the files.
 
@@ -190,15 +197,15 @@ def generate_shapes_split(root: str, split: str, params: ShapesParams, progress:
     the split name, so train and val never share images.
     """
     params.validate()
-    out = shapes_split_dir(root, split, params)
-    json_file = os.path.join(out, "annotations.json")
-    image_root = os.path.join(out, "images")
+    files = shapes_split_files(root, split, params)
+    json_file, image_root = files["json_file"], files["image_root"]
     if os.path.exists(json_file):
-        return {"json_file": json_file, "image_root": image_root}
+        return files
     os.makedirs(image_root, exist_ok=True)
     split_seed = int.from_bytes(hashlib.sha1(f"{params.seed}/{split}".encode()).digest()[:4], "little")
     images, annotations = [], []
-    bar = _Progress(params.num_images, f"generating shapes '{split}' in {out}") if progress else None
+    where = os.path.dirname(json_file)
+    bar = _Progress(params.num_images, f"generating shapes '{split}' in {where}") if progress else None
     for i in range(params.num_images):
         rng = np.random.default_rng([split_seed, i])
         img, annos = _render_image(rng, params)
@@ -219,7 +226,7 @@ def generate_shapes_split(root: str, split: str, params: ShapesParams, progress:
     with open(tmp, "w") as f:
         json.dump(coco, f, sort_keys=True)
     os.replace(tmp, json_file)  # atomic: a half-written split is never taken as done
-    return {"json_file": json_file, "image_root": image_root}
+    return files
 
 
 class _Progress:
