@@ -28,11 +28,22 @@ def add_shapes_config(cfg):
     _C.SHAPES.DIFFICULTY = 0.5
 
 
+def add_trainer_config(cfg):
+    """Keys of d2_refine's Trainer (d2_refine/engine/trainer.py)."""
+    if "EXACT_RESUME" in cfg.SOLVER:
+        return
+    # --resume continues exactly as if never stopped: checkpoints hold the random generators' states and the data
+    # loader replays the batches already trained on (it loads every one of them again: cheap on shapes, hours at
+    # COCO scale, hence off by default, as in detectron2).
+    cfg.SOLVER.EXACT_RESUME = False
+
+
 def add_d2_refine_config(cfg):
     """Add the shared keys and every available method's config node to ``cfg`` (in place)."""
     from ..projects import import_config_functions
 
     add_shapes_config(cfg)
+    add_trainer_config(cfg)
     for fn in import_config_functions():
         fn(cfg)
     return cfg

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-__all__ = ["cpu_and_cuda", "smoke_train", "read_losses", "tiny_shapes_opts", "synthetic_batch",
+__all__ = ["cpu_and_cuda", "smoke_trainer", "smoke_train", "read_losses", "tiny_shapes_opts", "synthetic_batch",
            "train_step_losses"]
 
 
@@ -34,17 +34,28 @@ def tiny_shapes_opts(output_dir, image_size=128, num_train=8, num_val=4, iters=3
     ]
 
 
-def smoke_train(config_file, output_dir, opts=()):
-    """Train ``config_file`` for a few iterations on a tiny shapes set with d2_refine's Trainer, then run its
-    COCOEvaluator; returns the evaluation results ({"bbox": {...}, "segm": {...}}). Losses: :func:`read_losses`."""
+def smoke_trainer(config_file, output_dir, opts=(), resume=False):
+    """d2_refine's Trainer for ``config_file`` on a tiny shapes set (:func:`tiny_shapes_opts` + ``opts``), seeded
+    as train_net.py's default_setup does (SEED + rank) and loaded with ``resume_or_load(resume)``; not trained."""
+    from detectron2.utils import comm
+    from detectron2.utils.env import seed_all_rng
+
     from d2_refine.data import prepare_datasets
     from d2_refine.engine import Trainer, setup_cfg
 
     cfg = setup_cfg(config_file, tiny_shapes_opts(output_dir) + list(opts))
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     prepare_datasets(cfg)
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + comm.get_rank())
     trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=False)
+    trainer.resume_or_load(resume=resume)
+    return trainer
+
+
+def smoke_train(config_file, output_dir, opts=()):
+    """Train ``config_file`` for a few iterations on a tiny shapes set with d2_refine's Trainer, then run its
+    COCOEvaluator; returns the evaluation results ({"bbox": {...}, "segm": {...}}). Losses: :func:`read_losses`."""
+    trainer = smoke_trainer(config_file, output_dir, opts)
     trainer.train()  # detectron2's EvalHook evaluates after the last iteration
     return trainer._last_eval_results
 

@@ -1,0 +1,75 @@
+"""Interrupting a run after a checkpoint and resuming it (``--resume``: ``Trainer.resume_or_load(resume=True)``) gives
+the losses and final weights of the uninterrupted run, exactly.
+
+detectron2 alone does not: its checkpoint holds the model, optimizer, scheduler and iteration, but a new process
+restarts the seeded TrainingSampler stream at its first batch and the torch / numpy / python generators (RoI sampling,
+flips) at the seed. d2_refine's Trainer adds ExactResumeHook (d2_refine/engine/resume.py) when SOLVER.EXACT_RESUME (on
+in the shapes configs), which checkpoints the generators and fast-forwards the data loader. One process,
+DATALOADER.NUM_WORKERS 0 and a fixed SEED, as train_net.py runs it (default_setup seeds SEED + rank). The per-
+iteration losses are read from the trainer's EventStorage, the source of metrics.json: metrics.json itself holds
+20-iteration medians written every 20 iterations, which a run restarted mid-window cannot reproduce.
+"""
+import os
+
+import pytest
+
+pytest.importorskip("detectron2")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "Baselines", "mask_rcnn_R_18_FPN_shapes.yaml")
+N, K = 4, 2  # iterations of the run; it is interrupted after iteration K - 1, its checkpoint
+OPTS = ["SOLVER.MAX_ITER", str(N), "SOLVER.CHECKPOINT_PERIOD", str(K), "SOLVER.WARMUP_ITERS", "2",
+        "DATASETS.TEST", "()", "SEED", "7", "DATALOADER.NUM_WORKERS", "0"]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _losses(trainer):
+    """{iteration: {loss name: value}} logged by the trainer's EventStorage."""
+    out = {}
+    for name, buf in trainer.storage.histories().items():
+        if name == "total_loss" or name.startswith("loss_"):
+            for value, it in buf.values():
+                out.setdefault(int(it), {})[name] = value
+    return out
+
+
+def test_resume_reproduces_uninterrupted_losses_and_weights(tmp_path):
+    import torch
+    from detectron2.engine import HookBase
+
+    from d2_refine.utils.testing import smoke_trainer
+
+    class StopAfter(HookBase):
+        def after_step(self):
+            if self.trainer.iter == K - 1:  # after PeriodicCheckpointer has written model_{K-1}
+                raise _Interrupted
+
+    full = smoke_trainer(CONFIG, tmp_path / "full", OPTS)
+    full.train()
+    expected = _losses(full)
+    assert sorted(expected) == list(range(N))
+
+    first = smoke_trainer(CONFIG, tmp_path / "resumed", OPTS)
+    first.register_hooks([StopAfter()])
+    with pytest.raises(_Interrupted):
+        first.train()
+    assert (tmp_path / "resumed" / "last_checkpoint").read_text().strip() == f"model_{K - 1:07d}.pth"
+    assert not (tmp_path / "resumed" / "model_final.pth").exists()
+    assert _losses(first) == {i: expected[i] for i in range(K)}
+
+    resumed = smoke_trainer(CONFIG, tmp_path / "resumed", OPTS, resume=True)
+    assert resumed.start_iter == K
+    resumed.train()
+    got = _losses(resumed)
+    assert sorted(got) == list(range(K, N))
+    for i in range(K, N):
+        assert got[i] == expected[i], (i, got[i], expected[i])  # exact, not approximate
+
+    a = torch.load(tmp_path / "full" / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "model_final.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
