@@ -2,6 +2,7 @@
 
     python benchmarks/ifr_memory.py                     # CPU: N = 8 RoIs; CUDA: N = 256 (the spec's setting)
     python benchmarks/ifr_memory.py --num-rois 64 --device cpu
+    python benchmarks/ifr_memory.py --json output/benchmarks/ifr_memory.json   # + the rows as JSON (tools/plots.py)
 
 One training iteration = refinement (explicit K-unroll with autograd, or the implicit solve + one f call with
 the adjoint hook) -> ConvTranspose 2x2 -> ReLU -> 1x1 predictor -> loss -> backward, on synthetic RoI features
@@ -20,6 +21,8 @@ Time: ``torch.utils.benchmark.Timer`` (median of a few runs), without the profil
 ratio: the explicit (weight-sharing) head at the paper's K = 4. Timings are never asserted anywhere.
 """
 import argparse
+import json
+import os
 import platform
 
 import torch
@@ -108,6 +111,7 @@ def main():
     p.add_argument("--implicit-depths", default="5,10,15,30")
     p.add_argument("--solvers", default="fixed_point,anderson,broyden")
     p.add_argument("--repeats", type=int, default=None, help="timed iterations per case (default 3 CUDA, 1 CPU)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the settings and rows to this JSON file")
     args = p.parse_args()
     device = torch.device(args.device)
     n = args.num_rois or (256 if device.type == "cuda" else 8)
@@ -116,8 +120,8 @@ def main():
     x = torch.randn(n, args.channels, 14, 14, device=device)
     target = (torch.rand(n, 80, 28, 28, device=device) > 0.5).float()
     d = args.channels * 14 * 14
-    print(f"# torch {torch.__version__} | device {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}) | "
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"# torch {torch.__version__} | device {device} ({device_name}) | "
           f"threads {torch.get_num_threads()} | N {n} RoIs x D {d} | one N x D fp32 tensor = {n * d * 4 / MiB:.1f} MiB")
     print("# memory: " + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
                           "peak of torch CPU allocations (profiler memory events)") + ", minus before the step")
@@ -128,7 +132,7 @@ def main():
     base_head = Head(args.channels, "explicit", 4, None).to(device)
     base_ms = time_ms(base_head, x, target, repeats)
     print("case | base ms | ours ms | ratio | peak MiB | saved MiB | peak / peak at smallest depth")
-    first_peak = {}
+    first_peak, rows = {}, []
     for mode, solver, depth in cases:
         torch.manual_seed(0)
         head = Head(args.channels, mode, depth, solver).to(device)
@@ -140,6 +144,16 @@ def main():
         name = f"explicit K={depth}" if mode == "explicit" else f"implicit {solver} T={depth}"
         print(f"{name} | {base_ms:.0f} | {ms:.0f} | {ms / base_ms:.2f}x | {peak:.1f} | {saved:.1f} | "
               f"{peak / first_peak[key]:.2f}", flush=True)
+        rows.append(dict(case=name, mode=mode, solver=solver, depth=depth, base_ms=base_ms, ms=ms,
+                         ratio=ms / base_ms, peak_mib=peak, saved_mib=saved, peak_rel=peak / first_peak[key]))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(torch=torch.__version__, device=f"{device} ({device_name})",
+                           threads=torch.get_num_threads(), num_rois=n, channels=args.channels, d=d,
+                           memory="cuda max_memory_allocated" if device.type == "cuda" else "cpu profiler",
+                           rows=rows), f, indent=1)
+        print(f"# wrote {args.json}")
 
 
 if __name__ == "__main__":

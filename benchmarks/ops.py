@@ -1,6 +1,6 @@
 """Benchmark of the op library (d2_refine.ops) against torchvision on the same inputs, in one run.
 
-    python benchmarks/ops.py [--device cpu|cuda] [--no-reference]
+    python benchmarks/ops.py [--device cpu|cuda] [--no-reference] [--only prroi_pool|iou_guided_nms] [--json PATH]
 
 Rows: ``case | base ms | ours ms | ratio`` with ratio = ours / base (lower is better; < 1 means ours is faster).
 - PrRoIPool forward+backward (w.r.t. the features; "+ box grad" also w.r.t. the boxes) vs
@@ -11,6 +11,8 @@ Timings: medians of torch.utils.benchmark's blocked_autorange, base and ours mea
 (so that both see the same load); run on a quiet machine (default threads).
 """
 import argparse
+import json
+import os
 import statistics
 
 import torch
@@ -36,7 +38,11 @@ def _compare(base, ours, rounds=3, min_run_time=1.0):
     return statistics.median(tb), statistics.median(to)
 
 
+ROWS = []  # every printed row, for --json
+
+
 def _row(case, base_ms, ours_ms):
+    ROWS.append(dict(case=case, base_ms=base_ms, ours_ms=ours_ms, ratio=ours_ms / base_ms))
     print(f"{case} | {base_ms:.2f} | {ours_ms:.2f} | {ours_ms / base_ms:.2f}x", flush=True)
 
 
@@ -125,14 +131,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow pure-PyTorch reference rows")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file (tools/plots.py)")
+    parser.add_argument("--only", choices=("prroi_pool", "iou_guided_nms"), help="run the rows of one op only")
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name} | torch {torch.__version__} | torchvision {torchvision.__version__} | "
           f"compiled ops: {has_ops()}")
     print("case | base ms | ours ms | ratio (ours/base)")
-    bench_prroi_pool(device, with_reference=not args.no_reference)
-    bench_nms(device)
+    if args.only in (None, "prroi_pool"):
+        bench_prroi_pool(device, with_reference=not args.no_reference)
+    if args.only in (None, "iou_guided_nms"):
+        bench_nms(device)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, torchvision=torchvision.__version__,
+                           compiled_ops=has_ops(), rows=ROWS), f, indent=1)
 
 
 if __name__ == "__main__":

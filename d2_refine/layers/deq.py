@@ -19,11 +19,14 @@ What this module adds around torchdeq (torchdeq 0.1.0 has none of it):
   a ``writer`` callable, so a caller can log them (e.g. to detectron2's EventStorage) without this module
   importing detectron2;
 * 0 rows: no solve, an empty result that still takes part in autograd;
-* the solve runs in float32 (or float64) with autocast disabled.
+* the solve runs in float32 (or float64) with autocast disabled;
+* under ``torch.jit.trace`` or ``torch.export`` the forward solve has no branch on tensor values: it runs all
+  its iterations and computes the fallback for every row, selecting it per row (docs/EXPORT.md).
 
 Residuals are per row: ``||f(z_i) - z_i||_2`` ("abs") or that divided by ``||f(z_i)||_2`` ("rel"); a solve
 stops when every row is below ``eps * sqrt(D)`` ("abs", D = elements per row) or ``eps`` ("rel").
 """
+import contextlib
 import logging
 import math
 import time
@@ -79,6 +82,12 @@ class _RateLimitedWarning:
 _warn = _RateLimitedWarning()
 
 
+def _tracing() -> bool:
+    """Whether torch.export or torch.jit.trace records this call: a branch on tensor values would fail (export) or
+    be frozen at the example's outcome (trace)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 class _Stop(Exception):
     """Raised by ``_GuardedFunction`` to end a torchdeq solver loop early."""
 
@@ -122,7 +131,8 @@ class _GuardedFunction:
             if self.factor > 0:
                 self.dead = self.dead | (res > self.factor * self.init_abs)
         best = self.best_abs if self.stop_mode == "abs" else self.best_rel
-        if self.nfe >= self.max_evals or bool(((best < self.tol) | self.dead).all()):
+        # no early stop when traced or exported: the recorded solve runs all max_evals evaluations
+        if self.nfe >= self.max_evals or (not _tracing() and bool(((best < self.tol) | self.dead).all())):
             raise _Stop
         return fz
 
@@ -162,12 +172,12 @@ def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden",
                 # the guard stops every solver after ``max_iter`` evaluations (torchdeq's Broyden would spend
                 # max_iter + 1, its Anderson at least 3)
                 broyden_solver(guarded, z0, max_iter=max_iter, tol=-1.0, stop_mode=stop_mode,
-                               LBFGS_thres=max(1, min(max_iter, broyden_memory)), ls=False)
+                               LBFGS_thres=max(1, min(max_iter, broyden_memory)), ls=False, return_final=True)
             elif solver == "anderson":
                 anderson_solver(guarded, z0, max_iter=max_iter + 2, tol=-1.0, stop_mode=stop_mode,
-                                m=anderson_m, lam=anderson_lam, tau=anderson_beta)
+                                m=anderson_m, lam=anderson_lam, tau=anderson_beta, return_final=True)
             else:
-                fixed_point_iter(guarded, z0, max_iter=max_iter + 1, tol=-1.0, stop_mode=stop_mode)
+                fixed_point_iter(guarded, z0, max_iter=max_iter + 1, tol=-1.0, stop_mode=stop_mode, return_final=True)
         except _Stop:
             pass
     if guarded.best_z is None:  # max_iter == 0 cannot happen; keep the contract anyway
@@ -194,7 +204,10 @@ class cached_parametrizations:
         self._ctx = None
 
     def __enter__(self):
-        self._ctx = parametrize.cached()
+        if torch.jit.is_tracing():  # parametrize refuses to cache under torch.jit.trace: recompute per access
+            self._ctx = contextlib.nullcontext()
+        else:
+            self._ctx = parametrize.cached()
         self._ctx.__enter__()
         for m in self.module.modules():
             if parametrize.is_parametrized(m):
@@ -271,22 +284,28 @@ class DEQFixedPoint(nn.Module):
         return ~torch.isfinite(z.flatten(1)).all(dim=1) | ~torch.isfinite(info["abs"]) \
             | ((info["abs"] >= info["init_abs"]) & ~crit_ok)
 
+    def _replace_rows(self, z: torch.Tensor, bad: torch.Tensor,
+                      fallback_fn: Optional[Callable[[], torch.Tensor]]) -> torch.Tensor:
+        """``z`` with its ``bad`` rows replaced by the fallback (or zeros), and never NaN."""
+        with torch.no_grad():
+            if self.fallback == "explicit" and fallback_fn is not None:
+                sub = fallback_fn()
+            else:
+                sub = torch.zeros_like(z)
+            z = torch.where(bad.view(-1, *([1] * (z.dim() - 1))), sub, z)
+            return torch.where(torch.isfinite(z), z, torch.zeros_like(z))
+
     def solve(self, func: Callable, z0: torch.Tensor, max_iter: int,
               fallback_fn: Optional[Callable[[], torch.Tensor]] = None):
         """No-grad solve with the fallback rule. Returns (z*, DEQStats)."""
         z, info = solve_fixed_point(func, z0, self.f_solver, max_iter, self.f_eps, self.stop_mode,
                                     **self.solver_kwargs)
         bad = self._not_converged(z, info, self.f_eps)
+        if _tracing():  # no branch on values: the fallback is always computed, then picked per row
+            return self._replace_rows(z, bad, fallback_fn), DEQStats(nstep=info["nfe"], num_rows=z.shape[0])
         n_bad = int(bad.sum())
         if n_bad:
-            with torch.no_grad():
-                if self.fallback == "explicit" and fallback_fn is not None:
-                    sub = fallback_fn()
-                else:
-                    sub = torch.zeros_like(z)
-                mask = bad.view(-1, *([1] * (z.dim() - 1)))
-                z = torch.where(mask, sub, z)
-                z = torch.where(torch.isfinite(z), z, torch.zeros_like(z))  # never NaN
+            z = self._replace_rows(z, bad, fallback_fn)
             self.total_fallbacks += n_bad
             _warn(f"DEQ forward solve: {n_bad}/{z.shape[0]} rows did not converge "
                   f"({int(info['diverged'].sum())} diverged) and used the {self.fallback!r} fallback; "

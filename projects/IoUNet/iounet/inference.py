@@ -71,7 +71,8 @@ def iounet_inference_single_image(
         boxes, scores = boxes[valid], scores[valid]
     scores = scores[:, :-1]
     num_classes = scores.shape[1]
-    boxes = _clip(boxes.reshape(len(boxes), boxes.shape[1] // 4, 4), image_size)  # R x (K or 1) x 4
+    # R x (K or 1) x 4; the row count from the tensor, not len(), so that a torch.jit.trace does not freeze it
+    boxes = _clip(boxes.reshape(boxes.shape[0], boxes.shape[1] // 4, 4), image_size)
     ious: Optional[torch.Tensor] = None
     empty = boxes.new_zeros((0,))
 

@@ -162,6 +162,11 @@ class IoUNetROIHeads(StandardROIHeads):
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
         if self.training or not (self.iou_nms or self.refine or self.score_times_iou):
             return super()._forward_box(features, proposals)
+        if self.refine and (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+            raise RuntimeError("IoU-Net's box refinement (gradient ascent through torch.autograd.grad, a "
+                               "value-dependent number of steps) cannot be traced or exported; set "
+                               "MODEL.IOU_NET.REFINE False to export the rest of IoU-Net's inference "
+                               "(see docs/EXPORT.md)")
         feats = [features[f] for f in self.box_in_features]
         box_features = self.box_head(self.box_pooler(feats, [x.proposal_boxes for x in proposals]))
         predictions = self.box_predictor(box_features)

@@ -273,8 +273,9 @@ class RDSNet(RetinaNet):
         stride = self.pixel_head.stride
         u = pixel_reps[:, :dh, :dw]
         masks, horiz, vert = [], [], []
-        for start in range(0, out_boxes.shape[0], _MASK_CHUNK):
-            sl = slice(start, start + _MASK_CHUNK)
+        tracing = torch.jit.is_tracing()  # one chunk of all detections: a traced loop would freeze their number
+        for start in [0] if tracing else range(0, out_boxes.shape[0], _MASK_CHUNK):
+            sl = slice(start, None if tracing else start + _MASK_CHUNK)
             soft = decode_soft_masks(correlate(u, reps[sl]), (dh * stride, dw * stride), image_size, output_size,
                                      out_boxes[sl], self.crop_padding_test)
             masks.append(soft > self.mask_threshold)

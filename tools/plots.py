@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Regenerate the README figures (PNG, matplotlib's Agg backend) from the JSON the benchmark tools write.
+
+    python tools/plots.py                                   # every figure whose JSON exists, into docs/figures/
+    python tools/plots.py --only ifr_memory --ifr-memory-json output/benchmarks/ifr_memory.json
+
+Figures and their inputs (a figure whose JSON is missing is skipped with a message naming the command to run):
+
+- ``ap_vs_iou.png``: box AP at each single IoU threshold (AP50, AP60, ... whichever the table has) of IoU-Net
+  (and of any ``--ap-methods``) next to its same-schedule baseline, from ``tools/benchmark_table.py``'s
+  ``table.json`` (default: the longest schedule under ``output/benchmark_table/``).
+- ``ifr_memory.png``: IFR head training memory against solver depth (explicit K-unroll vs implicit solves),
+  peak allocator memory and tensors saved for backward, from ``benchmarks/ifr_memory.py --json``.
+- ``ops_ratios.png``: time ratio ours / baseline of each op benchmark case, from ``benchmarks/ops.py --json``.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+import textwrap
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = ("ap_vs_iou", "ifr_memory", "ops_ratios")
+COMMANDS = {
+    "ap_vs_iou": "python tools/benchmark_table.py --iters N",
+    "ifr_memory": "python benchmarks/ifr_memory.py --json output/benchmarks/ifr_memory.json",
+    "ops_ratios": "python benchmarks/ops.py --json output/benchmarks/ops.json",
+}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def default_table_json(root: str = os.path.join(REPO, "output", "benchmark_table")) -> Optional[str]:
+    """``<root>/<iters>it/table.json`` of the longest schedule present, or None."""
+    found = []
+    for path in glob.glob(os.path.join(root, "*it", "table.json")):
+        m = re.fullmatch(r"(\d+)it", os.path.basename(os.path.dirname(path)))
+        if m:
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
+
+
+# ------------------------------------------------------------------------------------------ AP vs IoU
+def iou_thresholds(bbox: Dict[str, float]) -> List[int]:
+    """The single-threshold AP keys of a results dict ("AP50" -> 50), sorted."""
+    return sorted(int(m.group(1)) for k in bbox for m in [re.fullmatch(r"AP(\d{2})", k)] if m)
+
+
+def plot_ap_vs_iou(table: dict, out: str, methods=("iounet",)) -> str:
+    """One panel per method: box AP against the IoU threshold, the method next to its baseline."""
+    rows = {r["name"]: r for r in table["rows"]}
+    pairs = []
+    for name in methods:
+        if name not in rows:
+            raise ValueError(f"{name!r} is not a row of the table (rows: {sorted(rows)})")
+        base = rows[name].get("baseline")
+        if base not in rows:
+            raise ValueError(f"the baseline {base!r} of {name!r} is not a row of the table")
+        pairs.append((rows[name], rows[base]))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 3.8), squeeze=False)
+    for ax, (row, base) in zip(axes[0], pairs):
+        for r, style in ((base, dict(color="0.45", marker="s", linestyle="--")),
+                         (row, dict(color="C3", marker="o", linestyle="-"))):
+            bbox = ((r.get("results") or {}).get("bbox")) or {}
+            ts = iou_thresholds(bbox)
+            if not ts:
+                raise ValueError(f"row {r['name']!r} has no single-threshold box AP (AP50, AP75, ...)")
+            mean = f", AP {bbox['AP']:.1f}" if isinstance(bbox.get("AP"), (int, float)) else ""
+            ax.plot([t / 100 for t in ts], [bbox[f"AP{t}"] for t in ts], label=f"{r['title']}{mean}", **style)
+        ax.set_xlabel("IoU threshold")
+        ax.set_ylabel("box AP")
+        ax.set_title(f"{row['title']} vs its baseline", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"shapes val, {table.get('iters', '?')} iterations, seed {table.get('seed', '?')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- IFR memory
+def plot_ifr_memory(data: dict, out: str) -> str:
+    """Peak training memory and saved-for-backward memory against depth (K or T), one line per variant."""
+    series: Dict[str, list] = {}
+    for r in data["rows"]:
+        label = "explicit (K-unroll)" if r["mode"] == "explicit" else f"implicit, {r['solver']}"
+        series.setdefault(label, []).append(r)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    implicit_colors = iter(["C0", "C1", "C2", "C4", "C5", "C6"])
+    for label, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["depth"])
+        style = dict(color="C3", marker="o", linewidth=2) if label.startswith("explicit") else \
+            dict(color=next(implicit_colors), marker="s")
+        for ax, key in zip(axes, ("peak_mib", "saved_mib")):
+            ax.plot([r["depth"] for r in rs], [r[key] for r in rs], label=label, **style)
+    titles = ("peak memory of one training iteration", "tensors saved for backward (implicit solvers coincide)")
+    for ax, title in zip(axes, titles):
+        ax.set_xlabel("solver depth (explicit: K steps, implicit: T solver iterations)")
+        ax.set_ylabel("MiB")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"IFR mask head, {data.get('num_rois', '?')} RoIs x {data.get('channels', '?')} x 14 x 14, "
+                 f"{data.get('device', '')}, torch {data.get('torch', '?')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- op ratios
+def plot_ops_ratios(data: dict, out: str) -> str:
+    """Horizontal bars of ours / baseline per case (log scale; left of 1 = ours faster)."""
+    rows = data["rows"]
+    if not rows:
+        raise ValueError("the op benchmark JSON has no rows")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.4))
+    labels = ["\n".join(textwrap.wrap(r["case"], 60)) for r in rows]
+    ratios = [r["ratio"] for r in rows]
+    colors = ["C0" if r["case"].startswith("prroi_pool") else "C2" for r in rows]
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, ratios, color=colors)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.axvline(1.0, color="0.3", linestyle="--", linewidth=1)
+    for yi, ratio in zip(y, ratios):
+        ax.annotate(f"{ratio:.2f}x", (ratio, yi), xytext=(3, 0), textcoords="offset points", va="center",
+                    fontsize=8)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("time ours / baseline (log scale; < 1: ours faster)")
+    ax.set_xlim(min(ratios + [1.0]) / 2, max(ratios + [1.0]) * 3)
+    ax.set_title(f"d2_refine ops vs baselines: {data.get('device', '?')}, torch {data.get('torch', '?')}",
+                 fontsize=10)
+    ax.grid(axis="x", alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table-json", default=None,
+                   help="tools/benchmark_table.py's table.json (default: the longest schedule under "
+                        "output/benchmark_table/)")
+    p.add_argument("--ifr-memory-json", default=os.path.join(REPO, "output", "benchmarks", "ifr_memory.json"))
+    p.add_argument("--ops-json", default=os.path.join(REPO, "output", "benchmarks", "ops.json"))
+    p.add_argument("--ap-methods", nargs="+", default=["iounet"],
+                   help="table rows drawn next to their baselines in ap_vs_iou.png (default: iounet)")
+    p.add_argument("--out-dir", default=os.path.join(REPO, "docs", "figures"))
+    p.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> Dict[str, str]:
+    """Writes the figures; returns {figure: PNG path} of those written."""
+    args = parse_args(argv)
+    table_json = args.table_json or default_table_json()
+    inputs = {"ap_vs_iou": table_json, "ifr_memory": args.ifr_memory_json, "ops_ratios": args.ops_json}
+    plotters = {
+        "ap_vs_iou": lambda data, out: plot_ap_vs_iou(data, out, args.ap_methods),
+        "ifr_memory": plot_ifr_memory,
+        "ops_ratios": plot_ops_ratios,
+    }
+    os.makedirs(args.out_dir, exist_ok=True)
+    written = {}
+    for fig in args.only:
+        path = inputs[fig]
+        if not path or not os.path.isfile(path):
+            print(f"skipped {fig}.png: its JSON {path or '(no output/benchmark_table/*it/table.json)'} is missing; "
+                  f"write it with `{COMMANDS[fig]}`", file=sys.stderr)
+            continue
+        out = plotters[fig](_load(path), os.path.join(args.out_dir, f"{fig}.png"))
+        print(f"wrote {out} (from {path})")
+        written[fig] = out
+    return written
+
+
+if __name__ == "__main__":
+    main()
