@@ -262,6 +262,76 @@ def test_boxes_partly_outside_and_bins_smaller_than_a_cell(device):
     assert beyond.abs().max() == 0
 
 
+def _large_and_small_rois(dtype):
+    """RoIs over a 2 x 37 x 45 map at spatial_scale 0.5 (cells 2 px) for 3 x 4 bins: large ones (bins of 7-17
+    cells: the CPU kernel's summed-area-table path), partly and far outside the map, next to small ones (bins under
+    a cell: its direct path) in the same images. No bin edge lies on an integer line (where the reference's
+    autograd, through clamp, counts the kink twice)."""
+    return torch.tensor(
+        [
+            [0, 3.3, 5.1, 81.7, 70.2],  # most of the map
+            [1, -20.3, -14.6, 107.9, 89.4],  # beyond every side, by more than the ramp
+            [0, -30.7, 10.3, 25.1, 60.9],  # crosses the left border
+            [1, 60.2, 40.9, 150.4, 120.3],  # crosses the right and bottom borders, bins partly beyond the ramp
+            [0, 95.3, 10.7, 180.5, 60.1],  # right of the map, beyond the ramp (large bins)
+            [1, 10.1, -60.3, 80.6, -0.4],  # above the map, within the ramp's reach for the last bin row only
+            [0, 40.3, 30.6, 41.9, 31.7],  # tiny: bins of 0.2 x 0.14 cells
+            [1, 70.1, 50.2, 84.9, 61.3],  # small: bins of ~1.8 cells
+            [0, 0.7, 0.9, 89.25, 73.3],  # the whole map
+        ],
+        dtype=dtype,
+    )
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_large_and_small_rois_match_reference(device, dtype, aligned):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 20, 37, 45, generator=g, dtype=torch.float64) + 0.5  # 20 channels: a partial channel block
+    rois = _large_and_small_rois(torch.float64)
+    edges = _edges(rois, (3, 4), 0.5, aligned)
+    assert (edges - edges.round()).abs().min() > 1e-3
+    weights = torch.randn(rois.size(0), 20, 3, 4, generator=g, dtype=torch.float64)
+    results = []
+    for fn, dt in ((prroi_pool, dtype), (_prroi_pool_reference, torch.float64)):
+        xi = x.to(device, dt).clone().requires_grad_()
+        ri = rois.to(device, dt).clone().requires_grad_()
+        out = fn(xi, ri, (3, 4), 0.5, aligned)
+        (out * weights.to(device, dt)).sum().backward()
+        results.append([t.detach().double().cpu() for t in (out, xi.grad, ri.grad)])
+    tol = (1e-12, 1e-10, 1e-9) if dtype == torch.float64 else (1e-5, 1e-5, 1e-3)
+    for got, expected, t in zip(results[0], results[1], tol):
+        torch.testing.assert_close(got, expected, rtol=t, atol=t)
+    out, _, grad_rois = results[0]
+    assert out[4].abs().max() == 0 and grad_rois[4].abs().max() == 0  # beyond the ramp: exactly zero
+    assert out[5, :, :2].abs().max() == 0 and out[5, :, 2].abs().max() > 0
+    assert out[3, :, 2].abs().max() == 0 and out[3, :, :, 2:].abs().max() == 0  # bins beyond the ramp
+    assert out[3, :, :2, :2].abs().amax(dim=(1, 2)).min() > 0
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("seed", range(3))
+def test_backward_gradcheck_large_bins(device, seed):
+    # bins of 3-8 cells (the CPU kernel's summed-area-table path), some boxes crossing the border
+    g = torch.Generator().manual_seed(200 + seed)
+    x = torch.randn(1, 2, 20, 24, generator=g, dtype=torch.float64).to(device)
+    while True:
+        xy = torch.rand(3, 2, generator=g, dtype=torch.float64) * 8 - 2
+        wh = 10 + torch.rand(3, 2, generator=g, dtype=torch.float64) * 6
+        rois = torch.cat([torch.zeros(3, 1, dtype=torch.float64), xy, xy + wh], 1)
+        edges = _edges(rois, (2, 3), 1.0)
+        if (edges - edges.round()).abs().min() > 1e-3:
+            break
+    index, coords = rois[:, :1].to(device), rois[:, 1:].to(device).requires_grad_()
+    features = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t, c: prroi_pool(t, torch.cat([index, c], 1), (2, 3), 1.0), (features, coords)
+    )
+
+
 @needs_ops
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_empty_rois(device):
