@@ -31,18 +31,17 @@ def _expected_modules(cfg):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_combined_config_builds_trains_and_is_scored(path, tmp_path):
-    from detectron2.modeling import build_model
+    from d2_refine.utils.testing import read_losses, smoke_trainer
 
-    from d2_refine.engine import setup_cfg
-    from d2_refine.utils.testing import read_losses, smoke_train
-
-    cfg = setup_cfg(path, ["MODEL.DEVICE", "cpu"])
+    trainer = smoke_trainer(path, tmp_path, SMOKE_OPTS)
+    cfg = trainer.cfg
     expected = _expected_modules(cfg)
     assert len(expected) >= 2, "a combined config composes FPT with another method"
-    classes = {type(m).__name__ for m in build_model(cfg).modules()}
+    classes = {type(m).__name__ for m in trainer.model.modules()}
     assert expected <= classes, f"missing {expected - classes}"
 
-    results = smoke_train(path, tmp_path, SMOKE_OPTS)
+    trainer.train()  # detectron2's EvalHook evaluates after the last iteration
+    results = trainer._last_eval_results
     tasks = ["bbox", "segm"] if cfg.MODEL.MASK_ON else ["bbox"]
     assert sorted(results) == tasks
     for task in tasks:

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-__all__ = ["cpu_and_cuda", "smoke_trainer", "smoke_train", "read_losses", "tiny_shapes_opts", "synthetic_batch",
+__all__ = ["cpu_and_cuda", "load_tool", "smoke_trainer", "smoke_train", "read_losses", "tiny_shapes_opts", "synthetic_batch",
            "train_step_losses"]
 
 
@@ -14,6 +14,18 @@ def cpu_and_cuda():
     """pytest parameters: "cpu", plus "cuda" (skipped with a reason where CUDA is absent)."""
     return ("cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                    reason="CUDA is not available")))
+
+
+def load_tool(name):
+    """The script ``tools/<name>.py`` of the repository imported as a module (tools/ is not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools",
+                        f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"d2_refine_tools_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_shapes_opts(output_dir, image_size=128, num_train=8, num_val=4, iters=3):

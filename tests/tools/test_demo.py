@@ -1,6 +1,5 @@
 """tools/demo.py draws a model's detections on shapes images (a file, or a folder into a folder) at the images' own
 size, and refuses missing inputs and weights with one line."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,10 +23,9 @@ def _run_demo(*args):
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("d2_refine_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from d2_refine.utils.testing import load_tool
+
+    return load_tool("demo")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """tools/plots.py: every figure is written from small synthetic JSONs; a missing JSON skips its figure with a
 message naming the command that writes it."""
-import importlib.util
 import json
 import os
 
@@ -8,10 +7,9 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("d2_refine_tools_plots", os.path.join(REPO, "tools", "plots.py"))
-plots = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plots)
+from d2_refine.utils.testing import load_tool  # noqa: E402
+
+plots = load_tool("plots")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,17 +1,14 @@
 """tools/benchmark_table.py: the schedule, the parsing of detectron2's outputs, the table, and one tiny real run."""
-import importlib.util
 import json
 import os
 
 import pytest
 
 from d2_refine.utils.env import has_detectron2
-from d2_refine.utils.testing import tiny_shapes_opts
+from d2_refine.utils.testing import load_tool, tiny_shapes_opts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("benchmark_table", os.path.join(REPO, "tools", "benchmark_table.py"))
-bt = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bt)
+bt = load_tool("benchmark_table")
+REPO = bt.REPO
 
 
 def test_schedule_scales_the_default_one():
