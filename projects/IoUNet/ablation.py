@@ -18,12 +18,14 @@ from collections import OrderedDict
 
 import torch
 
-#: row name -> (IOU_NMS, REFINE, SCORE_TIMES_IOU)
+#: row name -> (IOU_NMS, REFINE, SCORE_TIMES_IOU, NMS_GUIDE); the last row is the reproduction's extra
+#: "NMS ordered by cls x IoU" on top of the full model.
 ROWS = OrderedDict([
-    ("IoU head only (unused at test)", (False, False, False)),
-    ("+ IoU-guided NMS", (True, False, False)),
-    ("+ IoU-guided NMS + refinement (full)", (True, True, True)),
-    ("+ refinement, plain NMS", (False, True, True)),
+    ("IoU head only (unused at test)", (False, False, False, "rank")),
+    ("+ IoU-guided NMS", (True, False, False, "rank")),
+    ("+ IoU-guided NMS + refinement (full)", (True, True, True, "rank")),
+    ("+ refinement, plain NMS", (False, True, True, "rank")),
+    ("full, NMS ranked by cls x IoU", (True, True, True, "weight")),
 ])
 
 
@@ -89,8 +91,8 @@ def main():
             features = model.backbone(images.tensor)
             proposals, _ = model.proposal_generator(images, features, None)
             shared += time.perf_counter() - t
-            for name, (iou_nms, refine, sti) in ROWS.items():
-                heads.iou_nms, heads.refine, heads.score_times_iou = iou_nms, refine, sti
+            for name, (iou_nms, refine, sti, guide) in ROWS.items():
+                heads.iou_nms, heads.refine, heads.score_times_iou, heads.nms_guide = iou_nms, refine, sti, guide
                 heads.reset_refine_stats()
                 t = time.perf_counter()
                 results, _ = heads(images, features, proposals, None)
