@@ -32,6 +32,27 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8));
 }
 
+// torchvision's grid-stride loop: thread t handles t, t + stride, ... below n (n may exceed the grid).
+#define D2R_CUDA_1D_KERNEL_LOOP(i, n)                                                            \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n);      \
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+
+// An output element's (RoI, channel, bin row, bin column) from its flat index in (R, C, PH, PW) order.
+struct BinIndex {
+  int64_t k, c, ph, pw;
+};
+
+__device__ inline BinIndex bin_index(int64_t index, int64_t channels, int64_t pooled_height, int64_t pooled_width) {
+  BinIndex b;
+  b.pw = index % pooled_width;
+  index /= pooled_width;
+  b.ph = index % pooled_height;
+  index /= pooled_height;
+  b.c = index % channels;
+  b.k = index / channels;
+  return b;
+}
+
 template <typename scalar_t, typename acc_t>
 __device__ inline RoIGeometry<acc_t> load_geometry(const scalar_t* rois, int64_t k, acc_t spatial_scale,
                                                    bool aligned, int64_t pooled_height, int64_t pooled_width) {
@@ -66,12 +87,9 @@ template <typename scalar_t, typename acc_t>
 __global__ void prroi_pool_forward_cuda(int64_t total, const scalar_t* input, const scalar_t* rois, int64_t channels,
                                         int64_t height, int64_t width, int64_t pooled_height, int64_t pooled_width,
                                         acc_t spatial_scale, bool aligned, scalar_t* output) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
-       index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t pw = index % pooled_width;
-    const int64_t ph = (index / pooled_width) % pooled_height;
-    const int64_t c = (index / pooled_width / pooled_height) % channels;
-    const int64_t k = index / pooled_width / pooled_height / channels;
+  D2R_CUDA_1D_KERNEL_LOOP(index, total) {
+    const BinIndex b = bin_index(index, channels, pooled_height, pooled_width);
+    const int64_t pw = b.pw, ph = b.ph, c = b.c, k = b.k;
     const RoIGeometry<acc_t> g = load_geometry(rois, k, spatial_scale, aligned, pooled_height, pooled_width);
     if (!(g.area > acc_t(0))) {
       output[index] = static_cast<scalar_t>(0);
@@ -91,12 +109,9 @@ __global__ void prroi_pool_backward_input_cuda(int64_t total, const scalar_t* gr
                                                int64_t channels, int64_t height, int64_t width,
                                                int64_t pooled_height, int64_t pooled_width, acc_t spatial_scale,
                                                bool aligned, acc_t* grad_input) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
-       index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t pw = index % pooled_width;
-    const int64_t ph = (index / pooled_width) % pooled_height;
-    const int64_t c = (index / pooled_width / pooled_height) % channels;
-    const int64_t k = index / pooled_width / pooled_height / channels;
+  D2R_CUDA_1D_KERNEL_LOOP(index, total) {
+    const BinIndex b = bin_index(index, channels, pooled_height, pooled_width);
+    const int64_t pw = b.pw, ph = b.ph, c = b.c, k = b.k;
     const RoIGeometry<acc_t> g = load_geometry(rois, k, spatial_scale, aligned, pooled_height, pooled_width);
     const acc_t gv = static_cast<acc_t>(grad[index]);
     if (!(g.area > acc_t(0)) || gv == acc_t(0)) {
@@ -150,11 +165,9 @@ __global__ void prroi_pool_backward_rois_cuda(int64_t total, const scalar_t* gra
                                               const scalar_t* rois, int64_t channels, int64_t height, int64_t width,
                                               int64_t pooled_height, int64_t pooled_width, acc_t spatial_scale,
                                               bool aligned, acc_t* grad_rois) {
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
-       index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const int64_t pw = index % pooled_width;
-    const int64_t ph = (index / pooled_width) % pooled_height;
-    const int64_t k = index / pooled_width / pooled_height;
+  D2R_CUDA_1D_KERNEL_LOOP(index, total) {
+    const BinIndex b = bin_index(index, /*channels=*/1, pooled_height, pooled_width);
+    const int64_t pw = b.pw, ph = b.ph, k = b.k;
     const RoIGeometry<acc_t> g = load_geometry(rois, k, spatial_scale, aligned, pooled_height, pooled_width);
     if (!(g.area > acc_t(0))) {
       continue;  // zero-area bins and inverted boxes: zero gradient
