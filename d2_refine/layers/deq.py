@@ -40,6 +40,8 @@ from torch.nn.utils import parametrize
 from torchdeq.loss import jac_reg
 from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter
 
+from ..utils.tracing import is_tracing_or_exporting
+
 __all__ = ["DEQFixedPoint", "DEQStats", "solve_fixed_point", "jacobian_loss", "cached_parametrizations"]
 
 logger = logging.getLogger(__name__)
@@ -80,12 +82,6 @@ class _RateLimitedWarning:
 
 
 _warn = _RateLimitedWarning()
-
-
-def _tracing() -> bool:
-    """Whether torch.export or torch.jit.trace records this call: a branch on tensor values would fail (export) or
-    be frozen at the example's outcome (trace)."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 class _Stop(Exception):
@@ -132,7 +128,7 @@ class _GuardedFunction:
                 self.dead = self.dead | (res > self.factor * self.init_abs)
         best = self.best_abs if self.stop_mode == "abs" else self.best_rel
         # no early stop when traced or exported: the recorded solve runs all max_evals evaluations
-        if self.nfe >= self.max_evals or (not _tracing() and bool(((best < self.tol) | self.dead).all())):
+        if self.nfe >= self.max_evals or (not is_tracing_or_exporting() and bool(((best < self.tol) | self.dead).all())):
             raise _Stop
         return fz
 
@@ -301,7 +297,7 @@ class DEQFixedPoint(nn.Module):
         z, info = solve_fixed_point(func, z0, self.f_solver, max_iter, self.f_eps, self.stop_mode,
                                     **self.solver_kwargs)
         bad = self._not_converged(z, info, self.f_eps)
-        if _tracing():  # no branch on values: the fallback is always computed, then picked per row
+        if is_tracing_or_exporting():  # no branch on values: the fallback is always computed, then picked per row
             return self._replace_rows(z, bad, fallback_fn), DEQStats(nstep=info["nfe"], num_rows=z.shape[0])
         n_bad = int(bad.sum())
         if n_bad:

@@ -11,6 +11,8 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+from d2_refine.utils.tracing import is_tracing_or_exporting
+
 from .inference import iounet_inference_single_image
 from .iou_head import IoUHead
 from .jitter import IoUBalancedJitter
@@ -162,7 +164,7 @@ class IoUNetROIHeads(StandardROIHeads):
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
         if self.training or not (self.iou_nms or self.refine or self.score_times_iou):
             return super()._forward_box(features, proposals)
-        if self.refine and (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+        if self.refine and is_tracing_or_exporting():
             raise RuntimeError("IoU-Net's box refinement (gradient ascent through torch.autograd.grad, a "
                                "value-dependent number of steps) cannot be traced or exported; set "
                                "MODEL.IOU_NET.REFINE False to export the rest of IoU-Net's inference "
