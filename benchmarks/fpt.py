@@ -20,6 +20,7 @@ Peak memory, the backbone forward only (parameters and the input excluded):
 Timings are never asserted anywhere.
 """
 import argparse
+import json
 import os
 import platform
 import sys
@@ -100,12 +101,14 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     args = parser.parse_args()
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     print(f"# device: {args.device} ({dev}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"python {sys.version.split()[0]}, batch 1, eval, no_grad")
     print("case | base ms | ours ms | ratio | base peak MiB | ours peak MiB | base params M | ours params M")
+    rows = []
     for size in args.sizes:
         config, hw = SIZES[size]
         base_mem = None
@@ -119,7 +122,16 @@ def main():
             case = f"{size} {tuple(x.shape[-2:])} {preset}"
             print(f"{case} | {base_ms:.1f} | {ours_ms:.1f} | {ours_ms / base_ms:.2f}x | {base_mem:.0f} | "
                   f"{ours_mem:.0f} | {nparams(fpn) / 1e6:.2f} | {nparams(fpt) / 1e6:.2f}", flush=True)
+            rows.append(dict(case=case, size=size, input_hw=list(x.shape[-2:]), preset=preset, base_ms=base_ms,
+                             ours_ms=ours_ms, ratio=ours_ms / base_ms, base_peak_mib=base_mem,
+                             ours_peak_mib=ours_mem, base_params_m=nparams(fpn) / 1e6,
+                             ours_params_m=nparams(fpt) / 1e6))
             del fpn, fpt
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(device=f"{args.device} ({dev})", torch=torch.__version__, repeats=args.repeats,
+                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

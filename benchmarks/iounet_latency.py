@@ -18,6 +18,7 @@ Prints a device/torch header, then ``case | base ms | ours ms | ratio`` rows (ou
 """
 import argparse
 import copy
+import json
 import os
 import platform
 import sys
@@ -131,7 +132,7 @@ def r50_case(device, min_run_time, cands_per_box):
     return rows
 
 
-def shapes_case(device, min_run_time, weights, num_images):
+def shapes_case(device, min_run_time, weights, num_images, opts=()):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
@@ -139,7 +140,7 @@ def shapes_case(device, min_run_time, weights, num_images):
 
     from d2_refine.data import prepare_datasets
 
-    cfg = _cfg("configs/IoUNet/iounet_R_18_FPN_shapes.yaml", ["MODEL.DEVICE", device])
+    cfg = _cfg("configs/IoUNet/iounet_R_18_FPN_shapes.yaml", ["MODEL.DEVICE", device] + list(opts))
     prepare_datasets(cfg)
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(weights)
@@ -171,6 +172,9 @@ def main():
     ap.add_argument("--shapes-weights", default="/tmp/iounet/model_final.pth")
     ap.add_argument("--shapes-images", type=int, default=20)
     ap.add_argument("--skip-r50", action="store_true")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
+    ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                    help="KEY VALUE config overrides of the shapes model (e.g. DATASETS.SHAPES.ROOT DIR); last")
     args = ap.parse_args()
 
     import d2_refine  # noqa: F401  (registers IoUNetROIHeads, shapes)
@@ -181,12 +185,17 @@ def main():
           f"compiled d2_refine ops: {has_ops()}, python {sys.version.split()[0]}")
     rows = [] if args.skip_r50 else r50_case(args.device, args.min_run_time, args.cands_per_box)
     if args.shapes_weights and os.path.exists(args.shapes_weights):
-        rows += shapes_case(args.device, args.min_run_time, args.shapes_weights, args.shapes_images)
+        rows += shapes_case(args.device, args.min_run_time, args.shapes_weights, args.shapes_images, args.opts)
     else:
         print(f"# no trained shapes weights at {args.shapes_weights!r}: shapes case skipped")
     print("case | base ms | ours ms | ratio")
     for name, b, o in rows:
         print(f"{name} | {b:.1f} | {o:.1f} | {o / b:.2f}x")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(device=f"{args.device} ({dev})", torch=torch.__version__, min_run_time=args.min_run_time,
+                           rows=[dict(case=n, base_ms=b, ours_ms=o, ratio=o / b) for n, b, o in rows]), f, indent=1)
 
 
 if __name__ == "__main__":

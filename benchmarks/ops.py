@@ -1,6 +1,7 @@
 """Benchmark of the op library (d2_refine.ops) against torchvision on the same inputs, in one run.
 
     python benchmarks/ops.py [--device cpu|cuda] [--no-reference] [--only prroi_pool|iou_guided_nms] [--json PATH]
+                             [--min-run-time S] [--rounds N] [--tiny]
 
 Rows: ``case | base ms | ours ms | ratio`` with ratio = ours / base (lower is better; < 1 means ours is faster).
 - PrRoIPool forward+backward (w.r.t. the features; "+ box grad" also w.r.t. the boxes) vs
@@ -8,7 +9,8 @@ Rows: ``case | base ms | ours ms | ratio`` with ratio = ours / base (lower is be
   (stride 4 of an 800x1216 image), and vs the pure-PyTorch reference ``_prroi_pool_reference``.
 - IoU-guided NMS vs ``torchvision.ops.batched_nms`` (the same number of boxes, classes, threshold 0.5).
 Timings: medians of torch.utils.benchmark's blocked_autorange, base and ours measured alternately over 3 rounds
-(so that both see the same load); run on a quiet machine (default threads).
+(so that both see the same load); run on a quiet machine (default threads). ``--tiny`` shrinks every case (a few
+RoIs on a small map, a few hundred boxes) to check that the script runs; its timings mean nothing.
 """
 import argparse
 import json
@@ -23,16 +25,23 @@ from torchvision.ops import batched_nms, roi_align
 from d2_refine.ops import _prroi_pool_reference, has_ops, iou_guided_nms, prroi_pool
 
 
+SETTINGS = dict(min_run_time=1.0, rounds=3, tiny=False)
+
+
 def _time(fn, min_run_time=1.0):
     fn()  # warm-up
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def _compare(base, ours, rounds=3, min_run_time=1.0):
-    """Median times (ms) of base and ours, measured alternately in `rounds` rounds so that both see the same
-    machine load."""
+def _compare(base, ours, min_run_time=None):
+    """Median times (ms) of base and ours, measured alternately in SETTINGS["rounds"] rounds so that both see the
+    same machine load."""
+    if min_run_time is None:
+        min_run_time = SETTINGS["min_run_time"]
+    else:  # the reference rows: a fraction of the default time
+        min_run_time = min(min_run_time, SETTINGS["min_run_time"])
     tb, to = [], []
-    for _ in range(rounds):
+    for _ in range(SETTINGS["rounds"]):
         tb.append(_time(base, min_run_time))
         to.append(_time(ours, min_run_time))
     return statistics.median(tb), statistics.median(to)
@@ -57,9 +66,10 @@ def _random_rois(num, image_hw, generator, device):
 
 def bench_prroi_pool(device, with_reference):
     g = torch.Generator().manual_seed(0)
-    features = torch.randn(1, 256, 200, 304, generator=g).to(device)
-    rois = _random_rois(512, (800, 1216), g, device)
-    grad = torch.randn(512, 256, 7, 7, generator=g).to(device)
+    num, channels, (h, w) = (16, 8, (50, 76)) if SETTINGS["tiny"] else (512, 256, (200, 304))
+    features = torch.randn(1, channels, h, w, generator=g).to(device)
+    rois = _random_rois(num, (4 * h, 4 * w), g, device)
+    grad = torch.randn(num, channels, 7, 7, generator=g).to(device)
     scale = 0.25
 
     def run(pool, box_grad=False):
@@ -76,7 +86,7 @@ def bench_prroi_pool(device, with_reference):
     ours_box = run(lambda x, r: prroi_pool(x, r, 7, scale, aligned=True), box_grad=True)
     for ratio in (0, 2):
         base = run(lambda x, r: roi_align(x, r, 7, scale, sampling_ratio=ratio, aligned=True))
-        _row(f"prroi_pool fwd+bwd vs roi_align(sampling_ratio={ratio}), 512 RoIs, 256x200x304", *_compare(base, ours))
+        _row(f"prroi_pool fwd+bwd vs roi_align(sampling_ratio={ratio}), {num} RoIs, {channels}x{h}x{w}", *_compare(base, ours))
         _row(f"prroi_pool fwd+bwd + box grad vs roi_align(sampling_ratio={ratio})", *_compare(base, ours_box))
     if with_reference:
         reference = run(lambda x, r: _prroi_pool_reference(x, r, 7, scale, aligned=True))
@@ -112,6 +122,9 @@ def bench_nms(device):
         ("5000 boxes, 80 classes (random labels)", 5000, 80, False),
     ]
     for name, num_boxes, num_classes, shared in cases:
+        if SETTINGS["tiny"]:
+            num_boxes, num_classes = num_boxes // 50, min(num_classes, 4)
+            name = f"{num_boxes} boxes, {num_classes} classes (--tiny)"
         boxes, scores, ious, idxs = _nms_inputs(num_boxes, num_classes, shared, g, device)
 
         def base():
@@ -133,7 +146,11 @@ def main():
     parser.add_argument("--no-reference", action="store_true", help="skip the slow pure-PyTorch reference rows")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file (tools/plots.py)")
     parser.add_argument("--only", choices=("prroi_pool", "iou_guided_nms"), help="run the rows of one op only")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per case and round")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating base/ours rounds (medians)")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks that the script runs (dry runs)")
     args = parser.parse_args()
+    SETTINGS.update(min_run_time=args.min_run_time, rounds=args.rounds, tiny=args.tiny)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name} | torch {torch.__version__} | torchvision {torchvision.__version__} | "
@@ -147,7 +164,7 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, torchvision=torchvision.__version__,
-                           compiled_ops=has_ops(), rows=ROWS), f, indent=1)
+                           compiled_ops=has_ops(), settings=SETTINGS, rows=ROWS), f, indent=1)
 
 
 if __name__ == "__main__":

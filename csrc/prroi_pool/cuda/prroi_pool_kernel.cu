@@ -3,8 +3,8 @@
 //  - forward: a thread per output element (RoI, channel, bin);
 //  - gradient w.r.t. input: a thread per output element scattering into the bin's nodes with atomicAdd (into an
 //    accumulation buffer of the accumulation type);
-//  - gradient w.r.t. rois: a thread per (RoI, bin) looping over channels, then 4 atomicAdds per bin (not one per
-//    channel and bin).
+//  - gradient w.r.t. rois: a block per (RoI, bin), its threads splitting the channels, then a block reduction
+//    and 4 atomicAdds per bin (not one per channel and bin).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -160,17 +160,45 @@ __device__ inline acc_t line_integral_y(const scalar_t* plane, int64_t width, co
   return sum;
 }
 
+// Sum of v over the block (blockDim.x a multiple of 32, at most 1024); the result is valid in thread 0.
+// `shared` holds one value per warp; the trailing __syncthreads lets the caller reuse it at once.
+template <typename T>
+__device__ inline T block_sum(T v, T* shared) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    shared[warp] = v;
+  }
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? shared[lane] : T(0);
+  if (warp == 0) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      v += __shfl_down_sync(0xffffffffu, v, offset);
+    }
+  }
+  __syncthreads();
+  return v;
+}
+
+constexpr int kBoxThreads = 128;  // threads of a (RoI, bin) block, striding over the channels
+
+// One block per (RoI, bin): its threads split the channels, each summing the bin's four edge derivatives over
+// its channels; a block reduction then gives 4 atomicAdds per bin. (A thread per bin looping over all channels
+// serialises C x cells loads per thread: ~100x slower at C = 256.)
 template <typename scalar_t, typename acc_t>
-__global__ void prroi_pool_backward_rois_cuda(int64_t total, const scalar_t* grad, const scalar_t* input,
+__global__ void prroi_pool_backward_rois_cuda(int64_t num_bins, const scalar_t* grad, const scalar_t* input,
                                               const scalar_t* rois, int64_t channels, int64_t height, int64_t width,
                                               int64_t pooled_height, int64_t pooled_width, acc_t spatial_scale,
                                               bool aligned, acc_t* grad_rois) {
-  D2R_CUDA_1D_KERNEL_LOOP(index, total) {
+  __shared__ acc_t partial[kBoxThreads / 32];
+  for (int64_t index = blockIdx.x; index < num_bins; index += gridDim.x) {  // uniform over the block
     const BinIndex b = bin_index(index, /*channels=*/1, pooled_height, pooled_width);
     const int64_t pw = b.pw, ph = b.ph, k = b.k;
     const RoIGeometry<acc_t> g = load_geometry(rois, k, spatial_scale, aligned, pooled_height, pooled_width);
     if (!(g.area > acc_t(0))) {
-      continue;  // zero-area bins and inverted boxes: zero gradient
+      continue;  // zero-area bins and inverted boxes: zero gradient (the same branch for the whole block)
     }
     const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(rois[5 * k]));
     const acc_t xs = g.x_start + static_cast<acc_t>(pw) * g.bin_w, xe = xs + g.bin_w;
@@ -181,7 +209,7 @@ __global__ void prroi_pool_backward_rois_cuda(int64_t total, const scalar_t* gra
     const prroi::Taps<acc_t> t_xs = prroi::line_taps(xs, width), t_xe = prroi::line_taps(xe, width);
     const prroi::Taps<acc_t> t_ys = prroi::line_taps(ys, height), t_ye = prroi::line_taps(ye, height);
     acc_t g_xs = 0, g_xe = 0, g_ys = 0, g_ye = 0;
-    for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
       const acc_t gv = static_cast<acc_t>(grad[(k * channels + c) * pooled_height * pooled_width +
                                                ph * pooled_width + pw]);
       if (gv == acc_t(0)) {
@@ -194,13 +222,19 @@ __global__ void prroi_pool_backward_rois_cuda(int64_t total, const scalar_t* gra
       g_ys += gv * (g.bin_w * out - line_integral_y(plane, width, t_ys, x0, x1, xs, xe));
       g_ye += gv * (line_integral_y(plane, width, t_ye, x0, x1, xs, xe) - g.bin_w * out);
     }
-    const acc_t u = static_cast<acc_t>(pw) / pooled_width, u1 = static_cast<acc_t>(pw + 1) / pooled_width;
-    const acc_t v = static_cast<acc_t>(ph) / pooled_height, v1 = static_cast<acc_t>(ph + 1) / pooled_height;
-    const acc_t f = spatial_scale / g.area;
-    gpuAtomicAdd(grad_rois + 5 * k + 1, f * ((acc_t(1) - u) * g_xs + (acc_t(1) - u1) * g_xe));
-    gpuAtomicAdd(grad_rois + 5 * k + 2, f * ((acc_t(1) - v) * g_ys + (acc_t(1) - v1) * g_ye));
-    gpuAtomicAdd(grad_rois + 5 * k + 3, f * (u * g_xs + u1 * g_xe));
-    gpuAtomicAdd(grad_rois + 5 * k + 4, f * (v * g_ys + v1 * g_ye));
+    g_xs = block_sum(g_xs, partial);
+    g_xe = block_sum(g_xe, partial);
+    g_ys = block_sum(g_ys, partial);
+    g_ye = block_sum(g_ye, partial);
+    if (threadIdx.x == 0) {
+      const acc_t u = static_cast<acc_t>(pw) / pooled_width, u1 = static_cast<acc_t>(pw + 1) / pooled_width;
+      const acc_t v = static_cast<acc_t>(ph) / pooled_height, v1 = static_cast<acc_t>(ph + 1) / pooled_height;
+      const acc_t f = spatial_scale / g.area;
+      gpuAtomicAdd(grad_rois + 5 * k + 1, f * ((acc_t(1) - u) * g_xs + (acc_t(1) - u1) * g_xe));
+      gpuAtomicAdd(grad_rois + 5 * k + 2, f * ((acc_t(1) - v) * g_ys + (acc_t(1) - v1) * g_ye));
+      gpuAtomicAdd(grad_rois + 5 * k + 3, f * (u * g_xs + u1 * g_xe));
+      gpuAtomicAdd(grad_rois + 5 * k + 4, f * (v * g_ys + v1 * g_ye));
+    }
   }
 }
 
@@ -258,9 +292,10 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (rois_requires_grad) {
-      const int64_t total = num_rois * pooled_height * pooled_width;
-      prroi_pool_backward_rois_cuda<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
-          total, grad_.data_ptr<scalar_t>(), input_.data_ptr<scalar_t>(), rois_.data_ptr<scalar_t>(), channels,
+      const int64_t num_bins = num_rois * pooled_height * pooled_width;
+      const int grid = static_cast<int>(std::min<int64_t>(num_bins, 65535 * 64));
+      prroi_pool_backward_rois_cuda<scalar_t, acc_t><<<grid, kBoxThreads, 0, stream>>>(
+          num_bins, grad_.data_ptr<scalar_t>(), input_.data_ptr<scalar_t>(), rois_.data_ptr<scalar_t>(), channels,
           height, width, pooled_height, pooled_width, static_cast<acc_t>(spatial_scale), aligned,
           grad_rois_acc.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
