@@ -35,10 +35,11 @@ def _current_iter() -> Optional[int]:
 def build_ifr_deq(cfg) -> DEQFixedPoint:
     """The fixed-point layer configured by ``cfg.MODEL.IFR``."""
     c = cfg.MODEL.IFR
-    return DEQFixedPoint(f_solver=c.F_SOLVER, b_solver=c.B_SOLVER, f_thres=c.F_THRES, test_f_thres=c.TEST_F_THRES,
-                         b_thres=c.B_THRES, f_eps=c.F_EPS, b_eps=c.B_EPS, stop_mode=c.STOP_MODE,
-                         broyden_memory=c.BROYDEN_MEMORY, anderson_m=c.ANDERSON.M, anderson_lam=c.ANDERSON.LAM,
-                         anderson_beta=c.ANDERSON.BETA, backward=c.BACKWARD, fallback=c.FALLBACK)
+    return DEQFixedPoint(f_solver=c.F_SOLVER, b_solver=c.B_SOLVER, f_max_iter=c.F_MAX_ITER,
+                         f_max_iter_test=c.F_MAX_ITER_TEST, b_max_iter=c.B_MAX_ITER, f_tol=c.F_TOL, b_tol=c.B_TOL,
+                         stop_mode=c.STOP_MODE, broyden_memory=c.BROYDEN_MEMORY, anderson_m=c.ANDERSON.M,
+                         anderson_lam=c.ANDERSON.LAM, anderson_tau=c.ANDERSON.TAU, backward=c.BACKWARD,
+                         fallback=c.FALLBACK)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -55,7 +56,8 @@ class IFRMaskHead(BaseMaskRCNNHead):
         num_groups (int): GroupNorm groups in the block.
         weight_norm (bool): weight-normalise the block's convs.
         jac_loss_weight (float): weight of the Jacobian-regularisation loss ``loss_ifr_jac`` (0 = off).
-        deq (DEQFixedPoint): solver settings (default: Broyden, 15 iterations).
+        deq (DEQFixedPoint): solver settings of the implicit model (default: Broyden, 15 evaluations; needs
+            torchdeq); the explicit model has none.
         loss_weight, vis_period: as ``BaseMaskRCNNHead``.
     """
 
@@ -72,7 +74,8 @@ class IFRMaskHead(BaseMaskRCNNHead):
         self.mode, self.num_unroll, self.pretrain_steps = mode, int(num_unroll), int(pretrain_steps)
         self.jac_loss_weight = float(jac_loss_weight)
         self.block = IFRBlock(channels, num_groups=num_groups, weight_norm=weight_norm)
-        self.deq = deq if deq is not None else DEQFixedPoint()
+        # the explicit (weight-sharing) model solves nothing, so it needs no DEQ layer (nor torchdeq)
+        self.deq = None if mode == "explicit" else (deq if deq is not None else DEQFixedPoint())
         self.deconv = ConvTranspose2d(channels, channels, kernel_size=2, stride=2, padding=0)
         self.predictor = nn.Conv2d(channels, num_classes, kernel_size=1)
         weight_init.c2_msra_fill(self.deconv)
@@ -89,7 +92,8 @@ class IFRMaskHead(BaseMaskRCNNHead):
             input_shape=input_shape,
             num_classes=1 if cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK else cfg.MODEL.ROI_HEADS.NUM_CLASSES,
             mode=c.MODE, num_unroll=c.NUM_UNROLL, pretrain_steps=c.PRETRAIN_STEPS, num_groups=c.NUM_GROUPS,
-            weight_norm=c.WEIGHT_NORM, jac_loss_weight=c.JAC_LOSS_WEIGHT, deq=build_ifr_deq(cfg),
+            weight_norm=c.WEIGHT_NORM, jac_loss_weight=c.JAC_LOSS_WEIGHT,
+            deq=build_ifr_deq(cfg) if c.MODE == "implicit" else None,
         )
         return ret
 

@@ -135,8 +135,8 @@ def test_one_training_step(config, start_iter):
     torch.manual_seed(0)
     cfg = setup_cfg(os.path.join(CONFIGS, config), ["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
                                                     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-                                                    "MODEL.IFR.F_THRES", "6", "MODEL.IFR.B_THRES", "6",
-                                                    "MODEL.IFR.TEST_F_THRES", "6"])
+                                                    "MODEL.IFR.F_MAX_ITER", "6", "MODEL.IFR.B_MAX_ITER", "6",
+                                                    "MODEL.IFR.F_MAX_ITER_TEST", "6"])
     model = build_model(cfg).train()
     assert type(model.roi_heads.mask_head).__name__ == "IFRMaskHead"
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
