@@ -17,6 +17,7 @@ from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, Base
 from detectron2.utils.events import get_event_storage
 
 from d2_refine.layers.deq import DEQFixedPoint, DEQStats, cached_parametrizations
+from d2_refine.utils.tracing import is_tracing_or_exporting
 
 from .block import IFRBlock, explicit_unroll
 
@@ -83,6 +84,7 @@ class IFRMaskHead(BaseMaskRCNNHead):
         nn.init.constant_(self.predictor.bias, 0)
         self._jac_loss = None
         self._logged_switch = False
+        self._test_stats = []  # DEQStats of the test-time solves not yet logged, see log_test_stats
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -108,6 +110,8 @@ class IFRMaskHead(BaseMaskRCNNHead):
 
     def _log(self, kind: str, s: DEQStats):
         if not self.training:
+            if s.num_rows and not is_tracing_or_exporting():
+                self._test_stats.append(s)
             return
         try:
             storage = get_event_storage()
@@ -119,6 +123,30 @@ class IFRMaskHead(BaseMaskRCNNHead):
             storage.put_scalar(p + "residual", s.abs_residual)
             storage.put_scalar(p + "residual_rel", s.rel_residual)
         storage.put_scalar("ifr/fallbacks" if kind == "forward" else "ifr/bwd_fallbacks", s.fallbacks)
+
+    def log_test_stats(self) -> Optional[str]:
+        """Log (and forget) the statistics of the test-time solves since the last call: solves, RoIs, mean f
+        evaluations, mean final relative and absolute residual, fallbacks. Called by ``train()``, i.e. at the end of
+        detectron2's ``inference_on_dataset`` (its ``inference_context`` restores the model's mode on exit), so
+        every evaluation ends with one such line. Returns the line (None when nothing was solved)."""
+        stats, self._test_stats = self._test_stats, []
+        if not stats:
+            return None
+        rows = sum(s.num_rows for s in stats)
+        finite = [s for s in stats if s.rel_residual == s.rel_residual]  # NaN when every RoI fell back
+        mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
+        msg = (f"IFRMaskHead test-time solves: {len(stats)} solves of {rows} RoIs, "
+               f"{mean([s.nstep for s in stats]):.2f} f evaluations on average (at most {self.deq.f_max_iter_test}), "
+               f"final residual {mean([s.rel_residual for s in finite]):.3g} relative / "
+               f"{mean([s.abs_residual for s in finite]):.3g} absolute on average, "
+               f"{sum(s.fallbacks for s in stats)} RoIs fell back to the explicit unroll "
+               f"({sum(s.diverged for s in stats)} diverged).")
+        logger.info(msg)
+        return msg
+
+    def train(self, mode: bool = True):
+        self.log_test_stats()
+        return super().train(mode)
 
     def refine(self, x: torch.Tensor) -> torch.Tensor:
         """Refined RoI features z (Tensor[N, C, H, W]) from x (Tensor[N, C, H, W]), computed in fp32."""
