@@ -41,8 +41,8 @@ class Head(nn.Module):
         self.mode, self.depth = mode, depth
         self.block = IFRBlock(channels, 4, weight_norm=(mode == "implicit"))
         # the adjoint is solved by the same method as the forward pass (Broyden's workspace grows with T)
-        self.deq = DEQFixedPoint(f_solver=solver or "broyden", b_solver=solver or "broyden", f_thres=depth,
-                                 b_thres=depth, f_eps=0.0, b_eps=0.0)
+        self.deq = DEQFixedPoint(f_solver=solver or "broyden", b_solver=solver or "broyden", f_max_iter=depth,
+                                 b_max_iter=depth, f_tol=0.0, b_tol=0.0)
         self.deconv = nn.ConvTranspose2d(channels, channels, 2, stride=2)
         self.predictor = nn.Conv2d(channels, 80, 1)
 

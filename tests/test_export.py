@@ -147,7 +147,7 @@ def test_iounet_iou_head_and_prroi_box_branch_export():
 @pytest.mark.parametrize("mode", ["implicit", "explicit"])
 def test_ifr_mask_head_export_matches_eager(mode):
     """The mask head's layers (fixed-point solve or K-unroll, deconv, predictor) for any number of RoIs; the
-    exported solve always runs TEST_F_THRES evaluations (eager stops early once every RoI converged)."""
+    exported solve always runs F_MAX_ITER_TEST evaluations (eager stops early once every RoI converged)."""
     pytest.importorskip("torchdeq")
     from detectron2.layers import ShapeSpec
 
@@ -164,7 +164,7 @@ def test_ifr_mask_head_export_matches_eager(mode):
 
     torch.manual_seed(0)
     head = IFRMaskHead(ShapeSpec(channels=16, height=14, width=14), num_classes=2, mode=mode, num_unroll=2,
-                       deq=DEQFixedPoint(test_f_thres=3)).eval()
+                       deq=DEQFixedPoint(f_max_iter_test=3)).eval()
     model = Layers(head)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, 14, 14, generator=g)
@@ -231,7 +231,7 @@ SHAPES_MODELS = {
     "mask_rcnn": ("Baselines/mask_rcnn_R_18_FPN_shapes.yaml", []),
     "fpt": ("FPT/mask_rcnn_fpt_lite_R_18_shapes.yaml", []),
     "internet": ("InterNet/internet_l2_R_18_FPN_shapes.yaml", []),
-    "ifr": ("IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml", ["MODEL.IFR.TEST_F_THRES", "3"]),
+    "ifr": ("IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml", ["MODEL.IFR.F_MAX_ITER_TEST", "3"]),
     # the refinement is autograd at test time, which tracing cannot record: see test_iounet_trace_...
     "iounet": ("IoUNet/iounet_R_18_FPN_shapes.yaml", ["MODEL.IOU_NET.REFINE", "False"]),
     "rdsnet_mbrm": ("RDSNet/rdsnet_R_18_FPN_shapes.yaml", ["MODEL.RDSNET.MBRM.ENABLED", "True"]),

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Makes `import detectron2` fail in a child process, as on a machine without it.
@@ -56,3 +58,67 @@ def test_train_net_without_detectron2_prints_how_to_install():
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert "needs detectron2" in r.stderr and "pip install" in r.stderr
+
+
+# Makes `import torchdeq` and `import ot` (POT) fail in a child process, as where the "methods" extra is absent.
+_BLOCK_EXTRAS = "import sys\nsys.modules['torchdeq'] = None\nsys.modules['ot'] = None\n"
+_EXTRA_HINT = 'pip install "d2_refine[methods]"'
+
+
+def _run_without_extras(code):
+    return subprocess.run([sys.executable, "-c", _BLOCK_EXTRAS + textwrap.dedent(code)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_import_without_torchdeq_and_pot():
+    r = _run_without_extras("""
+        import importlib
+        import d2_refine, d2_refine.projects, d2_refine.layers.deq, d2_refine.layers.sinkhorn
+        for name in d2_refine.projects.available_projects():
+            importlib.import_module("d2_refine.projects." + name)
+        assert "torchdeq" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+        print("OK")
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+
+
+def test_deq_and_sinkhorn_without_their_library_raise_one_line_naming_the_extra():
+    r = _run_without_extras("""
+        import torch
+        from d2_refine.layers.deq import DEQFixedPoint
+        from d2_refine.layers.sinkhorn import sinkhorn_divergence
+        for build in (lambda: DEQFixedPoint(), lambda: sinkhorn_divergence(torch.rand(1, 3, 2), torch.rand(1, 3, 2))):
+            try:
+                build()
+            except ImportError as e:
+                print("ERR", str(e))
+    """)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("ERR")]
+    assert len(lines) == 2, r.stdout
+    assert "torchdeq" in lines[0] and "POT" in lines[1]
+    assert all(_EXTRA_HINT in ln for ln in lines)
+
+
+def test_models_without_torchdeq_and_pot():
+    """With detectron2: a non-IFR model and IFR's weight-sharing model build; the implicit IFR model refuses in
+    one line naming the extra."""
+    pytest.importorskip("detectron2")
+    r = _run_without_extras("""
+        from detectron2.modeling import build_model
+        from d2_refine.engine.config import setup_cfg
+        opts = ["MODEL.DEVICE", "cpu"]
+        for config in ("configs/RDSNet/rdsnet_R_18_FPN_shapes.yaml",
+                       "configs/IFR/ifr_ws_mask_rcnn_R_18_FPN_shapes.yaml"):
+            build_model(setup_cfg(config, opts))
+            print("BUILT", config)
+        try:
+            build_model(setup_cfg("configs/IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml", opts))
+        except ImportError as e:
+            print("ERR", str(e))
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("BUILT") == 2, r.stdout
+    err = [ln for ln in r.stdout.splitlines() if ln.startswith("ERR")]
+    assert len(err) == 1 and "torchdeq" in err[0] and _EXTRA_HINT in err[0], r.stdout

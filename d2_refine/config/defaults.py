@@ -1,15 +1,22 @@
 """``add_d2_refine_config``: the shared keys plus every method's ``add_<method>_config``.
 
-Only adds keys: works on detectron2's ``get_cfg()`` and is importable without detectron2. New nodes are made of
-``type(cfg)`` (detectron2's CfgNode on its config): yacs refuses to merge a YAML node into a node of another class.
+Only adds keys: works on detectron2's ``get_cfg()`` and is importable without detectron2.
 """
+from fvcore.common.config import CfgNode
+
+
+def node_class(cfg):
+    """The class to make ``cfg``'s new nodes of: ``type(cfg)`` (detectron2's CfgNode subclass on detectron2's
+    config), since yacs refuses to merge a YAML node into a node of another class; fvcore's CfgNode for anything
+    else. Every ``add_*_config`` builds its nodes with it."""
+    return type(cfg) if isinstance(cfg, CfgNode) else CfgNode
 
 
 def add_shapes_config(cfg):
     """Keys of the embedded procedural dataset ``shapes`` (see d2_refine/data/shapes.py)."""
     if "SHAPES" in cfg.DATASETS:
         return
-    CN = type(cfg)
+    CN = node_class(cfg)
     _C = cfg.DATASETS
     _C.SHAPES = CN()
     # Where the generated images and COCO json go; "" = $DETECTRON2_DATASETS/shapes or ~/.cache/d2_refine/shapes.

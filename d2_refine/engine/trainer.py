@@ -8,6 +8,7 @@ from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as _d2_defaults
 from detectron2.utils import comm
 
+from ..solver import build_optimizer
 from .evaluator import D2RefineCOCOEvaluator
 from .resume import ExactResumeHook
 
@@ -36,6 +37,12 @@ class Trainer(DefaultTrainer):
         fast-forward of the data on resume)."""
         hooks = super().build_hooks()
         return hooks + [ExactResumeHook()] if self.cfg.SOLVER.EXACT_RESUME else hooks
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """detectron2's optimizer; ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE "full_model"`` clips the gradient norm of the
+        whole model (d2_refine/solver/build.py)."""
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -24,7 +24,7 @@ What this module adds around torchdeq (torchdeq 0.1.0 has none of it):
   its iterations and computes the fallback for every row, selecting it per row (docs/EXPORT.md).
 
 Residuals are per row: ``||f(z_i) - z_i||_2`` ("abs") or that divided by ``||f(z_i)||_2`` ("rel"); a solve
-stops when every row is below ``eps * sqrt(D)`` ("abs", D = elements per row) or ``eps`` ("rel").
+stops when every row is below ``tol * sqrt(D)`` ("abs", D = elements per row) or ``tol`` ("rel").
 """
 import contextlib
 import logging
@@ -37,14 +37,27 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchdeq.loss import jac_reg
-from torchdeq.solver import anderson_solver, broyden_solver, fixed_point_iter
-
 from ..utils.tracing import is_tracing_or_exporting
 
-__all__ = ["DEQFixedPoint", "DEQStats", "solve_fixed_point", "jacobian_loss", "cached_parametrizations"]
+__all__ = ["DEQFixedPoint", "DEQStats", "solve_fixed_point", "jacobian_loss", "cached_parametrizations",
+           "require_torchdeq"]
 
 logger = logging.getLogger(__name__)
+
+TORCHDEQ_INSTALL_HINT = 'pip install "d2_refine[methods]"'
+
+
+def require_torchdeq(what: str = "the DEQ fixed-point layer"):
+    """Return the ``torchdeq`` package (with its ``solver`` and ``loss`` modules loaded), or raise an ImportError
+    whose one-line message says how to install it. torchdeq is imported here, on first use, so that this module
+    (and every method that does not solve a fixed point) imports without it."""
+    try:
+        import torchdeq.loss
+        import torchdeq.solver
+    except ImportError:
+        raise ImportError(f"{what} needs torchdeq (>= 0.1.0), which is not installed: "
+                          f"{TORCHDEQ_INSTALL_HINT}") from None
+    return torchdeq
 
 SOLVERS = ("broyden", "anderson", "fixed_point")
 BACKWARDS = ("implicit", "jfb", "neumann")
@@ -134,8 +147,8 @@ class _GuardedFunction:
 
 
 def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden", max_iter: int = 15,
-                      eps: float = 1e-5, stop_mode: str = "abs", broyden_memory: int = 27, anderson_m: int = 6,
-                      anderson_lam: float = 1e-4, anderson_beta: float = 1.0, divergence_factor: float = 1e6):
+                      tol: float = 1e-5, stop_mode: str = "abs", broyden_memory: int = 27, anderson_m: int = 6,
+                      anderson_lam: float = 1e-4, anderson_tau: float = 1.0, divergence_factor: float = 1e6):
     """Solve ``z = func(z)`` from ``z0`` with a torchdeq solver (no autograd).
 
     Args:
@@ -143,7 +156,7 @@ def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden",
         z0 (Tensor[N, ...]): initial iterate.
         solver (str): "broyden", "anderson" or "fixed_point".
         max_iter (int): at most this many evaluations of ``func`` (the first one is at ``z0``).
-        eps (float): stop when every row's residual < eps*sqrt(D) ("abs") or < eps ("rel").
+        tol (float): stop when every row's residual < tol*sqrt(D) ("abs") or < tol ("rel").
         broyden_memory (int): Broyden keeps at most min(max_iter, broyden_memory) low-rank pairs.
         divergence_factor (float): a row whose residual exceeds this times its initial residual is aborted
             (<= 0 disables).
@@ -160,20 +173,22 @@ def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden",
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     dim = z0[0].numel() if z0.shape[0] > 0 else 1
-    tol = eps * math.sqrt(dim) if stop_mode == "abs" else eps
-    guarded = _GuardedFunction(func, tol, stop_mode, divergence_factor, max_iter)
+    bound = tol * math.sqrt(dim) if stop_mode == "abs" else tol
+    solvers = require_torchdeq().solver
+    guarded = _GuardedFunction(func, bound, stop_mode, divergence_factor, max_iter)
     with torch.no_grad():
         try:
             if solver == "broyden":
                 # the guard stops every solver after ``max_iter`` evaluations (torchdeq's Broyden would spend
                 # max_iter + 1, its Anderson at least 3)
-                broyden_solver(guarded, z0, max_iter=max_iter, tol=-1.0, stop_mode=stop_mode,
+                solvers.broyden_solver(guarded, z0, max_iter=max_iter, tol=-1.0, stop_mode=stop_mode,
                                LBFGS_thres=max(1, min(max_iter, broyden_memory)), ls=False, return_final=True)
             elif solver == "anderson":
-                anderson_solver(guarded, z0, max_iter=max_iter + 2, tol=-1.0, stop_mode=stop_mode,
-                                m=anderson_m, lam=anderson_lam, tau=anderson_beta, return_final=True)
+                solvers.anderson_solver(guarded, z0, max_iter=max_iter + 2, tol=-1.0, stop_mode=stop_mode,
+                                m=anderson_m, lam=anderson_lam, tau=anderson_tau, return_final=True)
             else:
-                fixed_point_iter(guarded, z0, max_iter=max_iter + 1, tol=-1.0, stop_mode=stop_mode, return_final=True)
+                solvers.fixed_point_iter(guarded, z0, max_iter=max_iter + 1, tol=-1.0, stop_mode=stop_mode,
+                                         return_final=True)
         except _Stop:
             pass
     if guarded.best_z is None:  # max_iter == 0 cannot happen; keep the contract anyway
@@ -186,7 +201,7 @@ def jacobian_loss(f_out: torch.Tensor, z: torch.Tensor, num_probes: int = 1) -> 
     """Hutchinson estimate of ``||J_f(z)||_F^2 / numel`` (DEQ v2), differentiable (torchdeq's ``jac_reg``)."""
     if z.numel() == 0:
         return f_out.sum() * 0.0
-    return jac_reg(f_out, z, vecs=num_probes, create_graph=True)
+    return require_torchdeq().loss.jac_reg(f_out, z, vecs=num_probes, create_graph=True)
 
 
 class cached_parametrizations:
@@ -231,23 +246,23 @@ class DEQFixedPoint(nn.Module):
     Args:
         f_solver (str): forward solver, "broyden" | "anderson" | "fixed_point".
         b_solver (str): solver of the adjoint fixed point (same choices).
-        f_thres (int): forward solver evaluations in training.
-        test_f_thres (int): forward solver evaluations at test time.
-        b_thres (int): backward solver evaluations (also the number of Neumann terms).
-        f_eps, b_eps (float): stop tolerances (see ``solve_fixed_point``).
+        f_max_iter (int): forward solver evaluations in training.
+        f_max_iter_test (int): forward solver evaluations at test time.
+        b_max_iter (int): backward solver evaluations (also the number of Neumann terms).
+        f_tol, b_tol (float): stop tolerances (see ``solve_fixed_point``).
         stop_mode (str): "abs" or "rel" (forward and backward).
         broyden_memory (int): maximum number of Broyden pairs kept.
-        anderson_m, anderson_lam, anderson_beta: Anderson window, ridge and mixing.
-        backward (str): "implicit" (adjoint solve), "jfb" (g* = v) or "neumann" (g* = v sum_{i<b_thres} J^i).
+        anderson_m, anderson_lam, anderson_tau: Anderson window, ridge and mixing.
+        backward (str): "implicit" (adjoint solve), "jfb" (g* = v) or "neumann" (g* = v sum_{i<b_max_iter} J^i).
         fallback (str): "explicit" (rows that did not converge get ``fallback_fn``'s result) or "none" (keep
             the best iterate; non-finite rows become 0).
         divergence_factor (float): abort rows whose residual exceeds this times their initial residual.
     """
 
-    def __init__(self, *, f_solver: str = "broyden", b_solver: str = "broyden", f_thres: int = 15,
-                 test_f_thres: int = 15, b_thres: int = 15, f_eps: float = 1e-5, b_eps: float = 2e-10,
+    def __init__(self, *, f_solver: str = "broyden", b_solver: str = "broyden", f_max_iter: int = 15,
+                 f_max_iter_test: int = 15, b_max_iter: int = 15, f_tol: float = 1e-5, b_tol: float = 2e-10,
                  stop_mode: str = "abs", broyden_memory: int = 27, anderson_m: int = 6,
-                 anderson_lam: float = 1e-4, anderson_beta: float = 1.0, backward: str = "implicit",
+                 anderson_lam: float = 1e-4, anderson_tau: float = 1.0, backward: str = "implicit",
                  fallback: str = "explicit", divergence_factor: float = 1e6):
         super().__init__()
         for name, value, choices in (("f_solver", f_solver, SOLVERS), ("b_solver", b_solver, SOLVERS),
@@ -255,11 +270,13 @@ class DEQFixedPoint(nn.Module):
                                      ("stop_mode", stop_mode, ("abs", "rel"))):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        require_torchdeq()  # fail when the model is built, not at its first solve
         self.f_solver, self.b_solver = f_solver, b_solver
-        self.f_thres, self.test_f_thres, self.b_thres = int(f_thres), int(test_f_thres), int(b_thres)
-        self.f_eps, self.b_eps, self.stop_mode = float(f_eps), float(b_eps), stop_mode
+        self.f_max_iter, self.f_max_iter_test = int(f_max_iter), int(f_max_iter_test)
+        self.b_max_iter = int(b_max_iter)
+        self.f_tol, self.b_tol, self.stop_mode = float(f_tol), float(b_tol), stop_mode
         self.solver_kwargs = dict(broyden_memory=broyden_memory, anderson_m=anderson_m,
-                                  anderson_lam=anderson_lam, anderson_beta=anderson_beta,
+                                  anderson_lam=anderson_lam, anderson_tau=anderson_tau,
                                   divergence_factor=divergence_factor)
         self.backward_mode = backward
         self.fallback = fallback
@@ -268,15 +285,16 @@ class DEQFixedPoint(nn.Module):
         self.total_backward_fallbacks = 0
 
     def extra_repr(self):
-        return (f"f_solver={self.f_solver}, b_solver={self.b_solver}, f_thres={self.f_thres}, "
-                f"test_f_thres={self.test_f_thres}, b_thres={self.b_thres}, backward={self.backward_mode}")
+        return (f"f_solver={self.f_solver}, b_solver={self.b_solver}, f_max_iter={self.f_max_iter}, "
+                f"f_max_iter_test={self.f_max_iter_test}, b_max_iter={self.b_max_iter}, "
+                f"backward={self.backward_mode}")
 
     # ------------------------------------------------------------------ forward
-    def _not_converged(self, z, info, eps):
+    def _not_converged(self, z, info, tol):
         """Rows to replace: non-finite, or no evaluated iterate improved on the initial one (and the initial
         one is not itself converged)."""
-        tol = eps * math.sqrt(z[0].numel()) if self.stop_mode == "abs" else eps
-        crit_ok = info["abs"] < tol if self.stop_mode == "abs" else info["rel"] < tol
+        bound = tol * math.sqrt(z[0].numel()) if self.stop_mode == "abs" else tol
+        crit_ok = info["abs"] < bound if self.stop_mode == "abs" else info["rel"] < bound
         return ~torch.isfinite(z.flatten(1)).all(dim=1) | ~torch.isfinite(info["abs"]) \
             | ((info["abs"] >= info["init_abs"]) & ~crit_ok)
 
@@ -294,9 +312,9 @@ class DEQFixedPoint(nn.Module):
     def solve(self, func: Callable, z0: torch.Tensor, max_iter: int,
               fallback_fn: Optional[Callable[[], torch.Tensor]] = None):
         """No-grad solve with the fallback rule. Returns (z*, DEQStats)."""
-        z, info = solve_fixed_point(func, z0, self.f_solver, max_iter, self.f_eps, self.stop_mode,
+        z, info = solve_fixed_point(func, z0, self.f_solver, max_iter, self.f_tol, self.stop_mode,
                                     **self.solver_kwargs)
-        bad = self._not_converged(z, info, self.f_eps)
+        bad = self._not_converged(z, info, self.f_tol)
         if is_tracing_or_exporting():  # no branch on values: the fallback is always computed, then picked per row
             return self._replace_rows(z, bad, fallback_fn), DEQStats(nstep=info["nfe"], num_rows=z.shape[0])
         n_bad = int(bad.sum())
@@ -340,7 +358,7 @@ class DEQFixedPoint(nn.Module):
             if writer is not None:
                 writer("forward", DEQStats())
             return (out, zero) if return_jac_loss else out
-        max_iter = self.f_thres if self.training else self.test_f_thres
+        max_iter = self.f_max_iter if self.training else self.f_max_iter_test
         z_star, stats = self.solve(func, z0.detach(), max_iter, fallback_fn)
         if writer is not None:
             writer("forward", stats)
@@ -365,18 +383,18 @@ class DEQFixedPoint(nn.Module):
             with torch.enable_grad():
                 if layer.backward_mode == "neumann":
                     g, term = v.clone(), v
-                    for _ in range(layer.b_thres - 1):
+                    for _ in range(layer.b_max_iter - 1):
                         term = vjp(term)
                         g = g + term
                     res = (vjp(g) + v - g).flatten(1).norm(dim=1)
                     info = {"abs": res, "rel": res / (vjp(g) + v).flatten(1).norm(dim=1).clamp_min(1e-30),
-                            "init_abs": v.flatten(1).norm(dim=1), "nfe": layer.b_thres + 1,
+                            "init_abs": v.flatten(1).norm(dim=1), "nfe": layer.b_max_iter + 1,
                             "diverged": torch.zeros_like(res, dtype=torch.bool)}
                 else:
                     g, info = solve_fixed_point(lambda y: vjp(y) + v, torch.zeros_like(v), layer.b_solver,
-                                                layer.b_thres, layer.b_eps, layer.stop_mode,
+                                                layer.b_max_iter, layer.b_tol, layer.stop_mode,
                                                 **layer.solver_kwargs)
-            bad = layer._not_converged(g, info, layer.b_eps)
+            bad = layer._not_converged(g, info, layer.b_tol)
             n_bad = int(bad.sum())
             if n_bad:
                 g = torch.where(bad.view(-1, *([1] * (g.dim() - 1))), v, g)  # Jacobian-free gradient

@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["pairwise_cost", "sinkhorn_plan", "sinkhorn_cost", "sinkhorn_divergence", "require_pot"]
 
-POT_INSTALL_HINT = "pip install 'POT>=0.9.6'"
+POT_INSTALL_HINT = 'pip install "d2_refine[methods]"'
 _COSTS = ("sqeuclidean", "cosine")
 
 
@@ -25,11 +25,12 @@ def require_pot(what: str = "the Sinkhorn divergence"):
     """Return the ``ot.batch`` module of POT, or raise an ImportError that says how to install it."""
     try:
         import ot.batch as ot_batch
-    except ImportError as e:
-        raise ImportError(f"{what} needs the POT library (Python Optimal Transport, with ot.batch, POT >= 0.9.6): "
-                          f"{POT_INSTALL_HINT}") from e
+    except ImportError:
+        raise ImportError(f"{what} needs the POT library (Python Optimal Transport, POT >= 0.9.6), which is not "
+                          f"installed: {POT_INSTALL_HINT}") from None
     if not hasattr(ot_batch, "solve_batch"):
-        raise ImportError(f"{what} needs ot.batch.solve_batch (POT >= 0.9.6): {POT_INSTALL_HINT}")
+        raise ImportError(f"{what} needs ot.batch.solve_batch (POT >= 0.9.6; this POT is older): "
+                          'pip install --upgrade "d2_refine[methods]"')
     return ot_batch
 
 

@@ -34,7 +34,7 @@ def test_solver_finds_fixed_point_of_contractive_map(solver, device):
     m = ConvMap().to(device)
     x = torch.randn(5, 8, 6, 6, device=device)
     f = lambda z: m(z, x)  # noqa: E731
-    z, info = solve_fixed_point(f, torch.zeros_like(x), solver, max_iter=60, eps=1e-6)
+    z, info = solve_fixed_point(f, torch.zeros_like(x), solver, max_iter=60, tol=1e-6)
     assert _residual(f, z) < 1e-5
     assert info["nfe"] <= 60
     # all solvers agree with a long plain iteration
@@ -52,8 +52,8 @@ def test_implicit_gradient_matches_unrolled_autograd(solver, backward):
     m = ConvMap(dtype=dt, seed=1)
     x = torch.randn(3, 8, 6, 6, dtype=dt, requires_grad=True)
     r = torch.randn(3, 8, 6, 6, dtype=dt)
-    deq = DEQFixedPoint(f_solver=solver, b_solver="broyden", f_thres=100, b_thres=100, f_eps=1e-13,
-                        b_eps=1e-13, backward=backward).train()
+    deq = DEQFixedPoint(f_solver=solver, b_solver="broyden", f_max_iter=100, b_max_iter=100, f_tol=1e-13,
+                        b_tol=1e-13, backward=backward).train()
     out = deq(lambda z: m(z, x), torch.zeros_like(x))
     (out * r).sum().backward()
     got = [m.weight.grad.clone(), m.bias.grad.clone(), x.grad.clone()]
@@ -77,7 +77,7 @@ def test_implicit_gradient_matches_unrolled_autograd(solver, backward):
 def test_jfb_gradient_is_one_step():
     m = ConvMap(dtype=torch.float64)
     x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
-    deq = DEQFixedPoint(f_solver="anderson", f_thres=80, f_eps=1e-12, backward="jfb").train()
+    deq = DEQFixedPoint(f_solver="anderson", f_max_iter=80, f_tol=1e-12, backward="jfb").train()
     out = deq(lambda z: m(z, x), torch.zeros_like(x))
     out.sum().backward()
     g_jfb = x.grad.clone()
@@ -97,7 +97,7 @@ def test_non_contractive_map_stops_cleanly_with_fallback(solver):
         calls["n"] += 1
         return torch.exp(z) + x
 
-    deq = DEQFixedPoint(f_solver=solver, f_thres=15).eval()
+    deq = DEQFixedPoint(f_solver=solver, f_max_iter=15).eval()
     stats = {}
     out = deq(f, torch.zeros_like(x), fallback_fn=lambda: torch.full_like(x, 7.0),
               writer=lambda kind, s: stats.setdefault(kind, s))
@@ -116,10 +116,10 @@ def test_diverging_rows_are_aborted():
         calls["n"] += 1
         return 10 * z + 1
 
-    z, info = solve_fixed_point(f, torch.zeros(2, 5), "fixed_point", max_iter=50, eps=1e-8)
+    z, info = solve_fixed_point(f, torch.zeros(2, 5), "fixed_point", max_iter=50, tol=1e-8)
     assert calls["n"] < 12
     assert info["diverged"].all()
-    deq = DEQFixedPoint(f_solver="fixed_point", f_thres=50, fallback="none").eval()
+    deq = DEQFixedPoint(f_solver="fixed_point", f_max_iter=50, fallback="none").eval()
     out = deq(f, torch.zeros(2, 5))
     assert torch.isfinite(out).all()
 
@@ -136,7 +136,7 @@ class _NaNGrad(torch.autograd.Function):
 
 def test_non_finite_backward_falls_back_to_jfb():
     w = torch.tensor(2.0, requires_grad=True)
-    deq = DEQFixedPoint(f_solver="fixed_point", f_thres=40, f_eps=1e-9).train()
+    deq = DEQFixedPoint(f_solver="fixed_point", f_max_iter=40, f_tol=1e-9).train()
     out = deq(lambda z: 0.5 * _NaNGrad.apply(z) + w, torch.zeros(2, 4))
     out.sum().backward()
     assert deq.total_backward_fallbacks == 2
@@ -158,7 +158,7 @@ def test_writer_reports_forward_and_backward_stats():
     m = ConvMap()
     x = torch.randn(2, 8, 6, 6)
     seen = {}
-    deq = DEQFixedPoint(f_thres=15, b_thres=15).train()
+    deq = DEQFixedPoint(f_max_iter=15, b_max_iter=15).train()
     out = deq(lambda z: m(z, x), torch.zeros_like(x), writer=lambda k, s: seen.__setitem__(k, s))
     assert "forward" in seen and "backward" not in seen
     out.sum().backward()
@@ -179,7 +179,7 @@ def test_autograd_memory_does_not_grow_with_solver_depth():
             total[0] += t.numel() * t.element_size()
             return t
 
-        deq = DEQFixedPoint(f_solver="anderson", f_thres=thres, f_eps=0.0).train()
+        deq = DEQFixedPoint(f_solver="anderson", f_max_iter=thres, f_tol=0.0).train()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             deq(lambda z: m(z, x), torch.zeros_like(x))
         return total[0]

@@ -3,6 +3,8 @@ import copy
 
 from fvcore.common.config import CfgNode as CN
 
+from d2_refine.config import node_class
+
 __all__ = ["add_fpt_config", "FPT_PRESETS", "resolve_fpt_config"]
 
 #: Presets: MODEL.FPT.PRESET sets these keys (dotted, relative to MODEL.FPT) unless a config sets them itself.
@@ -21,8 +23,7 @@ def add_fpt_config(cfg):
     if "FPT" in cfg.MODEL:
         return
     _C = cfg.MODEL
-    # nodes of the class of ``cfg`` (detectron2's CfgNode subclass when given one): merging a YAML checks types
-    CN_ = type(cfg) if isinstance(cfg, CN) else CN
+    CN_ = node_class(cfg)
     _C.FPT = CN_()
     # One of FPT_PRESETS ("fpt_paper", "fpt_lite", "fpt_release") or "" (none): it sets its keys unless this
     # config gives them a non-default value.

@@ -1,13 +1,28 @@
-"""``add_ifr_config``: the ``MODEL.IFR`` node (implicit feature refinement in the mask head)."""
-from fvcore.common.config import CfgNode as CN
+"""``add_ifr_config``: the ``MODEL.IFR`` node (implicit feature refinement in the mask head).
+
+Solver keys use torchdeq's words (``f_max_iter``, ``b_tol``, Anderson's ``tau``), test-time values end in
+``_TEST`` as in detectron2. Configs written with the earlier names fail with a one-line error naming the new key.
+"""
+from d2_refine.config import node_class
+
+#: earlier key -> current key
+RENAMED_KEYS = {
+    "MODEL.IFR.F_THRES": "MODEL.IFR.F_MAX_ITER",
+    "MODEL.IFR.B_THRES": "MODEL.IFR.B_MAX_ITER",
+    "MODEL.IFR.TEST_F_THRES": "MODEL.IFR.F_MAX_ITER_TEST",
+    "MODEL.IFR.F_EPS": "MODEL.IFR.F_TOL",
+    "MODEL.IFR.B_EPS": "MODEL.IFR.B_TOL",
+    "MODEL.IFR.ANDERSON.BETA": "MODEL.IFR.ANDERSON.TAU",
+}
 
 
 def add_ifr_config(cfg):
     """Add ``MODEL.IFR`` (defaults of the paper's implicit model) to ``cfg`` in place; no-op if present."""
     if "IFR" in cfg.MODEL:
         return cfg
-    # nodes of cfg's own class (detectron2's CfgNode subclasses fvcore's): YAML merges check types strictly
-    node = type(cfg) if isinstance(cfg, CN) else CN
+    node = node_class(cfg)
+    for old, new in RENAMED_KEYS.items():  # merging a file or option with an old name raises "Key ... was renamed"
+        cfg.register_renamed_key(old, new)
     _C = cfg.MODEL
     _C.IFR = node()
     # "implicit": fixed point z* = f(z*, x) by a root solver + implicit differentiation;
@@ -21,25 +36,26 @@ def add_ifr_config(cfg):
     _C.IFR.F_SOLVER = "broyden"
     # Solver of the adjoint fixed point in the backward pass (same choices).
     _C.IFR.B_SOLVER = "broyden"
-    # Maximum f evaluations of the forward solve in training.
-    _C.IFR.F_THRES = 15
+    # Maximum f evaluations of the forward solve in training, the one at z = 0 included (torchdeq's and the
+    # original's Broyden spend one more: one at z = 0, then one per step).
+    _C.IFR.F_MAX_ITER = 15
     # Maximum evaluations of the backward (adjoint) solve; also the number of Neumann terms.
-    _C.IFR.B_THRES = 15
+    _C.IFR.B_MAX_ITER = 15
     # Maximum f evaluations of the forward solve at test time.
-    _C.IFR.TEST_F_THRES = 15
-    # Forward stop tolerance: per RoI ||f(z) - z|| < F_EPS * sqrt(D) ("abs") or < F_EPS ("rel").
-    _C.IFR.F_EPS = 1e-5
+    _C.IFR.F_MAX_ITER_TEST = 15
+    # Forward stop tolerance: per RoI ||f(z) - z|| < F_TOL * sqrt(D) ("abs") or < F_TOL ("rel").
+    _C.IFR.F_TOL = 1e-5
     # Backward stop tolerance, same convention.
-    _C.IFR.B_EPS = 2e-10
+    _C.IFR.B_TOL = 2e-10
     # "abs" or "rel" residual for the stop test.
     _C.IFR.STOP_MODE = "abs"
     # Maximum number of low-rank pairs kept by Broyden's inverse-Jacobian estimate.
     _C.IFR.BROYDEN_MEMORY = 27
-    # Anderson acceleration: window M, ridge LAM, mixing BETA.
+    # Anderson acceleration: window M, ridge LAM, mixing TAU (torchdeq's names; beta in the DEQ papers).
     _C.IFR.ANDERSON = node()
     _C.IFR.ANDERSON.M = 6
     _C.IFR.ANDERSON.LAM = 1e-4
-    _C.IFR.ANDERSON.BETA = 1.0
+    _C.IFR.ANDERSON.TAU = 1.0
     # Gradient of the implicit model: "implicit" (adjoint solve), "jfb" (last f only) or "neumann".
     _C.IFR.BACKWARD = "implicit"
     # Weight normalisation (torch parametrizations) on the block's two convs.

@@ -17,6 +17,7 @@ from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, Base
 from detectron2.utils.events import get_event_storage
 
 from d2_refine.layers.deq import DEQFixedPoint, DEQStats, cached_parametrizations
+from d2_refine.utils.tracing import is_tracing_or_exporting
 
 from .block import IFRBlock, explicit_unroll
 
@@ -35,10 +36,11 @@ def _current_iter() -> Optional[int]:
 def build_ifr_deq(cfg) -> DEQFixedPoint:
     """The fixed-point layer configured by ``cfg.MODEL.IFR``."""
     c = cfg.MODEL.IFR
-    return DEQFixedPoint(f_solver=c.F_SOLVER, b_solver=c.B_SOLVER, f_thres=c.F_THRES, test_f_thres=c.TEST_F_THRES,
-                         b_thres=c.B_THRES, f_eps=c.F_EPS, b_eps=c.B_EPS, stop_mode=c.STOP_MODE,
-                         broyden_memory=c.BROYDEN_MEMORY, anderson_m=c.ANDERSON.M, anderson_lam=c.ANDERSON.LAM,
-                         anderson_beta=c.ANDERSON.BETA, backward=c.BACKWARD, fallback=c.FALLBACK)
+    return DEQFixedPoint(f_solver=c.F_SOLVER, b_solver=c.B_SOLVER, f_max_iter=c.F_MAX_ITER,
+                         f_max_iter_test=c.F_MAX_ITER_TEST, b_max_iter=c.B_MAX_ITER, f_tol=c.F_TOL, b_tol=c.B_TOL,
+                         stop_mode=c.STOP_MODE, broyden_memory=c.BROYDEN_MEMORY, anderson_m=c.ANDERSON.M,
+                         anderson_lam=c.ANDERSON.LAM, anderson_tau=c.ANDERSON.TAU, backward=c.BACKWARD,
+                         fallback=c.FALLBACK)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -55,7 +57,8 @@ class IFRMaskHead(BaseMaskRCNNHead):
         num_groups (int): GroupNorm groups in the block.
         weight_norm (bool): weight-normalise the block's convs.
         jac_loss_weight (float): weight of the Jacobian-regularisation loss ``loss_ifr_jac`` (0 = off).
-        deq (DEQFixedPoint): solver settings (default: Broyden, 15 iterations).
+        deq (DEQFixedPoint): solver settings of the implicit model (default: Broyden, 15 evaluations; needs
+            torchdeq); the explicit model has none.
         loss_weight, vis_period: as ``BaseMaskRCNNHead``.
     """
 
@@ -72,7 +75,8 @@ class IFRMaskHead(BaseMaskRCNNHead):
         self.mode, self.num_unroll, self.pretrain_steps = mode, int(num_unroll), int(pretrain_steps)
         self.jac_loss_weight = float(jac_loss_weight)
         self.block = IFRBlock(channels, num_groups=num_groups, weight_norm=weight_norm)
-        self.deq = deq if deq is not None else DEQFixedPoint()
+        # the explicit (weight-sharing) model solves nothing, so it needs no DEQ layer (nor torchdeq)
+        self.deq = None if mode == "explicit" else (deq if deq is not None else DEQFixedPoint())
         self.deconv = ConvTranspose2d(channels, channels, kernel_size=2, stride=2, padding=0)
         self.predictor = nn.Conv2d(channels, num_classes, kernel_size=1)
         weight_init.c2_msra_fill(self.deconv)
@@ -80,6 +84,7 @@ class IFRMaskHead(BaseMaskRCNNHead):
         nn.init.constant_(self.predictor.bias, 0)
         self._jac_loss = None
         self._logged_switch = False
+        self._test_stats = []  # DEQStats of the test-time solves not yet logged, see log_test_stats
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -89,7 +94,8 @@ class IFRMaskHead(BaseMaskRCNNHead):
             input_shape=input_shape,
             num_classes=1 if cfg.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK else cfg.MODEL.ROI_HEADS.NUM_CLASSES,
             mode=c.MODE, num_unroll=c.NUM_UNROLL, pretrain_steps=c.PRETRAIN_STEPS, num_groups=c.NUM_GROUPS,
-            weight_norm=c.WEIGHT_NORM, jac_loss_weight=c.JAC_LOSS_WEIGHT, deq=build_ifr_deq(cfg),
+            weight_norm=c.WEIGHT_NORM, jac_loss_weight=c.JAC_LOSS_WEIGHT,
+            deq=build_ifr_deq(cfg) if c.MODE == "implicit" else None,
         )
         return ret
 
@@ -104,6 +110,8 @@ class IFRMaskHead(BaseMaskRCNNHead):
 
     def _log(self, kind: str, s: DEQStats):
         if not self.training:
+            if s.num_rows and not is_tracing_or_exporting():
+                self._test_stats.append(s)
             return
         try:
             storage = get_event_storage()
@@ -115,6 +123,30 @@ class IFRMaskHead(BaseMaskRCNNHead):
             storage.put_scalar(p + "residual", s.abs_residual)
             storage.put_scalar(p + "residual_rel", s.rel_residual)
         storage.put_scalar("ifr/fallbacks" if kind == "forward" else "ifr/bwd_fallbacks", s.fallbacks)
+
+    def log_test_stats(self) -> Optional[str]:
+        """Log (and forget) the statistics of the test-time solves since the last call: solves, RoIs, mean f
+        evaluations, mean final relative and absolute residual, fallbacks. Called by ``train()``, i.e. at the end of
+        detectron2's ``inference_on_dataset`` (its ``inference_context`` restores the model's mode on exit), so
+        every evaluation ends with one such line. Returns the line (None when nothing was solved)."""
+        stats, self._test_stats = self._test_stats, []
+        if not stats:
+            return None
+        rows = sum(s.num_rows for s in stats)
+        finite = [s for s in stats if s.rel_residual == s.rel_residual]  # NaN when every RoI fell back
+        mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
+        msg = (f"IFRMaskHead test-time solves: {len(stats)} solves of {rows} RoIs, "
+               f"{mean([s.nstep for s in stats]):.2f} f evaluations on average (at most {self.deq.f_max_iter_test}), "
+               f"final residual {mean([s.rel_residual for s in finite]):.3g} relative / "
+               f"{mean([s.abs_residual for s in finite]):.3g} absolute on average, "
+               f"{sum(s.fallbacks for s in stats)} RoIs fell back to the explicit unroll "
+               f"({sum(s.diverged for s in stats)} diverged).")
+        logger.info(msg)
+        return msg
+
+    def train(self, mode: bool = True):
+        self.log_test_stats()
+        return super().train(mode)
 
     def refine(self, x: torch.Tensor) -> torch.Tensor:
         """Refined RoI features z (Tensor[N, C, H, W]) from x (Tensor[N, C, H, W]), computed in fp32."""

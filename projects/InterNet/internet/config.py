@@ -1,13 +1,12 @@
 """``add_internet_config``: the ``MODEL.INTERNET`` node (Feature Intertwiner, Li et al., ICLR 2019)."""
-from fvcore.common.config import CfgNode as CN
+from d2_refine.config import node_class
 
 
 def add_internet_config(cfg):
     """Add ``MODEL.INTERNET`` (defaults of the released "meta_105" setting) to ``cfg`` in place; no-op if present."""
     if "INTERNET" in cfg.MODEL:
         return cfg
-    # nodes of cfg's own class (detectron2's CfgNode subclasses fvcore's): YAML merges check types strictly
-    node = type(cfg) if isinstance(cfg, CN) else CN
+    node = node_class(cfg)
     _C = cfg.MODEL
     _C.INTERNET = node()
     # Off: InterNetROIHeads behaves as StandardROIHeads with InterNet's level assignment (no make-up, no loss).

@@ -2,7 +2,7 @@
 
 Only adds keys, so it imports and runs without detectron2.
 """
-from fvcore.common.config import CfgNode as CN
+from d2_refine.config import node_class
 
 
 def add_iounet_config(cfg):
@@ -10,9 +10,7 @@ def add_iounet_config(cfg):
     if "IOU_NET" in cfg.MODEL:
         return cfg
     _C = cfg.MODEL
-    # the node has the class of ``cfg`` (detectron2's CfgNode subclass when given one): merging a YAML checks
-    # that the types match
-    node_cls = type(cfg) if isinstance(cfg, CN) else CN
+    node_cls = node_class(cfg)
     _C.IOU_NET = node_cls()
     # --- IoU head (always pools with PrRoIPool: roi_align has no gradient w.r.t. the box) ---
     # Output side of the PrRoIPool features of the IoU head.

@@ -1,15 +1,25 @@
-"""``add_rdsnet_config``: the ``MODEL.RDSNET`` node (defaults only; importable without detectron2)."""
-from fvcore.common.config import CfgNode as CN
+"""``add_rdsnet_config``: the ``MODEL.RDSNET`` node (defaults only; importable without detectron2).
+
+Test-time values end in ``_TEST`` as in detectron2; configs written with the earlier names fail with a one-line
+error naming the new key.
+"""
+from d2_refine.config import node_class
 
 from .mbrm import MBRM_DEFAULT_BIAS, MBRM_DEFAULT_KERNEL
+
+#: earlier key -> current key
+RENAMED_KEYS = {
+    "MODEL.RDSNET.MASK_THRESHOLD": "MODEL.RDSNET.MASK_THRESH_TEST",
+}
 
 
 def add_rdsnet_config(cfg):
     """Add the RDSNet / MBRM keys to ``cfg`` (in place; a second call is a no-op)."""
     if "RDSNET" in cfg.MODEL:
         return cfg
-    # nodes of cfg's own class (detectron2's CfgNode subclasses fvcore's): YAML merges check node types strictly
-    node = type(cfg) if isinstance(cfg, CN) else CN
+    node = node_class(cfg)
+    for old, new in RENAMED_KEYS.items():  # merging a file or option with an old name raises "Key ... was renamed"
+        cfg.register_renamed_key(old, new)
     _C = cfg.MODEL.RDSNET = node()
     # Channels d of one object representation; the representation tower outputs A * 2 * d (background, foreground).
     _C.REP_DIM = 32
@@ -36,8 +46,8 @@ def add_rdsnet_config(cfg):
     _C.OHEM_NEG_POS_RATIO = 1.0
     # Weight of the mask loss.
     _C.MASK_LOSS_WEIGHT = 1.0
-    # Foreground probability above which a mask pixel is on.
-    _C.MASK_THRESHOLD = 0.4
+    # Foreground probability above which a mask pixel is on (inference).
+    _C.MASK_THRESH_TEST = 0.4
 
     _C.MBRM = node()
     # Refine the boxes from the masks at inference (shares all trained weights with the model without it).

@@ -96,7 +96,7 @@ class RDSNet(RetinaNet):
             mask_min_area=rc.MASK_MIN_AREA,
             ohem_neg_pos_ratio=rc.OHEM_NEG_POS_RATIO,
             mask_loss_weight=rc.MASK_LOSS_WEIGHT,
-            mask_threshold=rc.MASK_THRESHOLD,
+            mask_threshold=rc.MASK_THRESH_TEST,
             mbrm=mbrm,
         )
         return ret

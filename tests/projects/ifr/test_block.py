@@ -51,7 +51,7 @@ def test_solvers_agree_on_fixed_point(device):
     x = torch.randn(4, 8, 6, 6, device=device, dtype=torch.float64)
     outs = []
     for solver in ("broyden", "anderson", "fixed_point"):
-        deq = DEQFixedPoint(f_solver=solver, test_f_thres=300, f_eps=1e-12, anderson_lam=1e-12).eval()
+        deq = DEQFixedPoint(f_solver=solver, f_max_iter_test=300, f_tol=1e-12, anderson_lam=1e-12).eval()
         with torch.no_grad():
             z = deq(lambda z: b(z, x), torch.zeros_like(x))
         assert ((b(z, x) - z).norm() / z.norm()).item() < 1e-7
@@ -65,8 +65,8 @@ def test_implicit_gradient_of_block_matches_200_step_unroll():
     b = _contractive_block()
     x = torch.randn(3, 8, 6, 6, dtype=torch.float64, requires_grad=True)
     r = torch.randn_like(x)
-    deq = DEQFixedPoint(f_solver="broyden", b_solver="broyden", f_thres=60, b_thres=60, f_eps=1e-14,
-                        b_eps=1e-14).train()
+    deq = DEQFixedPoint(f_solver="broyden", b_solver="broyden", f_max_iter=60, b_max_iter=60, f_tol=1e-14,
+                        b_tol=1e-14).train()
     with cached_parametrizations(b):
         out = deq(lambda z: b(z, x), torch.zeros_like(x))
     (out * r).sum().backward()

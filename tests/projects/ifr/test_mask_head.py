@@ -135,8 +135,8 @@ def test_one_training_step(config, start_iter):
     torch.manual_seed(0)
     cfg = setup_cfg(os.path.join(CONFIGS, config), ["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
                                                     "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-                                                    "MODEL.IFR.F_THRES", "6", "MODEL.IFR.B_THRES", "6",
-                                                    "MODEL.IFR.TEST_F_THRES", "6"])
+                                                    "MODEL.IFR.F_MAX_ITER", "6", "MODEL.IFR.B_MAX_ITER", "6",
+                                                    "MODEL.IFR.F_MAX_ITER_TEST", "6"])
     model = build_model(cfg).train()
     assert type(model.roi_heads.mask_head).__name__ == "IFRMaskHead"
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -156,3 +156,25 @@ def test_one_training_step(config, start_iter):
         out = model([{"image": torch.rand(3, 64, 64) * 255, "height": 64, "width": 64}])
     inst = out[0]["instances"]
     assert inst.has("pred_masks") or len(inst) == 0
+
+
+def test_evaluation_ends_with_the_solver_statistics(caplog):
+    """inference_on_dataset on a few images: the implicit head's test-time solves are summarised in one log line
+    when the evaluation ends (steps, residual, fallbacks), as training logs them to EventStorage."""
+    import logging
+
+    from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
+
+    torch.manual_seed(0)
+    cfg = setup_cfg(os.path.join(CONFIGS, "ifr_mask_rcnn_R_18_FPN_shapes.yaml"),
+                    ["MODEL.DEVICE", "cpu", "MODEL.IFR.F_MAX_ITER_TEST", "4",
+                     "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "5"])
+    model = build_model(cfg)
+    images = [{"image": torch.randint(0, 255, (3, 96, 96)).float(), "height": 96, "width": 96} for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="d2_refine.projects.ifr.mask_head"):
+        inference_on_dataset(model, [[im] for im in images], DatasetEvaluators([]))
+    lines = [r.getMessage() for r in caplog.records if "test-time solves" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert "3 solves of 15 RoIs" in lines[0] and "(at most 4)" in lines[0] and "fell back" in lines[0]
+    assert model.training  # inference_context restored the mode, and the statistics were consumed
+    assert model.roi_heads.mask_head.log_test_stats() is None

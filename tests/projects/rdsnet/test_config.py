@@ -18,7 +18,7 @@ def test_defaults_without_detectron2():
     add_rdsnet_config(cfg)  # second call is a no-op
     r = cfg.MODEL.RDSNET
     assert r.REP_DIM == 32 and r.PIXEL_HEAD.IN_FEATURES == ["p3", "p4", "p5"] and r.PIXEL_HEAD.NUM_CONVS == 1
-    assert (r.CROP_PADDING_TRAIN, r.CROP_PADDING_TEST, r.MASK_THRESHOLD) == (0.25, 0.1, 0.4)
+    assert (r.CROP_PADDING_TRAIN, r.CROP_PADDING_TEST, r.MASK_THRESH_TEST) == (0.25, 0.1, 0.4)
     assert (r.MASKS_TO_TRAIN, r.MASK_MIN_AREA, r.OHEM_NEG_POS_RATIO, r.MASK_LOSS_WEIGHT) == (100, 100, 1.0, 1.0)
     assert tuple(r.MBRM.KERNEL) == MBRM_DEFAULT_KERNEL and r.MBRM.BIAS == MBRM_DEFAULT_BIAS
     assert (r.MBRM.GAMMA, r.MBRM.PRIOR_CUTOFF, r.MBRM.DECODE) == (0.05, 0.0044, "argmax")
@@ -41,3 +41,14 @@ def test_yaml_configs_merge_and_build(path):
     assert cfg.MODEL.RDSNET.MBRM.ENABLED == ("mbrm" in os.path.basename(path))
     cfg.merge_from_list(["MODEL.RDSNET.MBRM.ENABLED", "True", "MODEL.RDSNET.MBRM.DECODE", "expectation"])
     assert cfg.MODEL.RDSNET.MBRM.ENABLED is True
+
+
+def test_old_key_gives_one_line_naming_the_new_key():
+    from d2_refine.projects.rdsnet.config import RENAMED_KEYS
+
+    assert RENAMED_KEYS == {"MODEL.RDSNET.MASK_THRESHOLD": "MODEL.RDSNET.MASK_THRESH_TEST"}
+    cfg = CN()
+    cfg.MODEL = CN()
+    add_rdsnet_config(cfg)
+    with pytest.raises(KeyError, match="MODEL.RDSNET.MASK_THRESHOLD was renamed to MODEL.RDSNET.MASK_THRESH_TEST"):
+        cfg.merge_from_list(["MODEL.RDSNET.MASK_THRESHOLD", "0.5"])
