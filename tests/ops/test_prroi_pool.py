@@ -1,5 +1,6 @@
 """Precise RoI Pooling: kernels vs the pure-PyTorch reference, vs an independent midpoint-rule integral, closed-form
-cases of the spec, gradients (gradcheck on features and box coordinates), degenerate inputs, registration."""
+cases of the spec, gradients (gradcheck on features and box coordinates), degenerate inputs, registration,
+mixed precision (autocast, mixed dtypes), the official library's PrRoIPool2D interface."""
 import importlib
 import warnings
 
