@@ -40,6 +40,28 @@ def has_ops() -> bool:
     return _HAS_OPS
 
 
+def load_error():
+    """Why ``d2_refine._C`` did not load (an ImportError), or None when it loaded."""
+    return _LOAD_ERROR
+
+
+def compute_dtype(*tensors: torch.Tensor, native_half: bool = False) -> torch.dtype:
+    """The dtype an op runs in for floating-point arguments of mixed dtypes: the widest of them (float64 if one is
+    float64), and float32 instead of float16 / bfloat16 unless ``native_half`` (a kernel that computes in half,
+    outside autocast)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if dtype in (torch.float16, torch.bfloat16) and not native_half:
+        return torch.float32
+    return dtype
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether torch.autocast is enabled for ``device``'s type (False for device types autocast does not know)."""
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+
+
 def has_kernel(op: str, device: torch.device) -> bool:
     """Whether the compiled library has a kernel of ``op`` for ``device`` (False for devices it was not built for)."""
     return _KERNELS.get(device.type, {}).get(op, False)

@@ -4,7 +4,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ._library import has_kernel, warn_fallback
+from ._library import compute_dtype, has_kernel, warn_fallback
 
 __all__ = ["iou_guided_nms"]
 
@@ -43,17 +43,23 @@ def iou_guided_nms(
 
     Returns:
         keep (Tensor[K], int64): indices into the inputs, sorted by updated score descending (ties: smaller index).
-        kept_scores (Tensor[K]): the updated scores, in the same order.
+        kept_scores (Tensor[K]): the updated scores, in the same order, in the dtype of ``scores`` (they are values
+        of ``scores``, so no precision is lost).
+
+    Dtypes: boxes, scores and ious may differ; the op runs in float32 (float64 if one of them is float64), also
+    when they are float16 / bfloat16 (e.g. under ``torch.autocast``), so that IoUs near the threshold are not
+    decided in half precision.
     """
     _check(boxes, scores, ious, idxs, guide)
-    scores = scores.detach().to(boxes.dtype)
-    ious = ious.detach().to(boxes.dtype)
-    boxes = boxes.detach()
+    out_dtype = scores.dtype if scores.is_floating_point() else None
+    dtype = compute_dtype(boxes, scores, ious)
+    boxes, scores, ious = boxes.detach().to(dtype), scores.detach().to(dtype), ious.detach().to(dtype)
     if has_kernel("iou_guided_nms", boxes.device):
         keep, kept_scores = torch.ops.d2_refine.iou_guided_nms(boxes, scores, ious, idxs, float(iou_threshold), guide)
-        return keep, kept_scores
-    warn_fallback("iou_guided_nms", boxes.device)
-    return _iou_guided_nms_reference(boxes, scores, ious, idxs, iou_threshold, guide)
+    else:
+        warn_fallback("iou_guided_nms", boxes.device)
+        keep, kept_scores = _iou_guided_nms_reference(boxes, scores, ious, idxs, iou_threshold, guide)
+    return keep, kept_scores.to(out_dtype or kept_scores.dtype)
 
 
 def _iou_guided_nms_reference(

@@ -7,9 +7,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from ._library import has_kernel, warn_fallback
+from ._library import autocast_enabled, compute_dtype, has_kernel, warn_fallback
 
-__all__ = ["prroi_pool", "PrRoIPool2d"]
+__all__ = ["prroi_pool", "PrRoIPool2d", "PrRoIPool2D"]
 
 
 def _as_roi_tensor(rois: Union[Tensor, List[Tensor], Tuple[Tensor, ...]]) -> Tensor:
@@ -39,7 +39,7 @@ def prroi_pool(
     """Precise RoI Pooling.
 
     Args:
-        input (Tensor[N, C, H, W]): feature maps (float32/float64; also float16/bfloat16 on CUDA).
+        input (Tensor[N, C, H, W]): feature maps, floating point.
         rois (Tensor[K, 5] or List[Tensor[L, 4]]): boxes (x1, y1, x2, y2) in image coordinates, with their batch
             index as first column, or one Tensor[L, 4] per image. Boxes are never clipped: the map ramps to zero one
             cell outside its border.
@@ -49,17 +49,35 @@ def prroi_pool(
             image coordinates). False (default) is the official convention: cell (i, j) at x = j, y = i.
 
     Returns:
-        Tensor[K, C, PH, PW]: the mean of the interpolated map over each bin; 0 for zero-area bins. Differentiable
-        w.r.t. ``input`` and the four box columns of ``rois`` (the index column gets a zero gradient).
+        Tensor[K, C, PH, PW], in the dtype of ``input``: the mean of the interpolated map over each bin; 0 for
+        zero-area bins. Differentiable w.r.t. ``input`` and the four box columns of ``rois`` (the index column
+        gets a zero gradient).
+
+    Dtypes: ``input`` and ``rois`` may differ (float16 features with float32 boxes); the op runs in the wider of
+    the two (float64 if either is), in float32 instead of float16 / bfloat16 under ``torch.autocast`` (detectron2's
+    ``SOLVER.AMP``) and on CPU, and natively in float16 / bfloat16 on CUDA otherwise. Gradients come back in each
+    argument's own dtype.
     """
     pooled_height, pooled_width = _pair(output_size)
     rois = _as_roi_tensor(rois)
+    for name, t in (("input", input), ("rois", rois)):
+        if not t.is_floating_point():
+            raise TypeError(f"prroi_pool: {name} must be a floating-point tensor, got {t.dtype}")
+    autocast = autocast_enabled(input.device)
     if has_kernel("prroi_pool", input.device):
-        return torch.ops.d2_refine.prroi_pool(
-            input, rois, float(spatial_scale), pooled_height, pooled_width, bool(aligned)
+        # under autocast the op's Autocast kernel (csrc/prroi_pool/autocast) would cast to float32 as well
+        dtype = compute_dtype(input, rois, native_half=input.device.type == "cuda" and not autocast)
+        output = torch.ops.d2_refine.prroi_pool(
+            input.to(dtype), rois.to(dtype), float(spatial_scale), pooled_height, pooled_width, bool(aligned)
         )
+        return output.to(input.dtype)
     warn_fallback("prroi_pool", input.device)
-    return _prroi_pool_reference(input, rois, (pooled_height, pooled_width), spatial_scale, aligned)
+    dtype = compute_dtype(input, rois)
+    args = (input.to(dtype), rois.to(dtype), (pooled_height, pooled_width), spatial_scale, aligned)
+    if autocast:  # the reference's matmul would run in the autocast dtype
+        with torch.autocast(input.device.type, enabled=False):
+            return _prroi_pool_reference(*args).to(input.dtype)
+    return _prroi_pool_reference(*args).to(input.dtype)
 
 
 class PrRoIPool2d(nn.Module):
@@ -76,6 +94,32 @@ class PrRoIPool2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, aligned={self.aligned}"
+
+
+class PrRoIPool2D(nn.Module):
+    """Precise RoI Pooling with the interface of the official implementation (vacancy/PreciseRoIPooling,
+    ``pytorch/prroi_pool/prroi_pool.py``), for code written against it, without detectron2:
+    ``PrRoIPool2D(pooled_height, pooled_width, spatial_scale)(features, rois)``.
+
+    Same semantics as the original: rois (Tensor[K, 5]) = (batch index, x0, y0, x1, y1) in image coordinates,
+    scaled by ``spatial_scale`` with no half-pixel shift (feature cell (i, j) at x = j, y = i: ``aligned=False``
+    of :func:`prroi_pool`); bins of max(x1 - x0, 0) / pooled_width (height alike); 0 for zero-area bins;
+    differentiable w.r.t. features and box coordinates. Differences: it also runs on CPU and in float64 (and under
+    autocast), and a batch index that is not an integer in [0, N) raises instead of being truncated.
+    """
+
+    def __init__(self, pooled_height: int, pooled_width: int, spatial_scale: float):
+        super().__init__()
+        self.pooled_height = int(pooled_height)
+        self.pooled_width = int(pooled_width)
+        self.spatial_scale = float(spatial_scale)
+
+    def forward(self, features: Tensor, rois: Tensor) -> Tensor:
+        """features (Tensor[N, C, H, W]), rois (Tensor[K, 5]) -> Tensor[K, C, pooled_height, pooled_width]."""
+        return prroi_pool(features, rois, (self.pooled_height, self.pooled_width), self.spatial_scale, aligned=False)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size=({self.pooled_height}, {self.pooled_width}), spatial_scale={self.spatial_scale}"
 
 
 def _cell_terms(start: Tensor, bin_size: Tensor, bins: int, size: int) -> Tuple[Tensor, Tensor]:

@@ -178,12 +178,12 @@ def test_paper_example_kept_box_takes_max_score():
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_degenerate_boxes_and_mixed_dtypes(device):
     boxes = torch.tensor([[5, 5, 5, 5], [5, 5, 5, 5], [0, 0, 4, 4], [0, 0, 4, 4.0]], device=device)
-    p = torch.tensor([0.5, 0.6, 0.7, 0.8], dtype=torch.float64, device=device)  # cast to the boxes' dtype
+    p = torch.tensor([0.5, 0.6, 0.7, 0.8], dtype=torch.float64, device=device)  # computed in float64
     q = torch.tensor([0.9, 0.8, 0.1, 0.2], device=device)
     keep, scores = iou_guided_nms(boxes, p, q, torch.zeros(4, dtype=torch.int32, device=device), 0.5)
     # zero-area boxes (IoU 0/0) never suppress; the identical pair keeps the higher q and takes the higher p
-    assert keep.tolist() == [3, 1, 0] and scores.tolist() == pytest.approx([0.8, 0.6, 0.5])
-    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert keep.tolist() == [3, 1, 0] and scores.tolist() == [0.8, 0.6, 0.5]  # exactly p's values
+    assert scores.dtype == torch.float64 and torch.isfinite(scores).all()
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -221,6 +221,10 @@ def test_opcheck():
     boxes, p, q, cls = _clustered_candidates(50, 3, g, dtype=torch.float32)
     for guide in GUIDES:
         torch.library.opcheck(torch.ops.d2_refine.iou_guided_nms.default, (boxes, p, q, cls, 0.5, guide))
+    empty = (boxes[:0], p[:0], q[:0], cls[:0], 0.5, "rank")
+    torch.library.opcheck(torch.ops.d2_refine.iou_guided_nms.default, empty)
+    as_double = (boxes.double(), p.double(), q.double(), cls, 0.5, "weight")
+    torch.library.opcheck(torch.ops.d2_refine.iou_guided_nms.default, as_double)
 
 
 @needs_ops
@@ -237,3 +241,32 @@ def test_compile_fullgraph():
     expected_boxes, expected_scores = fn(boxes, p, q, cls)
     torch.testing.assert_close(out_boxes, expected_boxes)
     torch.testing.assert_close(out_scores, expected_scores)
+
+
+@pytest.mark.parametrize("call", ["front", "op"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_under_autocast_run_in_float32(call, dtype):
+    if call == "op" and not has_ops():
+        pytest.skip("the compiled op library d2_refine._C is not built")
+    g = torch.Generator().manual_seed(26)
+    boxes, p, q, cls = (t.to(dtype) if t.is_floating_point() else t for t in _clustered_candidates(120, 3, g))
+    for guide in GUIDES:
+        # expected: the float32 computation on the same (rounded) values
+        expected_keep, expected_scores = iou_guided_nms(boxes.float(), p.float(), q.float(), cls, 0.5, guide)
+        with torch.autocast("cpu", dtype=dtype):
+            if call == "front":
+                keep, scores = iou_guided_nms(boxes, p, q, cls, 0.5, guide)
+            else:
+                keep, scores = torch.ops.d2_refine.iou_guided_nms(boxes, p, q, cls, 0.5, guide)
+        assert keep.dtype == torch.int64 and scores.dtype == dtype  # kept scores in the dtype of scores
+        assert torch.equal(keep, expected_keep)
+        assert torch.equal(scores, expected_scores.to(dtype))  # values of p: the round trip is exact
+
+
+def test_mixed_dtypes_run_in_float32_and_return_scores_dtype():
+    g = torch.Generator().manual_seed(27)
+    boxes, p, q, cls = _clustered_candidates(100, 2, g, dtype=torch.float32)
+    keep, scores = iou_guided_nms(boxes.half(), p, q.bfloat16(), cls, 0.5)
+    expected_keep, expected_scores = iou_guided_nms(boxes.half().float(), p, q.bfloat16().float(), cls, 0.5)
+    assert torch.equal(keep, expected_keep) and torch.equal(scores, expected_scores)
+    assert scores.dtype == torch.float32

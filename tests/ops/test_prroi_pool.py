@@ -1,5 +1,6 @@
 """Precise RoI Pooling: kernels vs the pure-PyTorch reference, vs an independent midpoint-rule integral, closed-form
-cases of the spec, gradients (gradcheck on features and box coordinates), degenerate inputs, registration."""
+cases of the spec, gradients (gradcheck on features and box coordinates), degenerate inputs, registration,
+mixed precision (autocast, mixed dtypes), the official library's PrRoIPool2D interface."""
 import importlib
 import warnings
 
@@ -8,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d2_refine.ops import PrRoIPool2d, _prroi_pool_reference, has_ops, prroi_pool
+from d2_refine.ops import PrRoIPool2D, PrRoIPool2d, _prroi_pool_reference, has_ops, prroi_pool
 from d2_refine.utils.testing import cpu_and_cuda
 
 prroi_module = importlib.import_module("d2_refine.ops.prroi_pool")  # the module, not the function
@@ -380,8 +381,10 @@ def test_bad_arguments_raise_clear_errors():
         prroi_pool(x, torch.zeros(3, 4), 2, 1.0)
     with pytest.raises(RuntimeError, match=r"input must be Tensor\[N, C, H, W\]"):
         prroi_pool(x[0], torch.zeros(1, 5), 2, 1.0)
-    with pytest.raises(RuntimeError, match="rois must have the dtype of input"):
-        prroi_pool(x, torch.zeros(1, 5, dtype=torch.float64), 2, 1.0)
+    with pytest.raises(RuntimeError, match="rois must have the dtype of input"):  # the op; the front casts
+        torch.ops.d2_refine.prroi_pool(x, torch.zeros(1, 5, dtype=torch.float64), 1.0, 2, 2, False)
+    with pytest.raises(TypeError, match="rois must be a floating-point tensor"):
+        prroi_pool(x, torch.zeros(1, 5, dtype=torch.int64), 2, 1.0)
     with pytest.raises(RuntimeError, match="output_size must be positive"):
         prroi_pool(x, torch.zeros(1, 5), (0, 2), 1.0)
     with pytest.raises(RuntimeError, match="spatial_scale must be positive"):
@@ -470,3 +473,141 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         pytest.skip("needs the compiled library and CUDA")
     for op in ("prroi_pool", "_prroi_pool_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"d2_refine::{op}", "CUDA")
+
+
+def _pool_case(seed=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 6, 14, 15, generator=g)
+    rois = _random_rois(12, 2, 28, 24, g, dtype=torch.float32, outside=3)
+    weights = torch.randn(12, 6, 3, 3, generator=g)
+    return x, rois, weights
+
+
+def _pool_grads(x, rois, weights, fn=lambda f, b: prroi_pool(f, b, 3, 0.5)):
+    """Output and gradients w.r.t. the features and the boxes of sum(weights * pool(x, rois))."""
+    x, rois = x.detach().requires_grad_(), rois.detach().requires_grad_()
+    out = fn(x, rois)
+    (out.float() * weights).sum().backward()
+    return out, x.grad, rois.grad
+
+
+# bfloat16 keeps 8 significant bits: the features are rounded by 2^-9 relative, the pooled output (computed in
+# float32 from them, then rounded to bfloat16) and its gradients stay within 2e-2 (absolute, for unit-variance
+# features and weights) of the float32 results, box gradients within 5e-2 (they are differences of line integrals)
+AMP_ATOL, AMP_BOX_ATOL = 2e-2, 5e-2
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_autocast_bfloat16_matches_float32(monkeypatch, use_kernel):
+    if use_kernel and not has_ops():
+        pytest.skip("the compiled op library d2_refine._C is not built")
+    if not use_kernel:  # the pure-PyTorch fallback under autocast
+        monkeypatch.setattr(prroi_module, "has_kernel", lambda op, device: False)
+        monkeypatch.setattr("d2_refine.ops._library._WARNED", {("prroi_pool", "cpu")})
+    x, rois, weights = _pool_case()
+    conv = torch.nn.Conv2d(6, 6, 1)
+    torch.nn.init.dirac_(conv.weight)
+    torch.nn.init.zeros_(conv.bias)
+
+    def pool(features, boxes):  # features from an autocast layer (bfloat16), float32 boxes: what AMP training sees
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = conv(features)
+            assert f.dtype == torch.bfloat16 and boxes.dtype == torch.float32
+            return prroi_pool(f, boxes, 3, 0.5, True)
+
+    out, gx, gr = _pool_grads(x, rois, weights, pool)
+    expected, ex, er = _pool_grads(x, rois, weights, lambda f, b: prroi_pool(f, b, 3, 0.5, True))
+    assert out.dtype == torch.bfloat16 and gx.dtype == torch.float32 and gr.dtype == torch.float32
+    for value in (out, gx, gr):
+        assert torch.isfinite(value.float()).all()
+    torch.testing.assert_close(out.float(), expected, atol=AMP_ATOL, rtol=0)
+    torch.testing.assert_close(gx, ex, atol=AMP_ATOL, rtol=0)
+    torch.testing.assert_close(gr, er, atol=AMP_BOX_ATOL, rtol=0)
+    assert gr[:, 1:].abs().sum() > 0
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_kernel_runs_the_op_in_float32(dtype):
+    for key in ("AutocastCPU", "AutocastCUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("d2_refine::prroi_pool", key)
+    x, rois, weights = _pool_case(8)
+    xh = x.to(dtype)
+    # the op itself (no Python front): mixed dtypes accepted, computed in float32 from the rounded features
+    with torch.autocast("cpu", dtype=dtype):
+        out, gx, gr = _pool_grads(xh, rois, weights, lambda f, b: torch.ops.d2_refine.prroi_pool(f, b, 0.5, 3, 3, False))
+    # the upstream gradient reaches the op through the output's cast: rounded to dtype once
+    expected, ex, er = _pool_grads(xh.float(), rois, weights.to(dtype).float(), lambda f, b: prroi_pool(f, b, 3, 0.5))
+    assert out.dtype == dtype and gx.dtype == dtype and gr.dtype == torch.float32
+    torch.testing.assert_close(out, expected.to(dtype), atol=0, rtol=0)  # float32 result, rounded once
+    torch.testing.assert_close(gx, ex.to(dtype), atol=0, rtol=0)
+    torch.testing.assert_close(gr, er, atol=0, rtol=0)
+
+
+def test_mixed_dtypes_without_autocast():
+    x, rois, weights = _pool_case(9)
+    # float32 features, float64 boxes: computed in float64, returned in float32; gradients in each own dtype
+    out, gx, gr = _pool_grads(x, rois.double(), weights)
+    expected, ex, er = _pool_grads(x.double(), rois.double(), weights.double())
+    assert out.dtype == torch.float32 and gx.dtype == torch.float32 and gr.dtype == torch.float64
+    torch.testing.assert_close(out, expected.float())
+    torch.testing.assert_close(gr, er)
+    # bfloat16 features and boxes on CPU: computed in float32, returned in bfloat16
+    xb, rb = x.bfloat16(), rois.bfloat16()
+    out, gx, gr = _pool_grads(xb, rb, weights)
+    expected, _, _ = _pool_grads(xb.float(), rb.float(), weights)
+    assert out.dtype == gx.dtype == gr.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.bfloat16(), atol=0, rtol=0)
+
+
+@needs_ops
+def test_compile_fullgraph_under_autocast():
+    x, rois, _ = _pool_case(10)
+    conv = torch.nn.Conv2d(6, 4, 1)
+
+    def fn(features, boxes):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return prroi_pool(conv(features), boxes, (2, 3), 0.5)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    xs, rs = x.clone().requires_grad_(), rois.clone().requires_grad_()
+    out = compiled(xs, rs)
+    expected = fn(x, rois)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+    out.float().sum().backward()
+    assert torch.isfinite(xs.grad).all() and rs.grad[:, 1:].abs().sum() > 0
+
+
+@needs_ops
+def test_opcheck_float32_and_empty():
+    x = torch.randn(2, 3, 7, 8, requires_grad=True)
+    rois = torch.tensor([[1, 0.7, 1.1, 9.3, 6.2]], requires_grad=True)
+    torch.library.opcheck(torch.ops.d2_refine.prroi_pool.default, (x, rois, 0.5, 3, 2, False))
+    torch.library.opcheck(torch.ops.d2_refine.prroi_pool.default, (x, rois[:0], 0.5, 3, 2, False))
+
+
+def test_official_interface_module():
+    pool = PrRoIPool2D(3, 4, spatial_scale=0.5)
+    assert pool.pooled_height == 3 and pool.pooled_width == 4 and pool.spatial_scale == 0.5
+    assert "kernel_size=(3, 4), spatial_scale=0.5" in repr(pool)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 12, 16, generator=g)
+    rois = torch.tensor([[0, 1.0, 3.0, 17.0, 20.5], [1, -2.0, 0.5, 9.0, 7.0]])
+    # the original convention: no half-pixel shift (aligned=False), rows (batch index, x0, y0, x1, y1)
+    torch.testing.assert_close(pool(x, rois), prroi_pool(x, rois, (3, 4), 0.5, aligned=False))
+    assert not torch.allclose(pool(x, rois), prroi_pool(x, rois, (3, 4), 0.5, aligned=True))
+
+
+def test_official_interface_unit_bins_are_2x2_means():
+    # with no half-pixel shift, a bin that is exactly the cell [j, j + 1] x [i, i + 1] integrates the bilinear
+    # map over it: the mean of the cell's four corner values, i.e. avg_pool2d(kernel 2, stride 1) at (i, j)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 10, 12, generator=g, requires_grad=True)
+    stride = 4  # spatial_scale 1/4: box (4 j0, 4 i0, 4 (j0 + 5), 4 (i0 + 5)) covers the cells j0 .. j0 + 4
+    rois = torch.tensor([[0, 4.0 * 2, 4.0 * 1, 4.0 * 7, 4.0 * 6], [1, 4.0 * 6, 4.0 * 4, 4.0 * 11, 4.0 * 9]])
+    out = PrRoIPool2D(5, 5, 1.0 / stride)(x, rois)
+    means = torch.nn.functional.avg_pool2d(x, kernel_size=2, stride=1)
+    torch.testing.assert_close(out, torch.stack([means[0, :, 1:6, 2:7], means[1, :, 4:9, 6:11]]))
+    out.sum().backward()
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
