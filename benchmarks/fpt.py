@@ -37,12 +37,14 @@ MiB = 2.0 ** 20
 
 
 def build_pair(config, preset, device):
-    """(FPN backbone, FPT backbone) from ``config`` with MODEL.FPT.PRESET = ``preset``; FPT's FPN = the baseline's."""
+    """(FPN backbone, FPT backbone) from ``config`` with configs/FPT/Base-FPT-<lite|paper|release>.yaml merged on top
+    (``preset`` "fpt_lite" / "fpt_paper" / "fpt_release"); FPT's FPN = the baseline's."""
     from detectron2.modeling import build_backbone
 
     from d2_refine.engine import setup_cfg
 
-    cfg = setup_cfg(os.path.join(ROOT, config), ["MODEL.FPT.PRESET", preset, "MODEL.DEVICE", device])
+    cfg = setup_cfg(os.path.join(ROOT, config), ["MODEL.DEVICE", device], freeze=False)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "FPT", f"Base-FPT-{preset.replace('fpt_', '')}.yaml"))
     torch.manual_seed(0)
     fpt = build_backbone(cfg).to(device).eval()
     return fpt.fpn, fpt
@@ -97,7 +99,8 @@ def nparams(module):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["shapes", "coco"], choices=sorted(SIZES))
-    parser.add_argument("--presets", nargs="+", default=["fpt_lite", "fpt_paper"])
+    parser.add_argument("--presets", nargs="+", default=["fpt_lite", "fpt_paper"],
+                        choices=["fpt_lite", "fpt_paper", "fpt_release"], help="configs/FPT/Base-FPT-*.yaml")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")

@@ -38,7 +38,7 @@ def _cfg(config, opts):
 def _set_stages(model, iou_nms, refine, score_times_iou, force_steps=False):
     m = copy.deepcopy(model)
     h = m.roi_heads
-    h.iou_nms, h.refine, h.score_times_iou = iou_nms, refine, score_times_iou
+    h.nms, h.refine, h.score_times_iou = "iou_guided" if iou_nms else "plain", refine, score_times_iou
     if force_steps:  # no early stop: every refined box takes all T steps (worst case)
         h.refine_kwargs = dict(h.refine_kwargs, early_stop=-1.0, degrade_tol=-float("inf"))
     return m.eval()

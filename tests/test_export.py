@@ -233,7 +233,7 @@ SHAPES_MODELS = {
     "internet": ("InterNet/internet_l2_R_18_FPN_shapes.yaml", []),
     "ifr": ("IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml", ["MODEL.IFR.F_MAX_ITER_TEST", "3"]),
     # the refinement is autograd at test time, which tracing cannot record: see test_iounet_trace_...
-    "iounet": ("IoUNet/iounet_R_18_FPN_shapes.yaml", ["MODEL.IOU_NET.REFINE", "False"]),
+    "iounet": ("IoUNet/iounet_R_18_FPN_shapes.yaml", ["MODEL.IOU_NET.REFINE_TEST", "False"]),
     "rdsnet_mbrm": ("RDSNet/rdsnet_R_18_FPN_shapes.yaml", ["MODEL.RDSNET.MBRM.ENABLED", "True"]),
 }
 # few proposals and candidates; untrained weights score near 1 / 7 (R-CNNs) or 0.01 (RetinaNet's prior): every
@@ -328,8 +328,8 @@ def test_iounet_trace_refuses_refinement():
     cannot see the tensors autograd saves) nor torch.export (fake constants) records it. One clear error."""
     from detectron2.export import TracingAdapter
 
-    model = _shapes_model("iounet", ["MODEL.IOU_NET.REFINE", "True"])
+    model = _shapes_model("iounet", ["MODEL.IOU_NET.REFINE_TEST", "True"])
     image = torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(0)) * 255
     adapter = TracingAdapter(model, (image,), _inference)
-    with pytest.raises(RuntimeError, match="MODEL.IOU_NET.REFINE False"), torch.no_grad():
+    with pytest.raises(RuntimeError, match="MODEL.IOU_NET.REFINE_TEST False"), torch.no_grad():
         torch.jit.trace(adapter, (image,), check_trace=False)

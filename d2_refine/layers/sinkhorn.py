@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["pairwise_cost", "sinkhorn_plan", "sinkhorn_cost", "sinkhorn_divergence", "require_pot"]
 
-POT_INSTALL_HINT = 'pip install "d2_refine[methods]"'
+POT_INSTALL_HINT = 'pip install "d2_refine[methods]" (or pip install "POT>=0.9.6")'
 _COSTS = ("sqeuclidean", "cosine")
 
 

@@ -18,14 +18,14 @@ from collections import OrderedDict
 
 import torch
 
-#: row name -> (IOU_NMS, REFINE, SCORE_TIMES_IOU, NMS_GUIDE); the last row is the reproduction's extra
-#: "NMS ordered by cls x IoU" on top of the full model.
+#: row name -> (NMS_TEST, REFINE_TEST, SCORE_TIMES_IOU_TEST) of MODEL.IOU_NET; the last row is the reproduction's
+#: extra "NMS ordered by cls x IoU" on top of the full model.
 ROWS = OrderedDict([
-    ("IoU head only (unused at test)", (False, False, False, "rank")),
-    ("+ IoU-guided NMS", (True, False, False, "rank")),
-    ("+ IoU-guided NMS + refinement (full)", (True, True, True, "rank")),
-    ("+ refinement, plain NMS", (False, True, True, "rank")),
-    ("full, NMS ranked by cls x IoU", (True, True, True, "weight")),
+    ("IoU head only (unused at test)", ("plain", False, False)),
+    ("+ IoU-guided NMS", ("iou_guided", False, False)),
+    ("+ IoU-guided NMS + refinement (full)", ("iou_guided", True, True)),
+    ("+ refinement, plain NMS", ("plain", True, True)),
+    ("full, NMS ranked by cls x IoU", ("iou_guided_score_x_iou", True, True)),
 ])
 
 
@@ -91,8 +91,8 @@ def main():
             features = model.backbone(images.tensor)
             proposals, _ = model.proposal_generator(images, features, None)
             shared += time.perf_counter() - t
-            for name, (iou_nms, refine, sti, guide) in ROWS.items():
-                heads.iou_nms, heads.refine, heads.score_times_iou, heads.nms_guide = iou_nms, refine, sti, guide
+            for name, (nms, refine, sti) in ROWS.items():
+                heads.nms, heads.refine, heads.score_times_iou = nms, refine, sti
                 heads.reset_refine_stats()
                 t = time.perf_counter()
                 results, _ = heads(images, features, proposals, None)

@@ -7,7 +7,7 @@ Torch-only modules (importable without detectron2): :mod:`.attention` (memory-ef
 """
 from d2_refine.utils.env import has_detectron2
 
-from .config import FPT_PRESETS, add_fpt_config, resolve_fpt_config  # noqa: F401
+from .config import add_fpt_config  # noqa: F401
 from .grounding_transformer import GroundingTransformer  # noqa: F401
 from .pyramid import FeaturePyramidTransformer  # noqa: F401
 from .rendering_transformer import RenderingTransformer  # noqa: F401

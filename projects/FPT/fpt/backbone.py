@@ -3,12 +3,11 @@ import math
 from typing import List, Optional, Sequence
 
 import torch
-from detectron2.layers import ShapeSpec, get_norm
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import (FPN, build_resnet_fpn_backbone,
                                               build_retinanet_resnet_fpn_backbone)
 
-from .config import resolve_fpt_config
 from .pyramid import FeaturePyramidTransformer
 
 __all__ = ["FPTBackbone", "build_resnet_fpt_backbone", "build_retinanet_resnet_fpt_backbone",
@@ -77,7 +76,7 @@ class FPTBackbone(Backbone):
         levels = [int(math.log2(shapes[f].stride)) for f in in_features]
         st_levels = None if not st_levels else [int(math.log2(shapes[f].stride)) for f in st_levels]
         if st_levels is not None and not set(st_levels) <= set(levels):
-            raise ValueError(f"MODEL.FPT.ST.LEVELS must be a subset of the transformed levels {in_features}")
+            raise ValueError(f"MODEL.FPT.SELF.LEVELS must be a subset of the transformed levels {in_features}")
         self.fpn = fpn
         self.input = input
         self.in_features = in_features
@@ -129,27 +128,24 @@ class FPTBackbone(Backbone):
 
 
 def fpt_kwargs_from_cfg(cfg) -> dict:
-    """:class:`FPTBackbone` keyword arguments from ``cfg.MODEL.FPT`` (its PRESET applied)."""
-    c = resolve_fpt_config(cfg)
-
-    def norm(name):
-        return name if name == "" else (lambda ch: get_norm(name, ch))
+    """:class:`FPTBackbone` keyword arguments from ``cfg.MODEL.FPT``."""
+    c = cfg.MODEL.FPT
 
     return dict(
         in_features=list(c.IN_FEATURES) or None,
         input=c.INPUT,
-        st_levels=list(c.ST.LEVELS) or None,
-        self_transformer=dict(mixtures=c.ST.MIXTURES, pool_kv=c.ST.POOL_KV, share_qk=c.ST.SHARE_QK,
-                              dropout=c.ST.DROPOUT, scale=c.ST.SCALE, attn_impl=c.ATTN_IMPL,
-                              query_chunk=c.QUERY_CHUNK) if c.ST.ENABLED else None,
-        grounding_transformer=dict(inter_channels=c.GT.INTER_CHANNELS, mode=c.GT.MODE, mixtures=c.GT.MIXTURES,
-                                   temperature=c.GT.TEMPERATURE, attn_impl=c.ATTN_IMPL,
-                                   query_chunk=c.QUERY_CHUNK) if c.GT.ENABLED else None,
-        rendering_transformer=dict(order=c.RT.ORDER) if c.RT.ENABLED else None,
+        st_levels=list(c.SELF.LEVELS) or None,
+        self_transformer=dict(mixtures=c.SELF.MIXTURES, pool_kv=c.SELF.POOL_KV, share_qk=c.SELF.SHARE_QK,
+                              dropout=c.SELF.DROPOUT, scale=c.SELF.SCALE, attn_impl=c.ATTN_IMPL,
+                              query_chunk=c.QUERY_CHUNK) if c.SELF.ENABLED else None,
+        grounding_transformer=dict(inter_channels=c.GROUNDING.INTER_CHANNELS, mode=c.GROUNDING.MODE, mixtures=c.GROUNDING.MIXTURES,
+                                   temperature=c.GROUNDING.TEMPERATURE, attn_impl=c.ATTN_IMPL,
+                                   query_chunk=c.QUERY_CHUNK) if c.GROUNDING.ENABLED else None,
+        rendering_transformer=dict(order=c.RENDERING.ORDER) if c.RENDERING.ENABLED else None,
         cross_range=c.CROSS_RANGE,
         fuse_kernel=c.FUSE_KERNEL,
-        fuse_norm=norm(c.FUSE_NORM),
-        norm=norm(c.NORM),
+        fuse_norm=c.FUSE_NORM,
+        norm=c.NORM,
     )
 
 

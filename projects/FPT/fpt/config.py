@@ -1,20 +1,26 @@
-"""``add_fpt_config``: the MODEL.FPT node (importable without detectron2) and its presets."""
-import copy
+"""``add_fpt_config``: the MODEL.FPT node (importable without detectron2).
 
-from fvcore.common.config import CfgNode as CN
+The paper's setting is the default; the other settings are ``_BASE_`` files holding their keys
+(configs/FPT/Base-FPT-lite.yaml, Base-FPT-release.yaml; Base-FPT-paper.yaml spells the defaults out), so a value
+written in a config or on the command line always wins.
+"""
 
 from d2_refine.config import node_class
+from d2_refine.config.renamed import register_renamed_keys
 
-__all__ = ["add_fpt_config", "FPT_PRESETS", "resolve_fpt_config"]
+__all__ = ["add_fpt_config", "RENAMED_KEYS"]
 
-#: Presets: MODEL.FPT.PRESET sets these keys (dotted, relative to MODEL.FPT) unless a config sets them itself.
-FPT_PRESETS = {
-    # the paper's setting (= the defaults): p2-p5, ST everywhere, euclidean GT, 3x3 fuse (GPU-sized)
-    "fpt_paper": {},
-    # CPU-sized: transform p3-p5 only (p2 unchanged, p6 re-pooled), ST on p4-p5, linear "dot" GT, 1x1 fuse
-    "fpt_lite": {"IN_FEATURES": ["p3", "p4", "p5"], "ST.LEVELS": ["p4", "p5"], "GT.MODE": "dot", "FUSE_KERNEL": 1},
-    # the released code's math: FPN laterals as input, "dot" GT, BN
-    "fpt_release": {"INPUT": "lateral", "GT.MODE": "dot", "NORM": "BN"},
+_PRESETS_MOVED = ("_BASE_ configs/FPT/Base-FPT-lite.yaml (fpt_lite), Base-FPT-paper.yaml (fpt_paper) or "
+                  "Base-FPT-release.yaml (fpt_release)",
+                  "presets are _BASE_ files now, e.g. _BASE_: [\"../Baselines/mask_rcnn_R_18_FPN_shapes.yaml\", "
+                  "\"Base-FPT-lite.yaml\"]")
+
+#: old key -> new key (see d2_refine/config/renamed.py): merging an old one raises one line naming the new one
+RENAMED_KEYS = {
+    "MODEL.FPT.ST": "MODEL.FPT.SELF",
+    "MODEL.FPT.GT": "MODEL.FPT.GROUNDING",
+    "MODEL.FPT.RT": "MODEL.FPT.RENDERING",
+    "MODEL.FPT.PRESET": _PRESETS_MOVED,
 }
 
 
@@ -25,9 +31,6 @@ def add_fpt_config(cfg):
     _C = cfg.MODEL
     CN_ = node_class(cfg)
     _C.FPT = CN_()
-    # One of FPT_PRESETS ("fpt_paper", "fpt_lite", "fpt_release") or "" (none): it sets its keys unless this
-    # config gives them a non-default value.
-    _C.FPT.PRESET = ""
     # Registered backbone builder (an FPN) that build_fpt_backbone wraps.
     _C.FPT.WRAPPED_BACKBONE = "build_resnet_fpn_backbone"
     # FPN outputs to transform, fine to coarse; [] = all but the levels of a top block reading a transformed one.
@@ -47,74 +50,38 @@ def add_fpt_config(cfg):
     # Query rows per chunk of the "chunked" path.
     _C.FPT.QUERY_CHUNK = 4096
 
-    _C.FPT.ST = CN_()
+    _C.FPT.SELF = CN_()
     # Self-transformer on/off.
-    _C.FPT.ST.ENABLED = True
+    _C.FPT.SELF.ENABLED = True
     # Levels with a self-transformer; [] = every transformed level.
-    _C.FPT.ST.LEVELS = []
+    _C.FPT.SELF.LEVELS = []
     # Number of softmaxes of the Mixture of Softmaxes.
-    _C.FPT.ST.MIXTURES = 2
+    _C.FPT.SELF.MIXTURES = 2
     # Average-pool keys and values 3x3 / stride 2.
-    _C.FPT.ST.POOL_KV = True
+    _C.FPT.SELF.POOL_KV = True
     # One 1x1 conv for queries and keys.
-    _C.FPT.ST.SHARE_QK = True
+    _C.FPT.SELF.SHARE_QK = True
     # Dropout on each attention map (training).
-    _C.FPT.ST.DROPOUT = 0.1
+    _C.FPT.SELF.DROPOUT = 0.1
     # Logit scale; 0 = 1 / sqrt(C).
-    _C.FPT.ST.SCALE = 0.0
+    _C.FPT.SELF.SCALE = 0.0
 
-    _C.FPT.GT = CN_()
+    _C.FPT.GROUNDING = CN_()
     # Grounding transformer (top-down) on/off.
-    _C.FPT.GT.ENABLED = True
+    _C.FPT.GROUNDING.ENABLED = True
     # "euclidean" (paper), "dot" (release, linear) or "embedded" (softmax of q.k).
-    _C.FPT.GT.MODE = "euclidean"
+    _C.FPT.GROUNDING.MODE = "euclidean"
     # Width of q, k, v; 0 = C / 2.
-    _C.FPT.GT.INTER_CHANNELS = 0
+    _C.FPT.GROUNDING.INTER_CHANNELS = 0
     # Mixture of Softmaxes parts (1 = plain softmax).
-    _C.FPT.GT.MIXTURES = 1
+    _C.FPT.GROUNDING.MIXTURES = 1
     # tau of the euclidean mode; 0 = 1 / sqrt(INTER_CHANNELS).
-    _C.FPT.GT.TEMPERATURE = 0.0
+    _C.FPT.GROUNDING.TEMPERATURE = 0.0
 
-    _C.FPT.RT = CN_()
+    _C.FPT.RENDERING = CN_()
     # Rendering transformer (bottom-up) on/off.
-    _C.FPT.RT.ENABLED = True
+    _C.FPT.RENDERING.ENABLED = True
     # "conv_then_weight" (release) or "weight_then_conv" (paper).
-    _C.FPT.RT.ORDER = "conv_then_weight"
+    _C.FPT.RENDERING.ORDER = "conv_then_weight"
 
-
-def _get(node, dotted):
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def _set(node, dotted, value):
-    *parents, last = dotted.split(".")
-    for part in parents:
-        node = node[part]
-    node[last] = value
-
-
-def resolve_fpt_config(cfg) -> CN:
-    """A copy of ``cfg.MODEL.FPT`` with its PRESET applied.
-
-    A preset key takes the preset's value unless ``cfg`` gives it a value other than the default (so a key
-    set explicitly to its default value still takes the preset's).
-    """
-    node = cfg.MODEL.FPT
-    preset = node.PRESET
-    if preset not in ("", *FPT_PRESETS):
-        raise ValueError(f"MODEL.FPT.PRESET must be '' or one of {sorted(FPT_PRESETS)}, got {preset!r}")
-    out = copy.deepcopy(node)
-    if not preset:
-        return out
-    defaults = CN({"MODEL": {}})
-    add_fpt_config(defaults)
-    was_frozen = out.is_frozen()
-    out.defrost()
-    for key, value in FPT_PRESETS[preset].items():
-        if _get(node, key) == _get(defaults.MODEL.FPT, key):
-            _set(out, key, copy.deepcopy(value))
-    if was_frozen:
-        out.freeze()
-    return out
+    register_renamed_keys(cfg, RENAMED_KEYS)

@@ -38,7 +38,7 @@ class GroundingTransformer(nn.Module):
                  query_chunk: int = 4096):
         super().__init__()
         if mode not in GT_MODES:
-            raise ValueError(f"GT MODE must be one of {GT_MODES}, got {mode!r}")
+            raise ValueError(f"MODEL.FPT.GROUNDING.MODE must be one of {GT_MODES}, got {mode!r}")
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"ATTN_IMPL must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         inter = int(inter_channels) or channels // 2

@@ -1,36 +1,16 @@
-"""Normalisation and conv helpers of the FPT modules (torch-only).
+"""Conv + norm helpers of the FPT modules (torch-only).
 
-A ``norm`` argument is either a name ("" = none, "BN", "SyncBN", "GN" = GroupNorm with 32 groups) or a callable
-``channels -> nn.Module`` (the detectron2 glue passes ``lambda c: detectron2.layers.get_norm(name, c)`` so every
-detectron2 norm works).
+A ``norm`` argument is what :func:`d2_refine.layers.norm.get_norm` takes (detectron2's ``get_norm``): a name
+("" = none, "GN", "BN", "SyncBN", ...) or a callable ``channels -> nn.Module``.
 """
 from collections import OrderedDict
-from typing import Callable, Union
 
 import torch.nn as nn
 from fvcore.nn.weight_init import c2_xavier_fill
 
-NormSpec = Union[str, Callable[[int], nn.Module]]
+from d2_refine.layers.norm import NormSpec, get_norm
 
-__all__ = ["NormSpec", "build_norm", "zero_init_norm", "conv_norm"]
-
-
-def build_norm(norm: NormSpec, channels: int) -> nn.Module:
-    """The normalisation layer named by ``norm`` for ``channels`` channels (``nn.Identity`` for "")."""
-    if callable(norm):
-        module = norm(channels)
-        return nn.Identity() if module is None else module
-    if norm in ("", None):
-        return nn.Identity()
-    if norm == "BN":
-        return nn.BatchNorm2d(channels)
-    if norm == "SyncBN":
-        return nn.SyncBatchNorm(channels)
-    if norm == "GN":
-        if channels % 32 != 0:
-            raise ValueError(f"GN uses 32 groups: channels ({channels}) must be a multiple of 32")
-        return nn.GroupNorm(32, channels)
-    raise ValueError(f"unknown norm {norm!r}: use '', 'BN', 'SyncBN', 'GN' or a callable channels -> module")
+__all__ = ["NormSpec", "zero_init_norm", "conv_norm"]
 
 
 def zero_init_norm(module: nn.Module) -> None:
@@ -46,4 +26,4 @@ def conv_norm(in_channels: int, out_channels: int, kernel_size: int = 1, stride:
     """``Norm(Conv(x))`` (submodules ``conv``, ``norm``) with padding ``kernel_size // 2`` and c2_xavier_fill init (zero bias)."""
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
     c2_xavier_fill(conv)
-    return nn.Sequential(OrderedDict(conv=conv, norm=build_norm(norm, out_channels)))
+    return nn.Sequential(OrderedDict(conv=conv, norm=get_norm(norm, out_channels) or nn.Identity()))

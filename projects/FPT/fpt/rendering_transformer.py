@@ -14,17 +14,20 @@ RT_ORDERS = ("conv_then_weight", "weight_then_conv")
 class RenderingTransformer(nn.Module):
     """``RT(coarse <- fine) = ReLU(V_dow + Q_att)`` at the coarse resolution; no attention matrix.
 
-    - ``w = ReLU(Norm(Conv1x1(GAP(fine))))``, a channel attention (N, C, 1, 1);
+    - ``w = ReLU(Conv1x1(GAP(fine)) + b)``, a channel attention (N, C, 1, 1), with no norm: a GroupNorm of this
+      1x1 vector would fix each group's mean (0) and energy (its size) whatever the content, so that about half
+      of each group's weights are 0 after the ReLU and the rest have a fixed total size (the release's BN
+      normalises over the batch instead, and fails with one image per GPU);
     - ``Q_att = Norm(Conv3x3(coarse)) * w`` (``order`` selects the paper's weight-then-conv instead);
     - ``V_dow`` = ``level_gap`` stride-2 3x3 convs on ``fine``, each followed by Norm, ReLU between them;
       resized (nearest) to the coarse size when they differ (unpadded odd inputs).
-    All convs have no bias.
+    The other convs have no bias.
 
     Args:
         channels (int): C.
         level_gap (int): d >= 1, log2 of the stride ratio of the two levels.
         order (str): one of :data:`RT_ORDERS`.
-        norm (str or callable): norm after every conv.
+        norm (str or callable): norm after every conv but the channel attention's.
     """
 
     def __init__(self, channels: int, *, level_gap: int = 1, order: str = "conv_then_weight",
@@ -33,10 +36,10 @@ class RenderingTransformer(nn.Module):
         if level_gap < 1:
             raise ValueError(f"RT: level_gap must be >= 1, got {level_gap}")
         if order not in RT_ORDERS:
-            raise ValueError(f"RT ORDER must be one of {RT_ORDERS}, got {order!r}")
+            raise ValueError(f"MODEL.FPT.RENDERING.ORDER must be one of {RT_ORDERS}, got {order!r}")
         self.level_gap = int(level_gap)
         self.order = order
-        self.weight = conv_norm(channels, channels, 1, bias=False, norm=norm)
+        self.weight = conv_norm(channels, channels, 1, bias=True, norm="")
         self.query = conv_norm(channels, channels, 3, bias=False, norm=norm)
         layers = []
         for i in range(self.level_gap):

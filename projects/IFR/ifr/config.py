@@ -4,6 +4,7 @@ Solver keys use torchdeq's words (``f_max_iter``, ``b_tol``, Anderson's ``tau``)
 ``_TEST`` as in detectron2. Configs written with the earlier names fail with a one-line error naming the new key.
 """
 from d2_refine.config import node_class
+from d2_refine.config.renamed import register_renamed_keys
 
 #: earlier key -> current key
 RENAMED_KEYS = {
@@ -21,8 +22,7 @@ def add_ifr_config(cfg):
     if "IFR" in cfg.MODEL:
         return cfg
     node = node_class(cfg)
-    for old, new in RENAMED_KEYS.items():  # merging a file or option with an old name raises "Key ... was renamed"
-        cfg.register_renamed_key(old, new)
+    register_renamed_keys(cfg, RENAMED_KEYS)  # merging a file or option with an old name: one line naming the new
     _C = cfg.MODEL
     _C.IFR = node()
     # "implicit": fixed point z* = f(z*, x) by a root solver + implicit differentiation;

@@ -1,6 +1,14 @@
 """``add_internet_config``: the ``MODEL.INTERNET`` node (Feature Intertwiner, Li et al., ICLR 2019)."""
 from d2_refine.config import node_class
 
+from d2_refine.config.renamed import register_renamed_keys
+
+#: old key -> new key (see d2_refine/config/renamed.py): merging an old one raises one line naming the new one
+RENAMED_KEYS = {
+    "MODEL.INTERNET.WARMUP_FRACTION": ("MODEL.INTERNET.WARMUP_ITERS",
+                                       "the warm-up is in iterations now, not a fraction of the first epoch"),
+}
+
 
 def add_internet_config(cfg):
     """Add ``MODEL.INTERNET`` (defaults of the released "meta_105" setting) to ``cfg`` in place; no-op if present."""
@@ -21,7 +29,8 @@ def add_internet_config(cfg):
     # 1: conv 3x3 stride 1 (released); 2: transposed conv k3 s2 doubling the resolution.
     _C.INTERNET.MAKEUP.UPSAMPLE_FACTOR = 1
     # Norm after each conv: "Affine" (the original's effective BN: frozen 0/1 statistics, trainable scale/shift),
-    # "BN" (batch statistics), "" (none), or any detectron2 get_norm name ("GN", "SyncBN", "FrozenBN", ...).
+    # "BN" (batch statistics), "" (none), or any detectron2 get_norm name ("GN", "SyncBN", "FrozenBN", ...); see
+    # d2_refine/layers/norm.py.
     _C.INTERNET.MAKEUP.NORM = "Affine"
     # One make-up block per level sharing the conv, differing in their norm (original MULTI_MAKEUP).
     _C.INTERNET.MAKEUP.MULTI = False
@@ -41,8 +50,9 @@ def add_internet_config(cfg):
     _C.INTERNET.BUFFER_SIZE = 1
     # Instance-level loss (each RoI vs its class centroid) instead of the class-level one (class mean vs centroid).
     _C.INTERNET.INSTANCE_LEVEL = False
-    # Fraction of the first epoch during which the buffer fills but loss_intertwiner is 0.
-    _C.INTERNET.WARMUP_FRACTION = 0.0
+    # Iterations at the start of training during which the buffer fills but loss_intertwiner is 0 (the released
+    # code counted a fraction of the first epoch: that many iterations = fraction x images / SOLVER.IMS_PER_BATCH).
+    _C.INTERNET.WARMUP_ITERS = 0
     # Optimal-transport distance (LOSS "ot").
     _C.INTERNET.OT = node()
     # Entropic regularisation of the Sinkhorn solves.
@@ -54,4 +64,5 @@ def add_internet_config(cfg):
     _C.INTERNET.OT.COST = "sqeuclidean"
     # Channels of the OT critic (= number of 1-d samples per distribution).
     _C.INTERNET.OT.DIM = 256
+    register_renamed_keys(cfg, RENAMED_KEYS)
     return cfg

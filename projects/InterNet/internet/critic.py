@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .norm import build_norm
+from d2_refine.layers.norm import get_norm
 
 __all__ = ["ACTIVATIONS", "InterNetCritic"]
 
@@ -22,7 +22,7 @@ class InterNetCritic(nn.Module):
         in_channels (int): channels of the pooled RoI features.
         pool_size (int): their side S (even; 14 in the original).
         dim (int): output dimension.
-        norm (str): see :func:`~.norm.build_norm`.
+        norm (str): see :func:`d2_refine.layers.norm.get_norm`.
         activation (str): "sigmoid" | "softmax" | "none".
     """
 
@@ -39,7 +39,7 @@ class InterNetCritic(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, dim // 2, 3, stride=2, padding=1, bias=bias)
         self.conv2 = nn.Conv2d(dim // 2, dim, pool_size // 2, bias=bias)
         self.conv3 = nn.Conv2d(dim, dim, 1, bias=bias)
-        self.norms = nn.ModuleList(build_norm(norm, c) or nn.Identity() for c in (dim // 2, dim, dim))
+        self.norms = nn.ModuleList(get_norm(norm, c) or nn.Identity() for c in (dim // 2, dim, dim))
         for conv in (self.conv1, self.conv2, self.conv3):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             if conv.bias is not None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from d2_refine.layers.sinkhorn import sinkhorn_divergence
+from d2_refine.layers.sinkhorn import require_pot, sinkhorn_divergence
 
 __all__ = ["DISTANCES", "IntertwinerOT", "intertwiner_loss"]
 
@@ -44,6 +44,7 @@ class IntertwinerOT(nn.Module):
         super().__init__()
         if cost not in ("sqeuclidean", "cosine"):
             raise ValueError(f"MODEL.INTERNET.OT.COST must be 'sqeuclidean' or 'cosine', got {cost!r}")
+        require_pot("InterNet's OT loss (MODEL.INTERNET.LOSS \"ot\")")  # at build time, not at the first step
         self.generator = nn.Conv1d(dim, dim, 3, padding=1)
         self.critic = nn.Conv1d(dim, ot_dim, 3, padding=1)
         self.epsilon = float(epsilon)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .norm import build_norm
+from d2_refine.layers.norm import get_norm
 
 __all__ = ["MakeupLayer"]
 
@@ -21,7 +21,7 @@ class MakeupLayer(nn.Module):
         channels (int): input and output channels (the FPN width).
         num_conv (int): number of conv + norm + ReLU blocks.
         upsample_factor (int): 1 or 2.
-        norm (str): see :func:`build_norm`.
+        norm (str): see :func:`d2_refine.layers.norm.get_norm`.
         num_levels (int): 1, or the number of pyramid levels for per-level norms.
     """
 
@@ -48,7 +48,7 @@ class MakeupLayer(nn.Module):
         self.convs = nn.ModuleList(convs)
         # norms[level][block]; None entries when norm == ""
         self.norms = nn.ModuleList(
-            nn.ModuleList(build_norm(norm, channels) or nn.Identity() for _ in range(num_conv))
+            nn.ModuleList(get_norm(norm, channels) or nn.Identity() for _ in range(num_conv))
             for _ in range(num_levels)
         )
 

@@ -5,14 +5,12 @@ maps) and the level each RoI is pooled from (InterNet's rounded FPN rule or roi_
 critic, the class buffer and ``loss_intertwiner`` are added; at inference only the make-up layer remains.
 """
 import logging
-import math
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.data import DatasetCatalog
 from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import ImageList, Instances
@@ -87,6 +85,8 @@ class InterNetROIHeads(StandardROIHeads):
         self.loss_weight = float(loss_weight)
         self.instance_level = bool(instance_level)
         self.ot = ot
+        if warmup_iters < 0:
+            raise ValueError(f"MODEL.INTERNET.WARMUP_ITERS must be >= 0, got {warmup_iters}")
         self.warmup_iters = int(warmup_iters)
         self._local_steps = 0
 
@@ -156,17 +156,9 @@ class InterNetROIHeads(StandardROIHeads):
             loss_weight=c.LOSS_WEIGHT,
             instance_level=c.INSTANCE_LEVEL,
             ot=IntertwinerOT(c.CRITIC_DIM, c.OT.DIM, c.OT.EPSILON, c.OT.ITERS, c.OT.COST) if c.LOSS == "ot" else None,
-            warmup_iters=cls._warmup_iters(cfg),
+            warmup_iters=c.WARMUP_ITERS,
         )
         return ret
-
-    @classmethod
-    def _warmup_iters(cls, cfg) -> int:
-        frac = cfg.MODEL.INTERNET.WARMUP_FRACTION
-        if frac <= 0:
-            return 0
-        num_images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
-        return int(frac * math.ceil(num_images / cfg.SOLVER.IMS_PER_BATCH))
 
     # ---------------------------------------------------------------- forward
     @property

@@ -4,6 +4,26 @@ Only adds keys, so it imports and runs without detectron2.
 """
 from d2_refine.config import node_class
 
+from d2_refine.config.renamed import register_renamed_keys
+
+_NMS_NOTE = ('one key for the NMS now: IOU_NMS True + NMS_GUIDE "rank" -> "iou_guided", NMS_GUIDE "weight" -> '
+             '"iou_guided_score_x_iou", IOU_NMS False -> "plain"')
+
+#: old key -> new key (see d2_refine/config/renamed.py): merging an old one raises one line naming the new one
+RENAMED_KEYS = {
+    "MODEL.IOU_NET.IOU_NMS": ("MODEL.IOU_NET.NMS_TEST", _NMS_NOTE),
+    "MODEL.IOU_NET.NMS_GUIDE": ("MODEL.IOU_NET.NMS_TEST", _NMS_NOTE),
+    "MODEL.IOU_NET.NMS_THRESH": "MODEL.IOU_NET.NMS_THRESH_TEST",
+    "MODEL.IOU_NET.REFINE": "MODEL.IOU_NET.REFINE_TEST",
+    "MODEL.IOU_NET.PRE_REFINE": "MODEL.IOU_NET.REFINE_TOPK_TEST",
+    "MODEL.IOU_NET.STEPS": "MODEL.IOU_NET.REFINE_STEPS_TEST",
+    "MODEL.IOU_NET.STEP_SIZE": "MODEL.IOU_NET.REFINE_STEP_SIZE_TEST",
+    "MODEL.IOU_NET.EARLY_STOP": "MODEL.IOU_NET.REFINE_EARLY_STOP_TEST",
+    "MODEL.IOU_NET.DEGRADE_TOL": "MODEL.IOU_NET.REFINE_DEGRADE_TOL_TEST",
+    "MODEL.IOU_NET.REVERT_ON_DEGRADE": "MODEL.IOU_NET.REFINE_REVERT_ON_DEGRADE_TEST",
+    "MODEL.IOU_NET.SCORE_TIMES_IOU": "MODEL.IOU_NET.SCORE_TIMES_IOU_TEST",
+}
+
 
 def add_iounet_config(cfg):
     """Add ``MODEL.IOU_NET`` to ``cfg`` (in place). A second call is a no-op."""
@@ -38,25 +58,26 @@ def add_iounet_config(cfg):
     _C.IOU_NET.WH_STEPS = 16
     # Seed of the (deterministic) delta pool.
     _C.IOU_NET.POOL_SEED = 0
-    # --- Inference ---
-    # Ranking key of IoU-guided NMS: "rank" (predicted IoU), "weight" (cls score x IoU), "none" (cls score).
-    _C.IOU_NET.NMS_GUIDE = "rank"
-    # IoU above which IoU-guided NMS suppresses a box.
-    _C.IOU_NET.NMS_THRESH = 0.5
-    # Use IoU-guided NMS (False: detectron2's class-wise NMS on the classification score).
-    _C.IOU_NET.IOU_NMS = True
+    # --- Inference (test-time values end in _TEST, as detectron2's) ---
+    # NMS of the detections: "iou_guided" (the paper: ranked by predicted IoU, a kept box takes the best cls score
+    # of the boxes it suppresses), "iou_guided_score_x_iou" (the same, ranked by cls score x predicted IoU) or
+    # "plain" (detectron2's class-wise NMS on the cls score, on class-specific boxes).
+    _C.IOU_NET.NMS_TEST = "iou_guided"
+    # IoU above which IoU-guided NMS suppresses a box ("plain" uses MODEL.ROI_HEADS.NMS_THRESH_TEST).
+    _C.IOU_NET.NMS_THRESH_TEST = 0.5
     # Refine the boxes by gradient ascent of the predicted IoU.
-    _C.IOU_NET.REFINE = True
+    _C.IOU_NET.REFINE_TEST = True
     # Boxes (best after NMS) that go through refinement.
-    _C.IOU_NET.PRE_REFINE = 100
+    _C.IOU_NET.REFINE_TOPK_TEST = 100
     # Maximum refinement steps T and step size lambda.
-    _C.IOU_NET.STEPS = 5
-    _C.IOU_NET.STEP_SIZE = 0.5
-    # A box stops refining when |IoU gain| < EARLY_STOP or the gain < DEGRADE_TOL.
-    _C.IOU_NET.EARLY_STOP = 0.001
-    _C.IOU_NET.DEGRADE_TOL = -0.01
+    _C.IOU_NET.REFINE_STEPS_TEST = 5
+    _C.IOU_NET.REFINE_STEP_SIZE_TEST = 0.5
+    # A box stops refining when |IoU gain| < REFINE_EARLY_STOP_TEST or the gain < REFINE_DEGRADE_TOL_TEST.
+    _C.IOU_NET.REFINE_EARLY_STOP_TEST = 0.001
+    _C.IOU_NET.REFINE_DEGRADE_TOL_TEST = -0.01
     # On a degrading step, return to the previous box (False: keep it, as the paper's Algorithm 2).
-    _C.IOU_NET.REVERT_ON_DEGRADE = False
-    # Multiply the final score by the predicted IoU of the final box.
-    _C.IOU_NET.SCORE_TIMES_IOU = True
+    _C.IOU_NET.REFINE_REVERT_ON_DEGRADE_TEST = False
+    # Multiply the final score by the predicted IoU of the final (output, clipped) box.
+    _C.IOU_NET.SCORE_TIMES_IOU_TEST = True
+    register_renamed_keys(cfg, RENAMED_KEYS)
     return cfg

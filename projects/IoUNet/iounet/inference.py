@@ -11,7 +11,11 @@ from torchvision.ops import batched_nms
 
 from .refine import refine_boxes
 
-__all__ = ["iounet_inference_single_image"]
+__all__ = ["iounet_inference_single_image", "NMS_MODES"]
+
+#: ``MODEL.IOU_NET.NMS_TEST`` -> the ranking key of :func:`d2_refine.ops.iou_guided_nms`, or None for detectron2's
+#: class-wise NMS on the cls score ("plain")
+NMS_MODES = {"iou_guided": "rank", "iou_guided_score_x_iou": "weight", "plain": None}
 
 #: ``iou_fn(boxes) -> ious``: boxes (Tensor[B, 4]) -> decoded IoUs of every class (Tensor[B, K], or
 #: Tensor[B, 1] class-agnostic), differentiable w.r.t. the boxes.
@@ -40,8 +44,7 @@ def iounet_inference_single_image(
     score_thresh: float = 0.05,
     nms_thresh: float = 0.5,
     topk: int = 100,
-    iou_nms: bool = True,
-    nms_guide: str = "rank",
+    nms: str = "iou_guided",
     refine: bool = True,
     pre_refine: int = 100,
     refine_kwargs: Optional[dict] = None,
@@ -54,18 +57,22 @@ def iounet_inference_single_image(
         image_size ((h, w)): to clip boxes.
         iou_fn: the IoU head on boxes of this image (see :data:`AllClassIoUFn`).
         score_thresh: candidates need a class score >= score_thresh.
-        nms_thresh: IoU threshold of (IoU-guided) NMS.
+        nms_thresh: IoU threshold of the NMS.
         topk: detections kept (< 0: all).
-        iou_nms: IoU-guided NMS (spec section 4) on candidates (proposal, class) whose box is the one regressed
-            for the proposal's argmax class; else detectron2's class-wise NMS on class-specific boxes.
-        nms_guide: "rank" | "weight" | "none", the ranking key of IoU-guided NMS.
+        nms: one of :data:`NMS_MODES`. "iou_guided" (paper, section 4; ranked by predicted IoU) and
+            "iou_guided_score_x_iou" (ranked by cls score x IoU) run on candidates (proposal, class) whose box is
+            the one regressed for the proposal's argmax class; "plain" is detectron2's class-wise NMS on
+            class-specific boxes.
         refine: refine the ``pre_refine`` best boxes after NMS (kwargs of :func:`refine_boxes`).
-        score_times_iou: final score = score x predicted IoU (clamped to [0, 1]) of the final box.
+        score_times_iou: final score = score x predicted IoU (clamped to [0, 1]) of the final box, the one output
+            (refined boxes are clipped to the image first).
     Returns:
         dict with "boxes" (Tensor[D, 4]), "scores" (Tensor[D]), "classes" (Tensor[D] int64), "ious"
         (Tensor[D], predicted IoU of the final box, or None when no stage needed it), "refine_steps"
         (Tensor[D'] steps of the refined boxes), "refine_gain" (Tensor[D'] IoU gain of the refined boxes).
     """
+    if nms not in NMS_MODES:
+        raise ValueError(f"MODEL.IOU_NET.NMS_TEST must be one of {tuple(NMS_MODES)}, got {nms!r}")
     valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
     if not bool(valid.all()):
         boxes, scores = boxes[valid], scores[valid]
@@ -76,7 +83,7 @@ def iounet_inference_single_image(
     ious: Optional[torch.Tensor] = None
     empty = boxes.new_zeros((0,))
 
-    if iou_nms:
+    if NMS_MODES[nms] is not None:
         from d2_refine.ops import iou_guided_nms
 
         fg_score, fg_cls = scores.max(dim=1)
@@ -88,7 +95,7 @@ def iounet_inference_single_image(
         r, k = cand[:, 0], cand[:, 1]
         cand_boxes, cand_scores = prop_boxes[r], scores[prop[r], k]
         cand_ious = prop_ious[r, 0] if prop_ious.shape[1] == 1 else prop_ious[r, k]
-        keep, kept_scores = iou_guided_nms(cand_boxes, cand_scores, cand_ious, k, nms_thresh, guide=nms_guide)
+        keep, kept_scores = iou_guided_nms(cand_boxes, cand_scores, cand_ious, k, nms_thresh, guide=NMS_MODES[nms])
         limit = max(topk, pre_refine if refine else 0) if topk >= 0 else len(keep)
         keep, kept_scores = keep[:limit], kept_scores[:limit]
         boxes, scores, classes, ious = cand_boxes[keep], kept_scores, k[keep], cand_ious[keep]

@@ -19,7 +19,7 @@ IoUFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class RefineResult(NamedTuple):
     boxes: torch.Tensor  #: Tensor[B, 4] refined boxes (detached)
-    ious: torch.Tensor  #: Tensor[B] predicted IoU of the refined boxes
+    ious: torch.Tensor  #: Tensor[B] predicted IoU of the refined boxes (as returned: after clipping)
     init_ious: torch.Tensor  #: Tensor[B] predicted IoU of the input boxes
     steps: torch.Tensor  #: Tensor[B] int64, number of update steps taken per box
 
@@ -43,7 +43,8 @@ def refine_boxes(boxes: torch.Tensor, iou_fn: IoUFn, steps: int = 5, step_size: 
     Args:
         boxes (Tensor[B, 4]): (x0, y0, x1, y1) boxes.
         iou_fn: see :data:`IoUFn`.
-        image_size ((h, w) or None): clip the final boxes to the image when given.
+        image_size ((h, w) or None): clip the final boxes to the image when given; the IoUs returned are then
+            those of the clipped boxes (predicted again for the boxes that the clipping changed).
     Returns:
         :class:`RefineResult`.
     """
@@ -86,5 +87,10 @@ def refine_boxes(boxes: torch.Tensor, iou_fn: IoUFn, steps: int = 5, step_size: 
             if not bool(act.any()):
                 break
     if image_size is not None:
-        out_boxes = _clip(out_boxes, image_size)
+        clipped = _clip(out_boxes, image_size)
+        moved = torch.nonzero((clipped != out_boxes).any(dim=1))[:, 0]
+        if len(moved):
+            with torch.no_grad():
+                out_q[moved] = iou_fn(clipped[moved], moved).detach()
+        out_boxes = clipped
     return RefineResult(out_boxes, out_q, init_q, taken)

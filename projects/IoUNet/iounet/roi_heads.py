@@ -13,7 +13,7 @@ from detectron2.utils.events import get_event_storage
 
 from d2_refine.utils.tracing import is_tracing_or_exporting
 
-from .inference import iounet_inference_single_image
+from .inference import NMS_MODES, iounet_inference_single_image
 from .iou_head import IoUHead
 from .jitter import IoUBalancedJitter
 from .pooler import PRROI_POOLER_TYPES, PrRoIPooler
@@ -21,8 +21,6 @@ from .pooler import PRROI_POOLER_TYPES, PrRoIPooler
 __all__ = ["IoUNetROIHeads"]
 
 logger = logging.getLogger(__name__)
-
-_NMS_GUIDES = ("rank", "weight", "none")
 
 
 def _swap_prroi_type(cfg, node: str):
@@ -49,24 +47,28 @@ class IoUNetROIHeads(StandardROIHeads):
         iou_pooler (ROIPooler): PrRoIPool pooler of the IoU head (differentiable w.r.t. the boxes).
         iou_head (IoUHead): the IoU head.
         jitter (IoUBalancedJitter): the training-RoI generator.
-        iou_nms, nms_guide, nms_thresh: IoU-guided NMS switch, ranking key, threshold.
+        nms (str): "iou_guided", "iou_guided_score_x_iou" or "plain" (see :data:`~.inference.NMS_MODES`).
+        nms_thresh: IoU threshold of IoU-guided NMS ("plain" uses the box predictor's test threshold).
         refine, pre_refine, refine_kwargs: refinement switch, boxes refined, :func:`refine_boxes` kwargs.
         score_times_iou (bool): multiply the final score by the predicted IoU.
+
+    Refinement statistics (boxes refined, mean steps, mean predicted-IoU gain) add up over inference and are
+    logged, then reset, when the module next changes mode (``model.train(mode)``): detectron2's
+    ``inference_on_dataset`` restores the model's mode when an evaluation ends, so each evaluation logs its own.
     """
 
     @configurable
     def __init__(self, *, iou_pooler: PrRoIPooler, iou_head: IoUHead, jitter: IoUBalancedJitter,
-                 iou_nms: bool = True, nms_guide: str = "rank", nms_thresh: float = 0.5, refine: bool = True,
+                 nms: str = "iou_guided", nms_thresh: float = 0.5, refine: bool = True,
                  pre_refine: int = 100, refine_kwargs: Optional[dict] = None, score_times_iou: bool = True,
                  **kwargs):
         super().__init__(**kwargs)
-        if nms_guide not in _NMS_GUIDES:
-            raise ValueError(f"MODEL.IOU_NET.NMS_GUIDE must be one of {_NMS_GUIDES}, got {nms_guide!r}")
+        if nms not in NMS_MODES:
+            raise ValueError(f"MODEL.IOU_NET.NMS_TEST must be one of {tuple(NMS_MODES)}, got {nms!r}")
         self.iou_pooler = iou_pooler
         self.iou_head = iou_head
         self.jitter = jitter
-        self.iou_nms = iou_nms
-        self.nms_guide = nms_guide
+        self.nms = nms
         self.iou_nms_thresh = nms_thresh
         self.refine = refine
         self.pre_refine = pre_refine
@@ -87,10 +89,11 @@ class IoUNetROIHeads(StandardROIHeads):
         ret["iou_head"] = IoUHead(in_channels, c.POOLER_RESOLUTION, cfg.MODEL.ROI_HEADS.NUM_CLASSES, c.NUM_FC,
                                   c.FC_DIM, c.CLS_AGNOSTIC, c.LOSS, c.LOSS_WEIGHT, c.SMOOTH_L1_BETA)
         ret["jitter"] = IoUBalancedJitter(c.NUM_ROIS, c.FG_IOU, c.BIN_POOL, c.XY_STEPS, c.WH_STEPS, c.POOL_SEED)
-        ret.update(iou_nms=c.IOU_NMS, nms_guide=c.NMS_GUIDE, nms_thresh=c.NMS_THRESH, refine=c.REFINE,
-                   pre_refine=c.PRE_REFINE, score_times_iou=c.SCORE_TIMES_IOU,
-                   refine_kwargs=dict(steps=c.STEPS, step_size=c.STEP_SIZE, early_stop=c.EARLY_STOP,
-                                      degrade_tol=c.DEGRADE_TOL, revert_on_degrade=c.REVERT_ON_DEGRADE))
+        ret.update(nms=c.NMS_TEST, nms_thresh=c.NMS_THRESH_TEST, refine=c.REFINE_TEST,
+                   pre_refine=c.REFINE_TOPK_TEST, score_times_iou=c.SCORE_TIMES_IOU_TEST,
+                   refine_kwargs=dict(steps=c.REFINE_STEPS_TEST, step_size=c.REFINE_STEP_SIZE_TEST,
+                                      early_stop=c.REFINE_EARLY_STOP_TEST, degrade_tol=c.REFINE_DEGRADE_TOL_TEST,
+                                      revert_on_degrade=c.REFINE_REVERT_ON_DEGRADE_TEST))
         return ret
 
     @classmethod
@@ -147,13 +150,29 @@ class IoUNetROIHeads(StandardROIHeads):
     # ------------------------------------------------------------------ inference
     def reset_refine_stats(self):
         """Zero the running refinement statistics (see :meth:`refine_stats`)."""
-        self._refine_totals = {"boxes": 0, "steps": 0.0, "gain": 0.0}
+        self._refine_totals = {"images": 0, "boxes": 0, "steps": 0.0, "gain": 0.0}
 
     def refine_stats(self) -> Dict[str, float]:
-        """Mean refinement steps and mean predicted-IoU gain per refined box since the last reset."""
+        """Images seen, boxes refined, mean refinement steps and mean predicted-IoU gain per refined box since the
+        last reset."""
         n = max(self._refine_totals["boxes"], 1)
-        return {"boxes": self._refine_totals["boxes"], "mean_steps": self._refine_totals["steps"] / n,
-                "mean_iou_gain": self._refine_totals["gain"] / n}
+        return {"images": self._refine_totals["images"], "boxes": self._refine_totals["boxes"],
+                "mean_steps": self._refine_totals["steps"] / n, "mean_iou_gain": self._refine_totals["gain"] / n}
+
+    def log_refine_stats(self) -> None:
+        """Log the refinement statistics gathered since the last reset (if any image was seen), then reset."""
+        st = self.refine_stats()
+        if st["images"]:
+            logger.info("IoU-Net refinement on %d images: %d boxes refined (%.1f per image), %.2f steps and "
+                        "%+.4f predicted IoU per refined box on average", st["images"], st["boxes"],
+                        st["boxes"] / st["images"], st["mean_steps"], st["mean_iou_gain"])
+        self.reset_refine_stats()
+
+    def train(self, mode: bool = True):
+        # the end of an evaluation (detectron2's inference_context restores the mode) reports what it refined
+        if getattr(self, "refine", False):
+            self.log_refine_stats()
+        return super().train(mode)
 
     def _iou_fn(self, feats: List[torch.Tensor]):
         def fn(boxes: torch.Tensor) -> torch.Tensor:
@@ -162,12 +181,12 @@ class IoUNetROIHeads(StandardROIHeads):
         return fn
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
-        if self.training or not (self.iou_nms or self.refine or self.score_times_iou):
+        if self.training or not (self.nms != "plain" or self.refine or self.score_times_iou):
             return super()._forward_box(features, proposals)
         if self.refine and is_tracing_or_exporting():
             raise RuntimeError("IoU-Net's box refinement (gradient ascent through torch.autograd.grad, a "
                                "value-dependent number of steps) cannot be traced or exported; set "
-                               "MODEL.IOU_NET.REFINE False to export the rest of IoU-Net's inference "
+                               "MODEL.IOU_NET.REFINE_TEST False to export the rest of IoU-Net's inference "
                                "(see docs/EXPORT.md)")
         feats = [features[f] for f in self.box_in_features]
         box_features = self.box_head(self.box_pooler(feats, [x.proposal_boxes for x in proposals]))
@@ -183,8 +202,8 @@ class IoUNetROIHeads(StandardROIHeads):
         for i, (boxes, scores, p) in enumerate(zip(all_boxes, all_scores, proposals)):
             out = iounet_inference_single_image(
                 boxes, scores, p.image_size, self._iou_fn([f[i : i + 1] for f in feats]),
-                score_thresh=bp.test_score_thresh, nms_thresh=self.iou_nms_thresh if self.iou_nms else
-                bp.test_nms_thresh, topk=bp.test_topk_per_image, iou_nms=self.iou_nms, nms_guide=self.nms_guide,
+                score_thresh=bp.test_score_thresh, nms_thresh=bp.test_nms_thresh if self.nms == "plain" else
+                self.iou_nms_thresh, topk=bp.test_topk_per_image, nms=self.nms,
                 refine=self.refine, pre_refine=self.pre_refine, refine_kwargs=self.refine_kwargs,
                 score_times_iou=self.score_times_iou)
             inst = Instances(p.image_size)
@@ -195,6 +214,7 @@ class IoUNetROIHeads(StandardROIHeads):
                 inst.pred_ious = out["ious"]
             results.append(inst)
             n = len(out["refine_steps"])
+            self._refine_totals["images"] += 1
             self._refine_totals["boxes"] += n
             self._refine_totals["steps"] += float(out["refine_steps"].sum())
             self._refine_totals["gain"] += float(out["refine_gain"].sum())

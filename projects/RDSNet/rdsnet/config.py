@@ -4,6 +4,7 @@ Test-time values end in ``_TEST`` as in detectron2; configs written with the ear
 error naming the new key.
 """
 from d2_refine.config import node_class
+from d2_refine.config.renamed import register_renamed_keys
 
 from .mbrm import MBRM_DEFAULT_BIAS, MBRM_DEFAULT_KERNEL
 
@@ -18,8 +19,7 @@ def add_rdsnet_config(cfg):
     if "RDSNET" in cfg.MODEL:
         return cfg
     node = node_class(cfg)
-    for old, new in RENAMED_KEYS.items():  # merging a file or option with an old name raises "Key ... was renamed"
-        cfg.register_renamed_key(old, new)
+    register_renamed_keys(cfg, RENAMED_KEYS)  # merging a file or option with an old name: one line naming the new
     _C = cfg.MODEL.RDSNET = node()
     # Channels d of one object representation; the representation tower outputs A * 2 * d (background, foreground).
     _C.REP_DIM = 32

@@ -1,5 +1,7 @@
 """FPTBackbone on detectron2: same outputs as the wrapped FPN, registered builders, lateral input, checkpoints,
 gradients, and one Mask R-CNN training step on odd-sized images."""
+import os
+
 import pytest
 import torch
 
@@ -15,11 +17,15 @@ from d2_refine.config import add_d2_refine_config  # noqa: E402
 from d2_refine.projects.fpt import FPTBackbone  # noqa: E402
 
 C = 64
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-def _cfg(name="build_resnet_fpt_backbone", **fpt):
+def _cfg(name="build_resnet_fpt_backbone", setting=None, **fpt):
+    """A small R-18 FPT config; ``setting``: "lite" / "paper" / "release" merges configs/FPT/Base-FPT-<setting>.yaml."""
     cfg = get_cfg()
     add_d2_refine_config(cfg)
+    if setting:
+        cfg.merge_from_file(os.path.join(ROOT, "configs", "FPT", f"Base-FPT-{setting}.yaml"))
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.BACKBONE.NAME = name
     cfg.MODEL.BACKBONE.FREEZE_AT = 0
@@ -77,7 +83,7 @@ def test_p6_is_repooled_from_the_transformed_p5():
 
 
 def test_fpt_lite_preset_keeps_p2_and_transforms_p3_p5():
-    cfg = _cfg(PRESET="fpt_lite")
+    cfg = _cfg(setting="lite")
     bb = build_backbone(cfg).eval()
     assert bb.in_features == ["p3", "p4", "p5"] and sorted(bb.pyramid.st.keys()) == ["p4", "p5"]
     assert bb.pyramid.fuse["p3"].conv.kernel_size == (1, 1)
@@ -91,7 +97,7 @@ def test_fpt_lite_preset_keeps_p2_and_transforms_p3_p5():
 
 
 def test_lateral_input_deletes_the_output_convs_and_accepts_odd_sizes():
-    bb = build_backbone(_cfg(PRESET="fpt_release")).train()
+    bb = build_backbone(_cfg(setting="release")).train()
     names = [n for n, _ in bb.named_parameters()]
     assert not any("fpn_output" in n for n in names) and any("fpn_lateral2" in n for n in names)
     assert isinstance(bb.pyramid.st["p2"].out.norm, torch.nn.BatchNorm2d)
@@ -118,10 +124,10 @@ def test_bad_configs_raise_clear_errors():
         build_backbone(_cfg(IN_FEATURES=["p5", "p6"]))
     with pytest.raises(ValueError, match="INPUT"):
         build_backbone(_cfg(INPUT="laterals"))
-    with pytest.raises(ValueError, match="ST.LEVELS"):
-        build_backbone(_cfg(IN_FEATURES=["p3", "p4"], ST__LEVELS=["p5"]))
-    with pytest.raises(ValueError, match="GT MODE"):
-        build_backbone(_cfg(GT__MODE="cosine"))
+    with pytest.raises(ValueError, match="SELF.LEVELS"):
+        build_backbone(_cfg(IN_FEATURES=["p3", "p4"], SELF__LEVELS=["p5"]))
+    with pytest.raises(ValueError, match="GROUNDING.MODE"):
+        build_backbone(_cfg(GROUNDING__MODE="cosine"))
 
 
 def test_loads_a_detectron2_fpn_checkpoint():
@@ -142,7 +148,7 @@ def test_loads_a_detectron2_fpn_checkpoint():
 
 
 def test_gradients_reach_every_transformer_parameter():
-    bb = build_backbone(_cfg(GT__MIXTURES=2)).train()
+    bb = build_backbone(_cfg(GROUNDING__MIXTURES=2)).train()
     for gt in bb.pyramid.gt.values():  # GT starts silent (gamma = beta = 0): open it for this check
         torch.nn.init.ones_(gt.out.norm.weight)
     out = bb(torch.randn(2, 3, 128, 128))  # p5 pooled to 2x2: a softmax over one key would have no gradient
@@ -165,9 +171,9 @@ def _instances(h, w, n):
     return inst
 
 
-@pytest.mark.parametrize("preset", ["fpt_lite", "fpt_paper"])
-def test_one_mask_rcnn_training_step_on_odd_sizes(preset):
-    cfg = _cfg(PRESET=preset)
+@pytest.mark.parametrize("setting", ["lite", "paper"])
+def test_one_mask_rcnn_training_step_on_odd_sizes(setting):
+    cfg = _cfg(setting=setting)
     cfg.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
     cfg.MODEL.ROI_HEADS.NAME, cfg.MODEL.ROI_HEADS.IN_FEATURES = "StandardROIHeads", ["p2", "p3", "p4", "p5"]
     cfg.MODEL.ROI_BOX_HEAD.NAME, cfg.MODEL.ROI_BOX_HEAD.NUM_FC = "FastRCNNConvFCHead", 2

@@ -1,8 +1,14 @@
-"""MODEL.FPT: keys, idempotence, presets (detectron2-free)."""
+"""MODEL.FPT: keys, idempotence, the Base-FPT-*.yaml settings, renamed keys, and overrides that always win."""
+import os
+
 import pytest
 from fvcore.common.config import CfgNode as CN
 
-from d2_refine.projects.fpt.config import FPT_PRESETS, add_fpt_config, resolve_fpt_config
+from d2_refine.projects.fpt.config import add_fpt_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+FPT_CONFIGS = os.path.join(ROOT, "configs", "FPT")
+LITE = os.path.join(FPT_CONFIGS, "mask_rcnn_fpt_lite_R_18_shapes.yaml")
 
 
 def _cfg():
@@ -13,14 +19,13 @@ def _cfg():
 
 def test_defaults_follow_the_spec():
     c = _cfg().MODEL.FPT
-    assert (c.PRESET, c.WRAPPED_BACKBONE, c.IN_FEATURES, c.INPUT, c.NORM) == \
-        ("", "build_resnet_fpn_backbone", [], "fpn", "GN")
+    assert (c.WRAPPED_BACKBONE, c.IN_FEATURES, c.INPUT, c.NORM) == ("build_resnet_fpn_backbone", [], "fpn", "GN")
     assert (c.FUSE_KERNEL, c.FUSE_NORM, c.CROSS_RANGE, c.ATTN_IMPL, c.QUERY_CHUNK) == (3, "", "all", "auto", 4096)
-    assert (c.ST.ENABLED, c.ST.LEVELS, c.ST.MIXTURES, c.ST.POOL_KV, c.ST.SHARE_QK, c.ST.DROPOUT, c.ST.SCALE) == \
+    s, g, r = c.SELF, c.GROUNDING, c.RENDERING
+    assert (s.ENABLED, s.LEVELS, s.MIXTURES, s.POOL_KV, s.SHARE_QK, s.DROPOUT, s.SCALE) == \
         (True, [], 2, True, True, 0.1, 0.0)
-    assert (c.GT.ENABLED, c.GT.MODE, c.GT.INTER_CHANNELS, c.GT.MIXTURES, c.GT.TEMPERATURE) == \
-        (True, "euclidean", 0, 1, 0.0)
-    assert (c.RT.ENABLED, c.RT.ORDER) == (True, "conv_then_weight")
+    assert (g.ENABLED, g.MODE, g.INTER_CHANNELS, g.MIXTURES, g.TEMPERATURE) == (True, "euclidean", 0, 1, 0.0)
+    assert (r.ENABLED, r.ORDER) == (True, "conv_then_weight")
 
 
 def test_add_twice_is_a_noop():
@@ -36,49 +41,75 @@ def test_nodes_take_the_class_of_the_config():
 
     cfg = MyCN({"MODEL": {}})
     add_fpt_config(cfg)
-    assert type(cfg.MODEL.FPT) is MyCN and type(cfg.MODEL.FPT.ST) is MyCN
+    assert type(cfg.MODEL.FPT) is MyCN and type(cfg.MODEL.FPT.SELF) is MyCN
 
 
-@pytest.mark.parametrize("preset", sorted(FPT_PRESETS))
-def test_presets_set_their_keys(preset):
+def _merged(name):
     cfg = _cfg()
-    cfg.MODEL.FPT.PRESET = preset
-    out = resolve_fpt_config(cfg)
-    for key, value in FPT_PRESETS[preset].items():
-        node = out
-        for part in key.split("."):
-            node = node[part]
-        assert node == value
-    assert cfg.MODEL.FPT.NORM == "GN"  # the input config is left untouched
+    cfg.VERSION = 2  # as detectron2's config (the base files say which version they are written for)
+    cfg.merge_from_file(os.path.join(FPT_CONFIGS, name))
+    return cfg.MODEL.FPT
 
 
-def test_fpt_lite_and_release_contents():
+def test_base_files_hold_the_settings():
+    lite = _merged("Base-FPT-lite.yaml")
+    assert (lite.IN_FEATURES, lite.SELF.LEVELS, lite.GROUNDING.MODE, lite.FUSE_KERNEL) == \
+        (["p3", "p4", "p5"], ["p4", "p5"], "dot", 1)
+    rel = _merged("Base-FPT-release.yaml")
+    assert (rel.INPUT, rel.GROUNDING.MODE, rel.NORM) == ("lateral", "dot", "BN")
+    assert _merged("Base-FPT-paper.yaml") == _cfg().MODEL.FPT  # the paper's setting = the defaults
+
+
+@pytest.mark.parametrize("old,new", [
+    ("MODEL.FPT.ST.LEVELS", "MODEL.FPT.SELF.LEVELS"),
+    ("MODEL.FPT.GT.MODE", "MODEL.FPT.GROUNDING.MODE"),
+    ("MODEL.FPT.RT.ORDER", "MODEL.FPT.RENDERING.ORDER"),
+])
+def test_old_node_names_are_one_line_errors(tmp_path, old, new):
     cfg = _cfg()
-    cfg.MODEL.FPT.PRESET = "fpt_lite"
-    lite = resolve_fpt_config(cfg)
-    assert (lite.IN_FEATURES, lite.ST.LEVELS, lite.GT.MODE, lite.FUSE_KERNEL) == (["p3", "p4", "p5"], ["p4", "p5"],
-                                                                                  "dot", 1)
-    cfg.MODEL.FPT.PRESET = "fpt_release"
-    rel = resolve_fpt_config(cfg)
-    assert (rel.INPUT, rel.GT.MODE, rel.NORM) == ("lateral", "dot", "BN")
-    cfg.MODEL.FPT.PRESET = "fpt_paper"
-    paper = resolve_fpt_config(cfg)
-    paper.PRESET = ""
-    assert paper == resolve_fpt_config(_cfg())  # fpt_paper = the defaults
+    with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+        cfg.merge_from_list([old, "x"])
+    *nodes, leaf = old.split(".")
+    f = tmp_path / "old.yaml"
+    f.write_text("MODEL:\n  FPT:\n    " + nodes[2] + ":\n      " + leaf + ": 1\n")
+    node = ".".join(nodes)
+    with pytest.raises(KeyError, match=f"{node} was renamed to {new.rsplit('.', 1)[0]};") as e:
+        cfg.merge_from_file(str(f))
+    assert "\n" not in str(e.value)
 
 
-def test_explicit_keys_override_the_preset():
+def test_preset_is_a_one_line_error_naming_the_base_files(tmp_path):
     cfg = _cfg()
-    cfg.MODEL.FPT.PRESET = "fpt_lite"
-    cfg.MODEL.FPT.GT.MODE = "euclidean"  # the default: the preset wins (documented)
-    cfg.MODEL.FPT.FUSE_KERNEL = 5
-    cfg.MODEL.FPT.IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    out = resolve_fpt_config(cfg)
-    assert (out.FUSE_KERNEL, out.IN_FEATURES, out.GT.MODE) == (5, ["p2", "p3", "p4", "p5"], "dot")
+    with pytest.raises(KeyError, match="MODEL.FPT.PRESET was renamed to _BASE_ configs/FPT/Base-FPT-lite.yaml"):
+        cfg.merge_from_list(["MODEL.FPT.PRESET", "fpt_lite"])
+    f = tmp_path / "preset.yaml"
+    f.write_text('MODEL:\n  FPT:\n    PRESET: "fpt_lite"\n')
+    with pytest.raises(KeyError, match="Base-FPT-lite.yaml") as e:
+        cfg.merge_from_file(str(f))
+    assert "\n" not in str(e.value)
 
 
-def test_unknown_preset_is_a_clear_error():
-    cfg = _cfg()
-    cfg.MODEL.FPT.PRESET = "fpt_huge"
-    with pytest.raises(ValueError, match="MODEL.FPT.PRESET"):
-        resolve_fpt_config(cfg)
+# ---------------------------------------------------------------- what the user writes wins (detectron2)
+def _built_kwargs(config_file, opts=()):
+    pytest.importorskip("detectron2")
+    from d2_refine.engine import setup_cfg
+    from d2_refine.projects.fpt.backbone import fpt_kwargs_from_cfg
+
+    return fpt_kwargs_from_cfg(setup_cfg(config_file, list(opts)))
+
+
+def test_command_line_value_equal_to_the_default_wins():
+    assert _built_kwargs(LITE)["fuse_kernel"] == 1
+    kw = _built_kwargs(LITE, ["MODEL.FPT.FUSE_KERNEL", "3", "MODEL.FPT.GROUNDING.MODE", "euclidean",
+                              "MODEL.FPT.IN_FEATURES", "[]"])
+    assert kw["fuse_kernel"] == 3  # 3 is the default: a preset used to keep its own 1
+    assert kw["grounding_transformer"]["mode"] == "euclidean"
+    assert kw["in_features"] is None  # [] = every level
+
+
+def test_yaml_value_equal_to_the_default_wins(tmp_path):
+    f = tmp_path / "lite_3x3.yaml"
+    f.write_text(f'_BASE_: "{LITE}"\nMODEL:\n  FPT:\n    FUSE_KERNEL: 3\n    GROUNDING:\n      MODE: "euclidean"\n')
+    kw = _built_kwargs(str(f))
+    assert kw["fuse_kernel"] == 3 and kw["grounding_transformer"]["mode"] == "euclidean"
+    assert kw["st_levels"] == ["p4", "p5"]  # the rest of the lite setting stays

@@ -116,7 +116,7 @@ def test_grounding_transformer_mixtures_match_naive():
 
 
 def _rt_reference(rt, coarse, fine):
-    w = F.relu(rt.weight.norm(F.conv2d(fine.mean((2, 3), keepdim=True), rt.weight.conv.weight)))
+    w = F.relu(F.conv2d(fine.mean((2, 3), keepdim=True), rt.weight.conv.weight, rt.weight.conv.bias))  # no norm
     if rt.order == "conv_then_weight":
         q = rt.query.norm(F.conv2d(coarse, rt.query.conv.weight, padding=1)) * w
     else:
@@ -138,6 +138,27 @@ def test_rendering_transformer_matches_spec(gap, order):
     coarse = torch.randn(2, C, 8, 6, dtype=torch.float64)
     assert len([m for m in rt.downsample if not isinstance(m, torch.nn.ReLU)]) == gap
     torch.testing.assert_close(rt(coarse, fine), _rt_reference(rt, coarse, fine))
+
+
+@pytest.mark.parametrize("norm", ["GN", "BN", ""])
+def test_rendering_transformer_channel_weights_depend_on_content(norm):
+    """w = ReLU(Conv1x1(GAP(fine)) + b) must follow the content: with a GroupNorm on the 1x1 vector each group of
+    pre-activations has mean 0 and energy = group size for every input (C = 64: one channel on per pair, at 1),
+    so the total weight of a group would be the same whatever the image. Whatever ``norm`` the RT gets."""
+    torch.manual_seed(0)
+    channels = 64  # GN: 2 channels per group
+    rt = RenderingTransformer(channels, norm=norm).train()
+    fines = torch.randn(16, channels, 8, 8) * torch.logspace(-1, 1, 16).view(16, 1, 1, 1)
+    with torch.no_grad():
+        w = F.relu(rt.weight(F.adaptive_avg_pool2d(fines, 1))).view(16, 32, 2)
+    group_mass = w.sum(-1)  # (image, group)
+    # the images' total weight per group varies (relative spread across images), and scaling the content changes w
+    assert (group_mass.std(0) / group_mass.mean(0).clamp_min(1e-6)).mean() > 0.2
+    assert not torch.allclose(w[-1], w[0], rtol=0.1, atol=0.0)
+    # pre-activations are not forced to a zero group mean
+    with torch.no_grad():
+        pre = rt.weight(F.adaptive_avg_pool2d(fines, 1)).view(16, 32, 2)
+    assert pre.mean(-1).abs().max() > 1e-3
 
 
 def test_rendering_transformer_resizes_mismatched_sizes():
@@ -216,5 +237,5 @@ def test_pyramid_bad_arguments():
         _pyramid(cross_range="near")
     with pytest.raises(ValueError, match="expected 4 levels"):
         _pyramid()(_levels()[:3])
-    with pytest.raises(ValueError, match="GN uses 32 groups"):
+    with pytest.raises(ValueError, match="uses 32 groups"):
         FeaturePyramidTransformer(48, [2, 3], self_transformer={})

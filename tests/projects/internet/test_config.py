@@ -14,7 +14,7 @@ def test_defaults_are_the_released_setting():
     c = _cfg().MODEL.INTERNET
     assert c.ENABLED and c.ASSIGNMENT == "fpn" and c.FEAT_POOL_SIZE == 14 and c.CRITIC_DIM == 1024
     assert (c.MAKEUP.NUM_CONV, c.MAKEUP.UPSAMPLE_FACTOR, c.MAKEUP.MULTI) == (1, 1, False)
-    assert (c.LOSS, c.LOSS_WEIGHT, c.BUFFER_SIZE, c.INSTANCE_LEVEL, c.WARMUP_FRACTION) == ("l2", 10.0, 1, False, 0.0)
+    assert (c.LOSS, c.LOSS_WEIGHT, c.BUFFER_SIZE, c.INSTANCE_LEVEL, c.WARMUP_ITERS) == ("l2", 10.0, 1, False, 0)
     assert list(c.LEVELS) == ["p2", "p3", "p4"]
     assert (c.OT.EPSILON, c.OT.ITERS, c.OT.COST) == (1.0, 5, "sqeuclidean")
 

@@ -1,4 +1,9 @@
-"""loss_intertwiner: distances, missing classes, empty sets, OT variant (detectron2-free)."""
+"""loss_intertwiner: distances, missing classes, empty sets, OT variant, POT optional (detectron2-free)."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -91,3 +96,32 @@ def test_bad_distance_raises():
         intertwiner_loss(feats, labels, mu, torch.ones(4, dtype=torch.bool), "l3")
     with pytest.raises(ValueError, match="needs the IntertwinerOT"):
         intertwiner_loss(feats, labels, mu, torch.ones(4, dtype=torch.bool), "ot")
+
+
+def test_ot_loss_without_pot_is_one_line_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ot", None)  # "import ot" raises ImportError, as when POT is not installed
+    monkeypatch.setitem(sys.modules, "ot.batch", None)
+    with pytest.raises(ImportError) as e:
+        IntertwinerOT(8, 4)  # when the model is built, not at the first training step
+    msg = str(e.value)
+    assert "\n" not in msg and 'pip install "d2_refine[methods]"' in msg and 'MODEL.INTERNET.LOSS "ot"' in msg
+
+
+def test_importing_internet_does_not_need_pot():
+    """A fresh interpreter where POT cannot be imported: InterNet (and its l2 loss) still import and run."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["ot"] = None  # blocks "import ot" and "import ot.batch"
+        import torch
+        import d2_refine.projects.internet as internet
+        from d2_refine.projects.internet.loss import intertwiner_loss
+        loss = intertwiner_loss(torch.rand(3, 4), torch.tensor([0, 1, 1]), torch.rand(2, 4),
+                                torch.ones(2, dtype=torch.bool), "l2")
+        assert torch.isfinite(loss) and sys.modules["ot"] is None
+        print("ok")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

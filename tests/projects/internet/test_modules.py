@@ -1,10 +1,9 @@
-"""Make-up layer, critic and norms (detectron2-free)."""
+"""Make-up layer and critic (detectron2-free; their norms: tests/layers/test_norm.py)."""
 import pytest
 import torch
 
 from d2_refine.projects.internet.critic import InterNetCritic
 from d2_refine.projects.internet.makeup import MakeupLayer
-from d2_refine.projects.internet.norm import AffineChannel2d, GuardedBatchNorm2d, build_norm
 from d2_refine.utils.testing import cpu_and_cuda
 
 
@@ -55,23 +54,3 @@ def test_critic_rejects_wrong_size():
         InterNetCritic(16, 7)
     with pytest.raises(ValueError, match=r"Tensor\[R, C, 14, 14\]"):
         InterNetCritic(16, 14, 32)(torch.randn(2, 16, 7, 7))
-
-
-def test_guarded_bn_uses_running_stats_for_one_value_per_channel():
-    bn = GuardedBatchNorm2d(4).train()
-    with torch.no_grad():
-        bn.running_mean.fill_(1.0)
-        bn.running_var.fill_(4.0)
-    x = torch.full((1, 4, 1, 1), 3.0)
-    torch.testing.assert_close(bn(x), torch.full((1, 4, 1, 1), 1.0), rtol=1e-4, atol=1e-4)
-    assert bn.running_mean.eq(1.0).all()  # not updated by the guarded call
-    bn(torch.randn(3, 4, 2, 2))  # normal path updates the statistics
-    assert not bn.running_mean.eq(1.0).all()
-
-
-def test_build_norm_names():
-    assert build_norm("", 4) is None
-    assert isinstance(build_norm("Affine", 4), AffineChannel2d)
-    assert isinstance(build_norm("BN", 4), GuardedBatchNorm2d)
-    n = build_norm("Affine", 3)
-    assert sum(p.numel() for p in n.parameters() if p.requires_grad) == 6

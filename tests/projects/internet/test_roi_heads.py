@@ -163,17 +163,23 @@ def test_configs_load(name):
         assert cfg.MODEL.RESNETS.DEPTH in (50, 101) and cfg.MODEL.WEIGHTS.endswith(f"R-{cfg.MODEL.RESNETS.DEPTH}.pkl")
 
 
-def test_warmup_fraction_fills_buffer_without_loss():
+def test_warmup_iters_fill_buffer_without_loss(monkeypatch):
     from detectron2.data import DatasetCatalog
 
-    name = "internet_test_warmup_10"
-    if name not in DatasetCatalog.list():
-        DatasetCatalog.register(name, lambda: [{"file_name": f"{i}.png"} for i in range(10)])
-    # 10 images, 2 per batch: an epoch is 5 iterations, 40 % of it = 2 warm-up iterations
-    model = build_model(_cfg("DATASETS.TRAIN", f"('{name}',)", "SOLVER.IMS_PER_BATCH", "2",
-                             "MODEL.INTERNET.WARMUP_FRACTION", "0.4"))
+    def no_dataset(name):
+        raise AssertionError(f"building the model loaded the dataset {name}")
+
+    monkeypatch.setattr(DatasetCatalog, "get", no_dataset)  # the warm-up needs no dataset size any more
+    model = build_model(_cfg("MODEL.INTERNET.WARMUP_ITERS", "2"))
     assert model.roi_heads.warmup_iters == 2
     with EventStorage(0) as storage:
         got = [_train_step(model, _batch(), storage)["loss_intertwiner"].item() for _ in range(3)]
         assert model.roi_heads.class_buffer.occupancy == 2
     assert got[0] == 0.0 and got[1] == 0.0 and got[2] > 0
+
+
+def test_warmup_fraction_is_a_one_line_error_naming_warmup_iters():
+    with pytest.raises(ValueError, match="MODEL.INTERNET.WARMUP_FRACTION was renamed to MODEL.INTERNET.WARMUP_ITERS"):
+        _cfg("MODEL.INTERNET.WARMUP_FRACTION", "0.4")
+    with pytest.raises(ValueError, match="WARMUP_ITERS must be >= 0"):
+        build_model(_cfg("MODEL.INTERNET.WARMUP_ITERS", "-1"))

@@ -1,3 +1,4 @@
+import pytest
 from fvcore.common.config import CfgNode as CN
 
 from d2_refine.projects.iounet.config import add_iounet_config
@@ -15,16 +16,17 @@ def test_adds_spec_defaults():
     assert (c.POOLER_RESOLUTION, c.NUM_FC, c.FC_DIM, c.CLS_AGNOSTIC) == (7, 2, 1024, False)
     assert (c.LOSS, c.LOSS_WEIGHT, c.SMOOTH_L1_BETA) == ("smooth_l1", 5.0, 1.0)
     assert (c.NUM_ROIS, c.FG_IOU, c.BIN_POOL, c.XY_STEPS, c.WH_STEPS) == (1000, 0.5, 4000, 16, 16)
-    assert (c.NMS_GUIDE, c.NMS_THRESH, c.IOU_NMS, c.REFINE, c.PRE_REFINE) == ("rank", 0.5, True, True, 100)
-    assert (c.STEPS, c.STEP_SIZE, c.EARLY_STOP, c.DEGRADE_TOL) == (5, 0.5, 0.001, -0.01)
-    assert (c.REVERT_ON_DEGRADE, c.SCORE_TIMES_IOU) == (False, True)
+    assert (c.NMS_TEST, c.NMS_THRESH_TEST, c.REFINE_TEST, c.REFINE_TOPK_TEST) == ("iou_guided", 0.5, True, 100)
+    assert (c.REFINE_STEPS_TEST, c.REFINE_STEP_SIZE_TEST, c.REFINE_EARLY_STOP_TEST, c.REFINE_DEGRADE_TOL_TEST) == \
+        (5, 0.5, 0.001, -0.01)
+    assert (c.REFINE_REVERT_ON_DEGRADE_TEST, c.SCORE_TIMES_IOU_TEST) == (False, True)
 
 
 def test_second_call_keeps_values():
     cfg = add_iounet_config(_cfg())
-    cfg.MODEL.IOU_NET.STEPS = 3
+    cfg.MODEL.IOU_NET.REFINE_STEPS_TEST = 3
     add_iounet_config(cfg)
-    assert cfg.MODEL.IOU_NET.STEPS == 3
+    assert cfg.MODEL.IOU_NET.REFINE_STEPS_TEST == 3
 
 
 def test_unknown_key_is_rejected():
@@ -43,6 +45,24 @@ def test_merges_yaml_into_detectron2_cfg(tmp_path):
 
     cfg = add_iounet_config(get_cfg())
     f = tmp_path / "c.yaml"
-    f.write_text("MODEL:\n  IOU_NET:\n    STEPS: 2\n    LOSS: bce\n")
+    f.write_text("MODEL:\n  IOU_NET:\n    REFINE_STEPS_TEST: 2\n    LOSS: bce\n")
     cfg.merge_from_file(str(f))
-    assert cfg.MODEL.IOU_NET.STEPS == 2 and cfg.MODEL.IOU_NET.LOSS == "bce"
+    assert cfg.MODEL.IOU_NET.REFINE_STEPS_TEST == 2 and cfg.MODEL.IOU_NET.LOSS == "bce"
+
+
+@pytest.mark.parametrize("old,new", [("IOU_NMS", "NMS_TEST"), ("NMS_GUIDE", "NMS_TEST"),
+                                     ("NMS_THRESH", "NMS_THRESH_TEST"), ("REFINE", "REFINE_TEST"),
+                                     ("PRE_REFINE", "REFINE_TOPK_TEST"), ("STEPS", "REFINE_STEPS_TEST"),
+                                     ("SCORE_TIMES_IOU", "SCORE_TIMES_IOU_TEST")])
+def test_old_names_are_one_line_errors_naming_the_new_key(tmp_path, old, new):
+    cfg = add_iounet_config(_cfg())
+    msg = f"MODEL.IOU_NET.{old} was renamed to MODEL.IOU_NET.{new};"
+    with pytest.raises(KeyError, match=msg):
+        cfg.merge_from_list([f"MODEL.IOU_NET.{old}", "1"])
+    f = tmp_path / "old.yaml"
+    f.write_text(f"MODEL:\n  IOU_NET:\n    {old}: 1\n")
+    with pytest.raises(KeyError, match=msg) as e:
+        cfg.merge_from_file(str(f))
+    assert "\n" not in str(e.value)
+    if new == "NMS_TEST":  # the note says how the old values map
+        assert '-> "plain"' in str(e.value)

@@ -25,7 +25,7 @@ def _iou_fn(gt):
 def test_all_stages_off_is_detectron2_inference():
     d2 = pytest.importorskip("detectron2.modeling.roi_heads.fast_rcnn")
     boxes, scores = _case()
-    out = iounet_inference_single_image(boxes, scores, (200, 190), lambda b: None, iou_nms=False, refine=False,
+    out = iounet_inference_single_image(boxes, scores, (200, 190), lambda b: None, nms="plain", refine=False,
                                         score_times_iou=False)
     ref, _ = d2.fast_rcnn_inference_single_image(boxes, scores, (200, 190), 0.05, 0.5, 100)
     torch.testing.assert_close(out["boxes"], ref.pred_boxes.tensor)
@@ -37,9 +37,9 @@ def test_all_stages_off_is_detectron2_inference():
 def test_refinement_raises_true_iou_and_scores_use_it():
     boxes, scores = _case(1)
     gt = boxes[::6, :4] + 3.0  # the proposals are a few pixels off these
-    base = iounet_inference_single_image(boxes, scores, (200, 190), _iou_fn(gt), iou_nms=False, refine=False,
+    base = iounet_inference_single_image(boxes, scores, (200, 190), _iou_fn(gt), nms="plain", refine=False,
                                          score_times_iou=True)
-    ref = iounet_inference_single_image(boxes, scores, (200, 190), _iou_fn(gt), iou_nms=False, refine=True,
+    ref = iounet_inference_single_image(boxes, scores, (200, 190), _iou_fn(gt), nms="plain", refine=True,
                                         score_times_iou=True)
     assert len(ref["boxes"]) == len(base["boxes"]) > 0
     assert ref["refine_gain"].mean() > 0.02 and torch.isfinite(ref["boxes"]).all()
@@ -53,13 +53,31 @@ def test_iou_guided_nms_path_and_empty_image():
     pytest.importorskip("d2_refine.ops")
     boxes, scores = _case(2)
     gt = boxes[::5, :4]
-    out = iounet_inference_single_image(boxes, scores, (200, 190), _iou_fn(gt), iou_nms=True, refine=True)
+    out = iounet_inference_single_image(boxes, scores, (200, 190), _iou_fn(gt), nms="iou_guided", refine=True)
     assert len(out["boxes"]) > 0 and (out["scores"] >= 0).all() and out["ious"] is not None
     # no candidate above the threshold -> empty result, not an error
     low = torch.full_like(scores, 0.01)
     low[:, -1] = 1.0
-    for nms in (True, False):
-        out = iounet_inference_single_image(boxes, low, (200, 190), _iou_fn(gt), iou_nms=nms, refine=True)
+    for nms in ("iou_guided", "iou_guided_score_x_iou", "plain"):
+        out = iounet_inference_single_image(boxes, low, (200, 190), _iou_fn(gt), nms=nms, refine=True)
         assert out["boxes"].shape == (0, 4) and out["scores"].shape == (0,) and out["classes"].shape == (0,)
     out = iounet_inference_single_image(torch.zeros((0, 12)), torch.zeros((0, 4)), (20, 20), _iou_fn(gt))
     assert out["boxes"].shape == (0, 4)
+
+
+def test_score_times_iou_uses_the_iou_of_the_output_clipped_box():
+    boxes, scores = _case(3)
+
+    def fn(b):  # a toy class-agnostic predictor that prefers right edges further right (past the image)
+        return ((b[:, 2] - 100.0) / 100.0).clamp(0, 1)[:, None]
+
+    kw = dict(nms="plain", refine=True, refine_kwargs=dict(step_size=20.0, early_stop=0.0), topk=-1)
+    out = iounet_inference_single_image(boxes, scores, (200, 190), fn, score_times_iou=True, **kw)
+    plain = iounet_inference_single_image(boxes, scores, (200, 190), fn, score_times_iou=False, **kw)
+    assert (out["boxes"][:, 2] == 190).sum() > 5  # refined boxes pushed past the right border, then clipped
+    torch.testing.assert_close(out["ious"], fn(out["boxes"])[:, 0])
+    # each detection's score is its cls score times the IoU of the box that is output
+    key = lambda o: [tuple(b) + (int(c),) for b, c in zip(o["boxes"].tolist(), o["classes"].tolist())]  # noqa: E731
+    cls_score = dict(zip(key(plain), plain["scores"].tolist()))
+    expected = torch.tensor([cls_score[k] for k in key(out)]) * out["ious"]
+    torch.testing.assert_close(out["scores"], expected)

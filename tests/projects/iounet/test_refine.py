@@ -107,3 +107,19 @@ def test_refinement_through_prroi_pool_on_a_fixed_head():
     true_before = pairwise_iou(boxes, target[None])[:, 0]
     true_after = pairwise_iou(res.boxes, target[None])[:, 0]
     assert (true_after > true_before).all()
+
+
+def test_returned_ious_are_those_of_the_clipped_boxes():
+    """A predictor that prefers boxes reaching further right: refinement moves the right edges past the image,
+    the output is clipped, and the IoU returned (the one score x IoU uses) is that of the clipped box."""
+    boxes = torch.tensor([[100.0, 20.0, 180.0, 90.0], [10.0, 10.0, 60.0, 60.0]])
+
+    def fn(b, rows):
+        return (b[:, 0] + b[:, 2]) / 4.0  # a toy predictor, steep enough to move a box ~10 px per step
+
+    res = refine_boxes(boxes, fn, steps=5, step_size=0.5, image_size=(100, 200))
+    assert res.boxes[0, 2] == 200 and res.boxes[1, 2] < 200 and res.boxes.min() >= 0  # row 0 was clipped
+    torch.testing.assert_close(res.ious, fn(res.boxes, torch.arange(2)))
+    unclipped = refine_boxes(boxes, fn, steps=5, step_size=0.5)
+    assert unclipped.boxes[0, 2] > 200 and unclipped.ious[0] > res.ious[0] + 1.0  # before clipping: higher
+    torch.testing.assert_close(unclipped.ious[1], res.ious[1])  # an unclipped box keeps its IoU

@@ -79,11 +79,12 @@ def test_batch_without_any_gt_gives_zero_iou_loss(model):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-@pytest.mark.parametrize("iou_nms,refine,score_times_iou", [(True, True, True), (True, False, False),
-                                                              (False, True, True), (False, False, False)])
-def test_inference_stages_and_blank_image(model, iou_nms, refine, score_times_iou):
+@pytest.mark.parametrize("nms,refine,score_times_iou", [("iou_guided", True, True), ("iou_guided", False, False),
+                                                         ("iou_guided_score_x_iou", True, True),
+                                                         ("plain", True, True), ("plain", False, False)])
+def test_inference_stages_and_blank_image(model, nms, refine, score_times_iou):
     m = copy.deepcopy(model).eval()
-    m.roi_heads.iou_nms, m.roi_heads.refine, m.roi_heads.score_times_iou = iou_nms, refine, score_times_iou
+    m.roi_heads.nms, m.roi_heads.refine, m.roi_heads.score_times_iou = nms, refine, score_times_iou
     m.roi_heads.box_predictor.test_score_thresh = 0.0  # untrained weights: keep candidates
     with torch.no_grad():
         out = m([_input(), _input(blank=True)])
@@ -92,9 +93,34 @@ def test_inference_stages_and_blank_image(model, iou_nms, refine, score_times_io
         assert len(inst) <= 100
         assert torch.isfinite(inst.pred_boxes.tensor).all() and torch.isfinite(inst.scores).all()
         assert (inst.scores[:-1] >= inst.scores[1:]).all()
-        assert inst.has("pred_ious") == (iou_nms or refine or score_times_iou)
+        assert inst.has("pred_ious") == (nms != "plain" or refine or score_times_iou)
     if refine:
         assert m.roi_heads.refine_stats()["boxes"] > 0
+
+
+def test_evaluation_logs_its_refinement_statistics(model, caplog):
+    """detectron2's inference_on_dataset on a few images: when it ends, one log line gives the images, the boxes
+    refined, the mean steps and the mean predicted-IoU gain, and the statistics start again from zero."""
+    import logging
+    import math
+    import re
+
+    from detectron2.evaluation import inference_on_dataset
+
+    m = copy.deepcopy(model).train()  # as the trainer's periodic evaluation finds it
+    m.roi_heads.box_predictor.test_score_thresh = 0.0  # untrained weights: keep candidates
+    batches = [[_input(seed=i)] for i in range(3)]
+    with caplog.at_level(logging.INFO, logger="d2_refine.projects.iounet.roi_heads"):
+        inference_on_dataset(m, batches, None)
+    lines = [r.getMessage() for r in caplog.records if r.name == "d2_refine.projects.iounet.roi_heads"]
+    assert len(lines) == 1, lines
+    found = re.search(r"on (\d+) images: (\d+) boxes refined \(([\d.]+) per image\), ([\d.]+) steps and "
+                      r"([-+][\d.]+) predicted IoU", lines[0])
+    assert found, lines[0]
+    images, boxes, per_image, steps, gain = (float(g) for g in found.groups())
+    assert images == 3 and 0 < boxes <= 3 * m.roi_heads.pre_refine and per_image == pytest.approx(boxes / 3, abs=0.05)
+    assert 1 <= steps <= m.roi_heads.refine_kwargs["steps"] and math.isfinite(gain)  # untrained head: any size
+    assert m.training and m.roi_heads.refine_stats()["images"] == 0  # mode restored, statistics reset
 
 
 def test_refinement_under_no_grad_with_frozen_params_and_inference_mode(model):
@@ -134,14 +160,14 @@ def test_iou_gradient_wrt_box_matches_finite_differences(model):
     torch.testing.assert_close(grad, fd, rtol=0.05, atol=2e-4 * float(fd.abs().max()) + 1e-6)
 
 
-def test_missing_config_node_and_bad_guide_raise():
+def test_missing_config_node_and_bad_nms_raise():
     with pytest.raises(KeyError, match="IOU_NET"):
         cfg = get_cfg()
         cfg.MODEL.ROI_HEADS.NAME = "IoUNetROIHeads"
         cfg.MODEL.DEVICE = "cpu"
         build_model(cfg)
-    with pytest.raises(ValueError, match="NMS_GUIDE"):
-        build_model(_cfg("MODEL.IOU_NET.NMS_GUIDE", "best"))
+    with pytest.raises(ValueError, match="NMS_TEST must be one of"):
+        build_model(_cfg("MODEL.IOU_NET.NMS_TEST", "best"))
 
 
 def test_mask_rcnn_variant_masks_follow_refined_boxes():
