@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from d2_refine.utils.env import has_detectron2
+from helpers import ROOT
 
-pytestmark = pytest.mark.skipif(not has_detectron2(), reason="detectron2 is not installed")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytest.importorskip("detectron2")
+
 BASELINES = {
     "faster_rcnn": ("configs/Baselines/faster_rcnn_R_18_FPN_shapes.yaml", ["bbox"]),
     "mask_rcnn": ("configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml", ["bbox", "segm"]),
