@@ -5,6 +5,7 @@ import math
 import os
 
 import torch
+from torchvision.ops import clip_boxes_to_image
 
 __all__ = ["smoke_trainer", "smoke_train", "read_losses", "tiny_shapes_opts", "synthetic_batch", "train_step_losses"]
 
@@ -84,7 +85,7 @@ def synthetic_batch(image_size=128, boxes_per_image=((3, 0), (0, 0)), with_masks
         inst = Instances((image_size, image_size))
         xy = torch.rand(n, 2, generator=g) * image_size * 0.6
         wh = 8 + torch.rand(n, 2, generator=g) * image_size * 0.35
-        boxes = torch.cat([xy, (xy + wh).clamp(max=image_size)], 1)
+        boxes = clip_boxes_to_image(torch.cat([xy, xy + wh], 1), (image_size, image_size))
         inst.gt_boxes = Boxes(boxes)
         inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
         if with_masks:
