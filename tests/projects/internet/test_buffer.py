@@ -1,6 +1,7 @@
 """ClassBuffer: running mean, FIFO window, checkpoint state (detectron2-free)."""
 import pytest
 import torch
+from helpers import ROOT
 
 from d2_refine.projects.internet.buffer import ClassBuffer
 
@@ -96,8 +97,6 @@ def _dist_worker(rank, world, init_file, out_file):
 
 
 def test_distributed_update_all_reduces_sums_and_counts(tmp_path, monkeypatch):
-    import os
-
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
