@@ -42,7 +42,7 @@ def run_python(code, *args, detectron2=None, env=None, timeout=300):
 
     ``detectron2``: None leaves it alone; "missing" makes ``import detectron2`` fail as on a machine without it
     (ModuleNotFoundError naming detectron2); an exception expression (e.g. ``'ImportError("undefined symbol")'``)
-    makes the import of detectron2's submodules raise it, as an installed but broken detectron2 does."""
+    makes the import of detectron2 raise it, as an installed but broken detectron2 does."""
     block = ""
     if detectron2 == "missing":
         block = """
@@ -58,7 +58,7 @@ def run_python(code, *args, detectron2=None, env=None, timeout=300):
             import sys
             class _BrokenDetectron2:
                 def find_spec(self, name, path=None, target=None):
-                    if name.startswith("detectron2."):
+                    if name == "detectron2" or name.startswith("detectron2."):
                         raise {detectron2}
             sys.meta_path.insert(0, _BrokenDetectron2())
         """
