@@ -5,9 +5,47 @@
     python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <output>/model_final.pth
     python train_net.py --config-file <cfg> --num-gpus 8 SOLVER.IMS_PER_BATCH 16
 """
+import argparse
+import os
 import sys
 
 from d2_refine.utils.env import MissingDetectron2Error, require_detectron2
+
+
+def get_parser():
+    """detectron2's ``default_argument_parser`` arguments (same names and defaults), built here so that ``--help``
+    works before detectron2 is imported, or where it is missing."""
+    p = argparse.ArgumentParser(description="Train or evaluate a d2_refine model (detectron2's train_net arguments).",
+                                epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    p.add_argument("--resume", action="store_true",
+                   help="resume from the last checkpoint of OUTPUT_DIR (see DefaultTrainer.resume_or_load)")
+    p.add_argument("--eval-only", action="store_true", help="perform evaluation only (needs MODEL.WEIGHTS)")
+    p.add_argument("--num-gpus", type=int, default=1, help="number of gpus *per machine*")
+    p.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    p.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)")
+    # detectron2's fixed per-user port: a port left occupied shows orphan processes of an earlier run
+    port = 2**15 + 2**14 + hash(os.getuid() if sys.platform != "win32" else 1) % 2**14
+    p.add_argument("--dist-url", default=f"tcp://127.0.0.1:{port}",
+                   help="initialization URL for pytorch distributed backend")
+    p.add_argument("opts", default=None, nargs=argparse.REMAINDER,
+                   help="config options as space-separated KEY VALUE pairs, e.g. MODEL.WEIGHTS <file>")
+    return p
+
+
+def check_weights(cfg, args):
+    """One clear line, before anything starts, for weights that cannot be loaded: --eval-only without trained
+    weights would score a randomly initialised model, a missing local file would fail deep inside the loader."""
+    from d2_refine.engine import ConfigError
+
+    if args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
+        return  # resumes from OUTPUT_DIR; MODEL.WEIGHTS is not used
+    weights = cfg.MODEL.WEIGHTS
+    if args.eval_only and not weights:
+        raise ConfigError("--eval-only needs trained weights but MODEL.WEIGHTS is empty: pass a checkpoint, e.g. "
+                          f"MODEL.WEIGHTS {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}")
+    if weights and "://" not in weights and not os.path.isfile(weights):
+        raise ConfigError(f"MODEL.WEIGHTS not found: {weights}")
 
 
 def setup(args):
@@ -37,20 +75,30 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """Parse, check the config, weights and datasets (one line for each usual mistake, before any worker starts),
+    then launch :func:`main` on every process."""
+    args = get_parser().parse_args(argv)
     try:
         require_detectron2("train_net.py")
-        from detectron2.engine import default_argument_parser, launch
-
-        import d2_refine  # noqa: F401  (registers every component)
-        from d2_refine.engine import ConfigError, setup_cfg
     except MissingDetectron2Error as e:
         sys.exit(f"error: {e}")
-    args = default_argument_parser().parse_args()
+    from detectron2.engine import launch
+
+    import d2_refine  # noqa: F401  (registers every component)
+    from d2_refine.data import DatasetError, check_datasets
+    from d2_refine.engine import ConfigError, setup_cfg
+
     try:
-        setup_cfg(args.config_file, args.opts)  # fail here, in one line, before any worker starts
-    except ConfigError as e:
+        cfg = setup_cfg(args.config_file, args.opts)
+        check_weights(cfg, args)
+        check_datasets(cfg, train=not args.eval_only)
+    except (ConfigError, DatasetError) as e:
         sys.exit(f"error: {e}")
     print("Command Line Args:", args)
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
            dist_url=args.dist_url, args=(args,))
+
+
+if __name__ == "__main__":
+    cli()

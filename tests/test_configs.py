@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from d2_refine.utils.env import has_detectron2
+from helpers import ROOT
 
-pytestmark = pytest.mark.skipif(not has_detectron2(), reason="detectron2 is not installed")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("detectron2")
+
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 
 

@@ -10,13 +10,10 @@ from torch import nn
 from torch.export import Dim
 
 from d2_refine.ops import has_ops, iou_guided_nms, prroi_pool
-from d2_refine.utils.env import has_detectron2
-from d2_refine.utils.testing import cpu_and_cuda
+from helpers import ROOT, cpu_and_cuda
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_ops = pytest.mark.skipif(not has_ops(), reason="the compiled op library d2_refine._C is not built: the "
                                "pure-PyTorch fallbacks branch on tensor values in Python and do not export")
-needs_d2 = pytest.mark.skipif(not has_detectron2(), reason="detectron2 is not installed")
 
 
 @pytest.fixture(autouse=True)
@@ -89,14 +86,14 @@ def test_iou_guided_nms_export_matches_eager(device):
 
 
 # ------------------------------------------------------------------------------------------------- backbone
-@needs_d2
 @pytest.mark.parametrize("config", ["mask_rcnn_fpt_lite_R_18_shapes.yaml", "mask_rcnn_fpt_paper_R_18_shapes.yaml"])
 def test_fpt_backbone_export_matches_eager(config):
+    pytest.importorskip("detectron2")
     from detectron2.modeling import build_backbone
 
     from d2_refine.engine.config import setup_cfg
 
-    cfg = setup_cfg(os.path.join(REPO, "configs", "FPT", config), ["MODEL.DEVICE", "cpu"])
+    cfg = setup_cfg(os.path.join(ROOT, "configs", "FPT", config), ["MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
     backbone = build_backbone(cfg).eval()
     g = torch.Generator().manual_seed(0)
@@ -112,10 +109,10 @@ def test_fpt_backbone_export_matches_eager(config):
 
 
 # ------------------------------------------------------------------------ ROI heads: the torch-level parts
-@needs_d2
 def test_iounet_iou_head_and_prroi_box_branch_export():
     """PrRoIPool pooling + the IoU head (IoU-Net's scoring of boxes), for a fixed number of boxes: detectron2's
     ROIPooler turns the box counts into a tensor with torch.as_tensor, which pins that number in the program."""
+    pytest.importorskip("detectron2")
     from detectron2.structures import Boxes
 
     from d2_refine.projects.iounet.iou_head import IoUHead
@@ -143,11 +140,11 @@ def test_iounet_iou_head_and_prroi_box_branch_export():
             _assert_same(ep.module()(*args[0], args[1]), model(*args[0], args[1]))
 
 
-@needs_d2
 @pytest.mark.parametrize("mode", ["implicit", "explicit"])
 def test_ifr_mask_head_export_matches_eager(mode):
     """The mask head's layers (fixed-point solve or K-unroll, deconv, predictor) for any number of RoIs; the
     exported solve always runs F_MAX_ITER_TEST evaluations (eager stops early once every RoI converged)."""
+    pytest.importorskip("detectron2")
     pytest.importorskip("torchdeq")
     from detectron2.layers import ShapeSpec
 
@@ -174,10 +171,10 @@ def test_ifr_mask_head_export_matches_eager(mode):
             _assert_same(ep.module()(x), model(x))
 
 
-@needs_d2
 def test_internet_makeup_and_level_pooler_export():
     """InterNet's inference-time addition: the make-up layer on every level, then pooling from the level its
     rule assigns (fixed number of boxes, as for every detectron2 ROIPooler)."""
+    pytest.importorskip("detectron2")
     from detectron2.structures import Boxes
 
     from d2_refine.projects.internet.makeup import MakeupLayer
@@ -205,9 +202,9 @@ def test_internet_makeup_and_level_pooler_export():
         _assert_same(ep.module()(*feats2, boxes2), model(*feats2, boxes2))
 
 
-@needs_d2
 def test_rdsnet_mbrm_export_matches_eager():
     """MBRM (RDSNet's box refinement from the soft masks) for any number of detections."""
+    pytest.importorskip("detectron2")
     from d2_refine.projects.rdsnet.mbrm import MBRM
 
     class Refine(nn.Module):
@@ -249,7 +246,7 @@ def _shapes_model(name, opts=()):
     from d2_refine.engine.config import setup_cfg
 
     config, extra = SHAPES_MODELS[name]
-    cfg = setup_cfg(os.path.join(REPO, "configs", config), _SMALL + extra + list(opts))
+    cfg = setup_cfg(os.path.join(ROOT, "configs", config), _SMALL + extra + list(opts))
     torch.manual_seed(0)
     return build_model(cfg).eval()
 
@@ -282,13 +279,13 @@ def _assert_same_instances(out, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
-@needs_d2
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit")
 @pytest.mark.parametrize("name", list(SHAPES_MODELS))
 def test_tracing_adapter_trace_matches_eager(name, monkeypatch):
     """TracingAdapter + torch.jit.trace on one 128 px image; the trace must reproduce eager on another image
     (R-CNNs: another size; RDSNet, whose trace keeps the traced image size, the same size), with a different
     number of detections where the untrained weights give one."""
+    pytest.importorskip("detectron2")
     if name == "ifr":
         pytest.importorskip("torchdeq")
     from detectron2.export import TracingAdapter
@@ -321,11 +318,11 @@ def test_tracing_adapter_trace_matches_eager(name, monkeypatch):
     print(f"{name}: detections per image {counts}")
 
 
-@needs_d2
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit")
 def test_iounet_trace_refuses_refinement():
     """The refinement differentiates the IoU head w.r.t. the boxes at test time: neither torch.jit.trace (it
     cannot see the tensors autograd saves) nor torch.export (fake constants) records it. One clear error."""
+    pytest.importorskip("detectron2")
     from detectron2.export import TracingAdapter
 
     model = _shapes_model("iounet", ["MODEL.IOU_NET.REFINE_TEST", "True"])

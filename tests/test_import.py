@@ -1,27 +1,12 @@
 """d2_refine without detectron2: importable, and one clear error where detectron2 is needed."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Makes `import detectron2` fail in a child process, as on a machine without it.
-_BLOCK = textwrap.dedent("""
-    import sys
-    class _NoD2:
-        def find_spec(self, name, path=None, target=None):
-            if name == "detectron2" or name.startswith("detectron2."):
-                raise ModuleNotFoundError("No module named 'detectron2'")
-    sys.meta_path.insert(0, _NoD2())
-""")
+from helpers import run_python
 
 
 def _run(code, *args):
-    return subprocess.run([sys.executable, "-c", _BLOCK + textwrap.dedent(code), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_python(code, *args, detectron2="missing")
 
 
 def test_import_without_detectron2():
@@ -66,8 +51,7 @@ _EXTRA_HINT = 'pip install "d2_refine[methods]"'
 
 
 def _run_without_extras(code):
-    return subprocess.run([sys.executable, "-c", _BLOCK_EXTRAS + textwrap.dedent(code)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_python(_BLOCK_EXTRAS + textwrap.dedent(code))
 
 
 def test_import_without_torchdeq_and_pot():
@@ -122,3 +106,45 @@ def test_models_without_torchdeq_and_pot():
     assert r.stdout.count("BUILT") == 2, r.stdout
     err = [ln for ln in r.stdout.splitlines() if ln.startswith("ERR")]
     assert len(err) == 1 and "torchdeq" in err[0] and _EXTRA_HINT in err[0], r.stdout
+
+
+def test_train_net_help_without_detectron2():
+    r = _run("""
+        import runpy, sys
+        sys.argv = ["train_net.py", "--help"]
+        runpy.run_path("train_net.py", run_name="__main__")
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout and "--eval-only" in r.stdout and "--config-file" in r.stdout
+
+
+# An installed detectron2 whose import fails: as a .so built for another torch does, or a broken dependency.
+BROKEN = {
+    "ImportError": 'ImportError("libdetectron2.so: undefined symbol: _ZN3c104cuda9SetDeviceEa")',
+    "RuntimeError": 'RuntimeError("operator torchvision::nms does not exist")',
+}
+
+
+@pytest.mark.parametrize("error", sorted(BROKEN))
+def test_broken_detectron2_is_reported_with_its_import_error(error):
+    r = run_python("""
+        import runpy, sys, warnings
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import d2_refine, d2_refine.ops  # the detectron2-free parts still import
+        assert not d2_refine.has_detectron2()
+        print("WARNED", [str(x.message) for x in w if "fails to import" in str(x.message)])
+        try:
+            import d2_refine.engine
+        except ImportError as e:
+            print("ERR", e)
+        sys.argv = ["train_net.py", "--config-file", "configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml"]
+        runpy.run_path("train_net.py", run_name="__main__")
+    """, detectron2=BROKEN[error])
+    message = BROKEN[error].split('"')[1]
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    for out in (r.stdout, r.stderr):  # d2_refine.engine's error, then train_net.py's one line
+        assert f"installed but fails to import: {error}: {message}" in out, out
+        assert "not installed" not in out and "pip install" not in out
+    assert f"WARNED ['detectron2 is installed but fails to import ({error}: {message})" in r.stdout

@@ -133,12 +133,17 @@ def evaluate(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[
         results = {k: dict(v) for k, v in Trainer.test(cfg, model).items()}
     loader = Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0])
     times = []
+    cuda = cfg.MODEL.DEVICE.startswith("cuda")  # kernels run asynchronously: wait for them around the timer
     with torch.no_grad():
         for i, inputs in enumerate(loader):
             if i >= timing_images + 3:
                 break
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             model(inputs)
+            if cuda:
+                torch.cuda.synchronize()
             if i >= 3:  # warm-up
                 times.append(time.perf_counter() - t0)
     ms = 1000 * sorted(times)[len(times) // 2] if times else float("nan")

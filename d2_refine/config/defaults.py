@@ -45,12 +45,23 @@ def add_trainer_config(cfg):
     cfg.SOLVER.EXACT_RESUME = False
 
 
+def add_coco_format_config(cfg):
+    """``DATASETS.COCO_FORMAT``: the user's own COCO-format datasets, registered by name (d2_refine/data/datasets.py)."""
+    if "COCO_FORMAT" in cfg.DATASETS:
+        return
+    # A list of (name, json file, image folder): each is registered with detectron2's register_coco_instances
+    # before training/evaluation and can then be named in DATASETS.TRAIN / DATASETS.TEST, e.g.
+    #   COCO_FORMAT: [["mine_train", "data/mine/train.json", "data/mine/images"]]
+    cfg.DATASETS.COCO_FORMAT = []
+
+
 def add_d2_refine_config(cfg):
     """Add the shared keys and every available method's config node to ``cfg`` (in place)."""
     from ..projects import import_config_functions
 
     add_shapes_config(cfg)
     add_trainer_config(cfg)
+    add_coco_format_config(cfg)
     for fn in import_config_functions():
         fn(cfg)
     return cfg

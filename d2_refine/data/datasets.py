@@ -1,15 +1,22 @@
-"""Registration of ``shapes_train`` / ``shapes_val`` with detectron2's COCO loader and metadata, so that
-COCOEvaluator scores them like COCO."""
+"""Registration of ``shapes_train`` / ``shapes_val`` and of the config's ``DATASETS.COCO_FORMAT`` datasets with
+detectron2's COCO loader and metadata, so that COCOEvaluator scores them like COCO; and the check, before training,
+that every dataset of the config is registered and its files are there."""
+import os
 from typing import Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.coco import load_coco_json
+from detectron2.data.datasets.coco import load_coco_json, register_coco_instances
 from detectron2.utils import comm
 
 from .shapes import SHAPES_CLASSES, ShapesParams, default_shapes_root, generate_shapes_split, shapes_split_files
 
 SPLITS = {"shapes_train": "train", "shapes_val": "val"}
 _registered = {}  # dataset name -> (root, ShapesParams)
+_coco_format = {}  # dataset name -> (json file, image folder) registered from DATASETS.COCO_FORMAT
+
+
+class DatasetError(ValueError):
+    """A dataset of the config that cannot be used; the message is one line meant for the user."""
 
 
 def register_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: int = 300, image_size: int = 192,
@@ -46,9 +53,55 @@ def configure_shapes(cfg):
                     min_objects=s.MIN_OBJECTS, max_objects=s.MAX_OBJECTS, difficulty=s.DIFFICULTY, seed=s.SEED)
 
 
+def register_coco_format(cfg):
+    """Register each ``(name, json file, image folder)`` of ``cfg.DATASETS.COCO_FORMAT`` with detectron2's
+    ``register_coco_instances`` (class names are read from the json's categories). Registering the same entry again
+    does nothing; a name that another dataset already has is refused."""
+    for entry in cfg.DATASETS.COCO_FORMAT:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(v, str) and v for v in entry)):
+            raise DatasetError(f"DATASETS.COCO_FORMAT entries are (name, json file, image folder); got {entry!r}")
+        name, json_file, image_root = entry[0], os.path.expanduser(entry[1]), os.path.expanduser(entry[2])
+        if _coco_format.get(name) == (json_file, image_root):
+            continue
+        if name in _coco_format:  # the same name with other files (an earlier config in this process)
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        elif name in DatasetCatalog.list():
+            raise DatasetError(f"DATASETS.COCO_FORMAT: {name!r} is already the name of a registered dataset "
+                               "(detectron2's or d2_refine's): choose another name")
+        register_coco_instances(name, {}, json_file, image_root)
+        _coco_format[name] = (json_file, image_root)
+
+
+def check_datasets(cfg, train: bool = True):
+    """Raise one :class:`DatasetError` for the first dataset of DATASETS.TRAIN (if ``train``) and DATASETS.TEST that
+    is not registered, or whose json file or image folder is missing (the shapes splits are generated on first use
+    and not checked). Registers DATASETS.COCO_FORMAT first. Meant before any process starts training."""
+    register_coco_format(cfg)
+    known = set(DatasetCatalog.list())
+    for name in (list(cfg.DATASETS.TRAIN) if train else []) + list(cfg.DATASETS.TEST):
+        if name not in known:
+            raise DatasetError(f"dataset {name!r} is not registered: name one of detectron2's (e.g. coco_2017_train), "
+                               "shapes_train / shapes_val, or add (name, json file, image folder) to "
+                               "DATASETS.COCO_FORMAT")
+        if name in SPLITS:
+            continue
+        meta = MetadataCatalog.get(name)
+        for key, what, exists in (("json_file", "json file", os.path.isfile),
+                                  ("image_root", "image folder", os.path.isdir)):
+            path = meta.get(key, None)
+            if path and "://" not in path and not exists(path):
+                where = ("set in DATASETS.COCO_FORMAT" if name in _coco_format else
+                         "detectron2 reads its datasets under $DETECTRON2_DATASETS, "
+                         f"now {os.environ.get('DETECTRON2_DATASETS') or 'unset: ./datasets'}")
+                raise DatasetError(f"dataset {name!r}: {what} not found: {path} ({where})")
+
+
 def prepare_datasets(cfg):
-    """Generate the shapes splits the config uses (main process; the others wait), after registering them with
-    the config's parameters. Other datasets are left to detectron2 (COCO under $DETECTRON2_DATASETS)."""
+    """Register the config's DATASETS.COCO_FORMAT datasets and generate the shapes splits it uses (main process;
+    the others wait), after registering them with the config's parameters. detectron2's own datasets (COCO under
+    $DETECTRON2_DATASETS) are registered by detectron2."""
+    register_coco_format(cfg)
     configure_shapes(cfg)
     names = [n for n in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) if n in _registered]
     if comm.is_main_process():

@@ -3,18 +3,18 @@
 Several classes of filled shapes on textured, noisy backgrounds, from tiny (< 16 px) to large (> 40 % of the
 image), overlapping and occluding each other. Annotations are the *visible* part of each object as polygons
 (COCO ``segmentation``), its tight box and area. Everything derives from one seed, so the same seed and
-parameters give byte-identical files. No detectron2 here: only numpy, OpenCV and json.
+parameters give byte-identical files. No detectron2 here: only numpy, OpenCV, json and tqdm.
 """
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import sys
 from typing import Dict, List, Optional
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 __all__ = ["SHAPES_CLASSES", "ShapesParams", "generate_shapes_split", "shapes_split_dir", "shapes_split_files",
            "default_shapes_root"]
@@ -205,8 +205,8 @@ def generate_shapes_split(root: str, split: str, params: ShapesParams, progress:
     split_seed = int.from_bytes(hashlib.sha1(f"{params.seed}/{split}".encode()).digest()[:4], "little")
     images, annotations = [], []
     where = os.path.dirname(json_file)
-    bar = _Progress(params.num_images, f"generating shapes '{split}' in {where}") if progress else None
-    for i in range(params.num_images):
+    for i in tqdm(range(params.num_images), desc=f"generating shapes '{split}' in {where}", unit="image",
+                  disable=not progress):
         rng = np.random.default_rng([split_seed, i])
         img, annos = _render_image(rng, params)
         fname = f"{i:06d}.png"
@@ -214,8 +214,6 @@ def generate_shapes_split(root: str, split: str, params: ShapesParams, progress:
         images.append({"id": i + 1, "file_name": fname, "width": params.image_size, "height": params.image_size})
         for a in annos:
             annotations.append(dict(a, id=len(annotations) + 1, image_id=i + 1))
-        if bar:
-            bar.update(i + 1)
     coco = {
         "info": {"description": f"d2_refine shapes ({split})", "params": dataclasses.asdict(params)},
         "images": images,
@@ -227,19 +225,6 @@ def generate_shapes_split(root: str, split: str, params: ShapesParams, progress:
         json.dump(coco, f, sort_keys=True)
     os.replace(tmp, json_file)  # atomic: a half-written split is never taken as done
     return files
-
-
-class _Progress:
-    def __init__(self, total: int, desc: str, stream=None):
-        self.total, self.desc, self.stream = total, desc, stream or sys.stderr
-        self.step = max(1, total // 20)
-
-    def update(self, n: int):
-        if n % self.step == 0 or n == self.total:
-            self.stream.write(f"\r{self.desc}: {n}/{self.total} images")
-            if n == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
 
 
 def default_shapes_root(root: Optional[str] = None) -> str:

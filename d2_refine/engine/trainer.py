@@ -1,36 +1,46 @@
 """The trainer used by train_net.py for every method: detectron2's DefaultTrainer + COCO evaluation, exact resume,
 and several CPU processes (gloo)."""
-import contextlib
-import functools
+import logging
 import os
+import weakref
 
-from detectron2.engine import DefaultTrainer
-from detectron2.engine import defaults as _d2_defaults
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from ..solver import build_optimizer
 from .evaluator import D2RefineCOCOEvaluator
 from .resume import ExactResumeHook
 
 
-@contextlib.contextmanager
-def _ddp_without_device_ids():
-    """DefaultTrainer wraps the model with ``create_ddp_model(model, ...)``, which passes ``device_ids=[local rank]``:
-    right for a GPU model, refused by DistributedDataParallel for a CPU one. While constructing a CPU trainer with
-    several processes, the wrapper gets ``device_ids=None`` (the only change; restored on exit)."""
-    original = _d2_defaults.create_ddp_model
-    _d2_defaults.create_ddp_model = functools.partial(original, device_ids=None)
-    try:
-        yield
-    finally:
-        _d2_defaults.create_ddp_model = original
-
-
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
-        cpu_ddp = comm.get_world_size() > 1 and cfg.MODEL.DEVICE == "cpu"
-        with _ddp_without_device_ids() if cpu_ddp else contextlib.nullcontext():
-            super().__init__(cfg)
+        """DefaultTrainer's constructor (detectron2/engine/defaults.py: the same objects, built in the same order by
+        the same overridable builders), except for the DistributedDataParallel wrapper of a CPU model.
+
+        DefaultTrainer wraps the model with ``create_ddp_model(model, broadcast_buffers=False)``, which passes
+        ``device_ids=[local rank]``: right for a GPU model, refused by DistributedDataParallel for a CPU one (several
+        CPU processes with gloo). The alternatives were to replace detectron2's ``create_ddp_model`` module global
+        while ``DefaultTrainer.__init__`` runs (a patch of another package, visible to every thread meanwhile) or to
+        wrap the model after it (impossible: the constructor fails first). Writing the constructor here costs a
+        dozen lines that call detectron2's public builders only, and passes ``device_ids=None`` on the CPU."""
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger is not called for d2
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False,
+                                 **({"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
         """detectron2's hooks + :class:`ExactResumeHook` when SOLVER.EXACT_RESUME (generator states in checkpoints,

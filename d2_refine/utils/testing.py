@@ -1,31 +1,22 @@
-"""Helpers shared by the test-suite (kept in the package so every test folder can import them)."""
+"""Helpers for tiny training runs and synthetic batches (torch and detectron2 only, no pytest): the test-suite
+uses them, and so can a method's own checks. The suite's pytest helpers are in tests/helpers.py."""
 import json
 import math
 import os
 
-import pytest
 import torch
+from torchvision.ops import clip_boxes_to_image
 
-__all__ = ["cpu_and_cuda", "load_tool", "smoke_trainer", "smoke_train", "read_losses", "tiny_shapes_opts", "synthetic_batch",
-           "train_step_losses"]
+__all__ = ["smoke_trainer", "smoke_train", "read_losses", "tiny_shapes_opts", "synthetic_batch", "train_step_losses"]
 
 
 def cpu_and_cuda():
-    """pytest parameters: "cpu", plus "cuda" (skipped with a reason where CUDA is absent)."""
+    """Kept for test files that import it from here; tests import it from tests/helpers.py (``from helpers import
+    cpu_and_cuda``). pytest is imported when called, so that the package never needs it."""
+    import pytest
+
     return ("cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                    reason="CUDA is not available")))
-
-
-def load_tool(name):
-    """The script ``tools/<name>.py`` of the repository imported as a module (tools/ is not a package)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools",
-                        f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"d2_refine_tools_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_shapes_opts(output_dir, image_size=128, num_train=8, num_val=4, iters=3):
@@ -94,7 +85,7 @@ def synthetic_batch(image_size=128, boxes_per_image=((3, 0), (0, 0)), with_masks
         inst = Instances((image_size, image_size))
         xy = torch.rand(n, 2, generator=g) * image_size * 0.6
         wh = 8 + torch.rand(n, 2, generator=g) * image_size * 0.35
-        boxes = torch.cat([xy, (xy + wh).clamp(max=image_size)], 1)
+        boxes = clip_boxes_to_image(torch.cat([xy, xy + wh], 1), (image_size, image_size))
         inst.gt_boxes = Boxes(boxes)
         inst.gt_classes = torch.randint(0, num_classes, (n,), generator=g)
         if with_masks:

@@ -29,6 +29,19 @@ ROWS = OrderedDict([
 ])
 
 
+def _clock(device: str):
+    """``time.perf_counter`` that first waits for the queued CUDA work where ``device`` is a GPU: kernels run
+    asynchronously, so without it a timer reads when they were launched, not when they finished."""
+    cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+
+    def now():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    return now
+
+
 def _evaluate(evaluator):
     res = evaluator.evaluate() or {}
     return res.get("bbox", {})
@@ -77,27 +90,28 @@ def main():
     refine_stats = {}
     loader = build_detection_test_loader(cfg, dataset)
     heads = model.roi_heads
+    now = _clock(cfg.MODEL.DEVICE)
     with torch.no_grad():
         for inputs in loader:
             if args.max_images and count >= args.max_images:
                 break
             if base is not None:
-                t = time.perf_counter()
+                t = now()
                 out = base(inputs)
-                times["Faster R-CNN baseline"] += time.perf_counter() - t
+                times["Faster R-CNN baseline"] += now() - t
                 evaluators["Faster R-CNN baseline"].process(inputs, out)
-            t = time.perf_counter()
+            t = now()
             images = model.preprocess_image(inputs)
             features = model.backbone(images.tensor)
             proposals, _ = model.proposal_generator(images, features, None)
-            shared += time.perf_counter() - t
+            shared += now() - t
             for name, (nms, refine, sti) in ROWS.items():
                 heads.nms, heads.refine, heads.score_times_iou = nms, refine, sti
                 heads.reset_refine_stats()
-                t = time.perf_counter()
+                t = now()
                 results, _ = heads(images, features, proposals, None)
                 out = GeneralizedRCNN._postprocess(results, inputs, images.image_sizes)
-                times[name] += time.perf_counter() - t
+                times[name] += now() - t
                 evaluators[name].process(inputs, out)
                 st = refine_stats.setdefault(name, {"boxes": 0, "steps": 0.0, "gain": 0.0})
                 s = heads.refine_stats()

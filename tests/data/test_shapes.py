@@ -81,7 +81,8 @@ def test_other_seed_or_split_differs(tmp_path, split):
 
 def test_progress_is_shown(tmp_path, capsys):
     generate_shapes_split(str(tmp_path), "train", ShapesParams(num_images=5, image_size=64), progress=True)
-    assert "5/5 images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"generating shapes 'train' in {tmp_path}" in err and "5/5" in err
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import ROOT  # noqa: E402
+
 CONFIG = os.path.join(ROOT, "configs", "InterNet", "internet_l2_R_18_FPN_shapes.yaml")
 # SOLVER.IMS_PER_BATCH 2 of tiny_shapes_opts: one image per rank; a CPU-sized critic
 OPTS = ["MODEL.INTERNET.CRITIC_DIM", "64", "SEED", "3"]

@@ -15,7 +15,8 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import ROOT  # noqa: E402
+
 CONFIG = os.path.join(ROOT, "configs", "Baselines", "mask_rcnn_R_18_FPN_shapes.yaml")
 N, K = 4, 2  # iterations of the run; it is interrupted after iteration K - 1, its checkpoint
 OPTS = ["SOLVER.MAX_ITER", str(N), "SOLVER.CHECKPOINT_PERIOD", str(K), "SOLVER.WARMUP_ITERS", "2",

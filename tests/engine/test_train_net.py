@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from d2_refine.utils.env import has_detectron2
+from helpers import ROOT
 
-pytestmark = pytest.mark.skipif(not has_detectron2(), reason="detectron2 is not installed")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytest.importorskip("detectron2")
+
 BASELINES = {
     "faster_rcnn": ("configs/Baselines/faster_rcnn_R_18_FPN_shapes.yaml", ["bbox"]),
     "mask_rcnn": ("configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml", ["bbox", "segm"]),
@@ -65,3 +65,20 @@ def test_training_step_with_empty_and_half_empty_images():
         assert losses, name
         losses = train_step_losses(model, synthetic_batch(boxes_per_image=((0, 3), (0, 4))))
         assert all(v >= 0 for v in losses.values()), name
+
+
+def test_trainer_builds_what_default_trainer_builds(tmp_path):
+    """Trainer writes DefaultTrainer's constructor itself (for CPU DistributedDataParallel): on one process it must
+    build the same attributes, trainer loop, scheduler and hooks as detectron2's, whatever detectron2's version."""
+    from detectron2.engine import DefaultTrainer
+
+    from d2_refine.utils.testing import smoke_trainer
+
+    ours = smoke_trainer(os.path.join(ROOT, BASELINES["faster_rcnn"][0]), tmp_path, ["SOLVER.EXACT_RESUME", "False"])
+    theirs = DefaultTrainer(ours.cfg)
+    assert set(vars(ours)) == set(vars(theirs))
+    for name in ("_trainer", "scheduler", "checkpointer", "model", "optimizer", "data_loader"):
+        # by name: detectron2 makes a new optimizer class (gradient clipping) for each optimizer it builds
+        assert type(getattr(ours, name)).__qualname__ == type(getattr(theirs, name)).__qualname__, name
+    assert [type(h) for h in ours._hooks] == [type(h) for h in theirs._hooks]
+    assert (ours.start_iter, ours.max_iter) == (theirs.start_iter, theirs.max_iter)

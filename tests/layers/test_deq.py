@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2_refine.layers.deq import DEQFixedPoint, solve_fixed_point
-from d2_refine.utils.testing import cpu_and_cuda
+from helpers import cpu_and_cuda
 
 
 class ConvMap(nn.Module):

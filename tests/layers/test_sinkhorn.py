@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from d2_refine.layers import sinkhorn as sk
-from d2_refine.utils.testing import cpu_and_cuda
+from helpers import cpu_and_cuda
 
 ot = pytest.importorskip("ot")
 

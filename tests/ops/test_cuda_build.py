@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import ROOT as _ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(_ROOT)
 CU_SOURCES = sorted(ROOT.glob("csrc/**/*.cu"))
 
 

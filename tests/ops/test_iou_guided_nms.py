@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torchvision.ops import batched_nms, box_iou
 
 from d2_refine.ops import _iou_guided_nms_reference, has_ops, iou_guided_nms
-from d2_refine.utils.testing import cpu_and_cuda
+from helpers import cpu_and_cuda
 
 nms_module = importlib.import_module("d2_refine.ops.iou_guided_nms")  # the module, not the function
 needs_ops = pytest.mark.skipif(not has_ops(), reason="the compiled op library d2_refine._C is not built")

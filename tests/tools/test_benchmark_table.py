@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from d2_refine.utils.env import has_detectron2
-from d2_refine.utils.testing import load_tool, tiny_shapes_opts
+from d2_refine.utils.testing import tiny_shapes_opts
+from helpers import load_tool
 
 bt = load_tool("benchmark_table")
 REPO = bt.REPO
@@ -63,8 +63,8 @@ def test_markdown_rows_and_delta_to_the_baseline(tmp_path):
         bt.embed(str(readme), md)
 
 
-@pytest.mark.skipif(not has_detectron2(), reason="detectron2 is not installed (training and COCO evaluation)")
 def test_tool_trains_a_method_and_its_baseline_and_writes_the_table(tmp_path):
+    pytest.importorskip("detectron2")  # training and COCO evaluation
     tiny = tiny_shapes_opts(tmp_path / "unused")
     tiny = [v for k, v in zip(tiny[::2], tiny[1::2]) for v in (k, v)
             if k not in ("OUTPUT_DIR", "SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS")]

@@ -8,7 +8,8 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import ROOT  # noqa: E402
+
 DEMO = os.path.join(ROOT, "tools", "demo.py")
 CONFIG = os.path.join(ROOT, "configs", "Baselines", "mask_rcnn_R_18_FPN_shapes.yaml")
 SIZE = 96  # the shapes images; the model sees them at 128 px, the drawings must keep 96
@@ -23,7 +24,7 @@ def _run_demo(*args):
 
 @pytest.fixture(scope="module")
 def demo():
-    from d2_refine.utils.testing import load_tool
+    from helpers import load_tool
 
     return load_tool("demo")
 

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from d2_refine.utils.testing import load_tool  # noqa: E402
+from helpers import load_tool  # noqa: E402
 
 plots = load_tool("plots")
 

@@ -6,7 +6,7 @@ import torch
 
 from d2_refine.projects.fpt.attention import (euclidean_mixture_attention, euclidean_qk, linear_mixture_attention,
                                               mixture_attention)
-from d2_refine.utils.testing import cpu_and_cuda
+from helpers import cpu_and_cuda
 
 
 def _inputs(n=2, m=2, length=37, s=11, d=8, cv=16, device="cpu", dtype=torch.float64, seed=0):

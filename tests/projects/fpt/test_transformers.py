@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from d2_refine.projects.fpt import (FeaturePyramidTransformer, GroundingTransformer, RenderingTransformer,
                                     SelfTransformer)
-from d2_refine.utils.testing import cpu_and_cuda
+from helpers import cpu_and_cuda
 
 C = 32
 

@@ -4,7 +4,7 @@ import torch
 
 from d2_refine.layers.deq import DEQFixedPoint, cached_parametrizations
 from d2_refine.projects.ifr import IFRBlock, explicit_unroll
-from d2_refine.utils.testing import cpu_and_cuda
+from helpers import cpu_and_cuda
 
 
 def _contractive_block(dtype=torch.float64, channels=8, seed=0):

@@ -14,9 +14,9 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from d2_refine.engine.config import setup_cfg  # noqa: E402
 from d2_refine.projects.ifr import IFRMaskHead  # noqa: E402
+from helpers import ROOT  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-CONFIGS = os.path.join(REPO, "configs", "IFR")
+CONFIGS = os.path.join(ROOT, "configs", "IFR")
 
 
 def _count(m):

@@ -1,6 +1,7 @@
 """ClassBuffer: running mean, FIFO window, checkpoint state (detectron2-free)."""
 import pytest
 import torch
+from helpers import ROOT
 
 from d2_refine.projects.internet.buffer import ClassBuffer
 
@@ -96,8 +97,6 @@ def _dist_worker(rank, world, init_file, out_file):
 
 
 def test_distributed_update_all_reduces_sums_and_counts(tmp_path, monkeypatch):
-    import os
-
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -105,8 +104,7 @@ def test_distributed_update_all_reduces_sums_and_counts(tmp_path, monkeypatch):
         pytest.skip("torch.distributed is not available")
     # the spawned workers unpickle _dist_worker from this module: make the repository root importable for them
     # whatever the runner's working directory and sys.path
-    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))))
+    monkeypatch.syspath_prepend(ROOT)
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
     allf = torch.cat([r0["feats"], r1["feats"]])

@@ -4,7 +4,7 @@ import torch
 
 from d2_refine.projects.internet.critic import InterNetCritic
 from d2_refine.projects.internet.makeup import MakeupLayer
-from d2_refine.utils.testing import cpu_and_cuda
+from helpers import cpu_and_cuda
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -14,12 +14,12 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from d2_refine.engine.config import setup_cfg  # noqa: E402
 from d2_refine.projects.internet.pooler import LevelAssignedROIPooler  # noqa: E402
 from d2_refine.projects.internet.roi_heads import InterNetROIHeads  # noqa: E402
+from helpers import ROOT  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
 
 SIZE = 128
-BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), *[os.pardir] * 3, "configs", "Baselines",
-                    "mask_rcnn_R_18_FPN_shapes.yaml")
+BASE = os.path.join(ROOT, "configs", "Baselines", "mask_rcnn_R_18_FPN_shapes.yaml")
 
 
 def _cfg(*opts):

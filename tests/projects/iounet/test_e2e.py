@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("detectron2")
 
 from d2_refine.utils.testing import read_losses, smoke_train, tiny_shapes_opts  # noqa: E402
+from helpers import ROOT  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CONFIG = os.path.join(ROOT, "configs/IoUNet/iounet_R_18_FPN_shapes.yaml")
 OPTS = ["MODEL.IOU_NET.NUM_ROIS", "64", "MODEL.RPN.POST_NMS_TOPK_TEST", "50"]
 

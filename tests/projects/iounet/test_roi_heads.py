@@ -11,6 +11,7 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import d2_refine  # noqa: E402
+from helpers import ROOT  # noqa: E402
 from d2_refine.projects.iounet import IoUNetROIHeads, PrRoIPooler  # noqa: E402
 
 CONFIG = "configs/IoUNet/iounet_R_18_FPN_shapes.yaml"
@@ -21,8 +22,7 @@ def _cfg(*opts):
     import os
 
     cfg = d2_refine.add_d2_refine_config(get_cfg())
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    cfg.merge_from_file(os.path.join(root, CONFIG))
+    cfg.merge_from_file(os.path.join(ROOT, CONFIG))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
                          "MODEL.IOU_NET.FC_DIM", 64, "MODEL.IOU_NET.NUM_ROIS", 64, "MODEL.RPN.POST_NMS_TOPK_TEST", 40,
                          "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,

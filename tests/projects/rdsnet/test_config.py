@@ -7,8 +7,9 @@ from fvcore.common.config import CfgNode as CN
 
 from d2_refine.projects.rdsnet.config import add_rdsnet_config
 from d2_refine.projects.rdsnet.mbrm import MBRM_DEFAULT_BIAS, MBRM_DEFAULT_KERNEL
+from helpers import ROOT
 
-_CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "RDSNet", "*.yaml")))
+_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "RDSNet", "*.yaml")))
 
 
 def test_defaults_without_detectron2():

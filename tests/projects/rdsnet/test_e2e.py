@@ -8,8 +8,9 @@ import pytest
 pytest.importorskip("detectron2")
 
 from d2_refine.utils.testing import read_losses, smoke_train  # noqa: E402
+from helpers import ROOT  # noqa: E402
 
-_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "RDSNet", "rdsnet_R_18_FPN_shapes.yaml")
+_CONFIG = os.path.join(ROOT, "configs", "RDSNet", "rdsnet_R_18_FPN_shapes.yaml")
 
 
 def test_smoke_train_and_coco_eval_bbox_and_segm(tmp_path):

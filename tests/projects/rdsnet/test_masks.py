@@ -12,7 +12,7 @@ from d2_refine.projects.rdsnet.masks import (
     downsample_mask_targets,
     to_inclusive,
 )
-from d2_refine.utils.testing import cpu_and_cuda
+from helpers import cpu_and_cuda
 
 
 def test_crop_bounds_follow_the_rule():

@@ -13,7 +13,7 @@ from d2_refine.projects.rdsnet.mbrm import (
     mask_profiles,
     mbrm_refine_boxes,
 )
-from d2_refine.utils.testing import cpu_and_cuda
+from helpers import cpu_and_cuda
 
 
 def _ramp(n, lo, hi, s):

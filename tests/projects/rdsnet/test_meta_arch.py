@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-detectron2 = pytest.importorskip("detectron2")
+pytest.importorskip("detectron2")
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import META_ARCH_REGISTRY, build_model  # noqa: E402

@@ -1,0 +1,70 @@
+"""train_net.py's command line: detectron2's arguments, and one line (no traceback, before any worker starts) for
+--eval-only without weights, missing weights and datasets that are not there."""
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, load_script
+
+pytest.importorskip("detectron2")
+
+CONFIG = os.path.join(ROOT, "configs", "Baselines", "faster_rcnn_R_18_FPN_shapes.yaml")
+
+
+def _train_net(tmp_path, *args, env=None):
+    from d2_refine.utils.testing import tiny_shapes_opts
+
+    opts = list(args) + tiny_shapes_opts(tmp_path / "out", num_train=2, num_val=2, iters=1)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_net.py"), *opts], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _one_line_error(r):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, r.stderr
+    assert "Command Line Args" not in r.stdout, "launched anyway"
+    return lines[0]
+
+
+def test_parser_has_detectron2_arguments_and_defaults():
+    from detectron2.engine import default_argument_parser
+
+    ours, theirs = load_script("train_net.py").get_parser(), default_argument_parser()
+    argv = ["--config-file", "c.yaml", "--resume", "--eval-only", "--num-gpus", "2", "--num-machines", "3",
+            "--machine-rank", "1", "--dist-url", "tcp://h:1", "A.B", "1"]
+    for a in ([], argv):
+        assert vars(ours.parse_args(a)) == vars(theirs.parse_args(a))
+
+
+def test_eval_only_without_weights_refuses(tmp_path):
+    line = _one_line_error(_train_net(tmp_path, "--config-file", CONFIG, "--eval-only"))
+    assert "--eval-only needs trained weights" in line and "MODEL.WEIGHTS" in line and "model_final.pth" in line
+    assert not (tmp_path / "out" / "inference").exists()
+
+
+def test_missing_weights_file_refuses(tmp_path):
+    line = _one_line_error(_train_net(tmp_path, "--config-file", CONFIG, "--eval-only",
+                                      "MODEL.WEIGHTS", str(tmp_path / "nope.pth")))
+    assert line == f"error: MODEL.WEIGHTS not found: {tmp_path / 'nope.pth'}"
+
+
+def test_missing_coco_names_the_expected_path(tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"))
+    line = _one_line_error(_train_net(tmp_path, "--config-file", CONFIG, "DATASETS.TRAIN", "('coco_2017_train',)",
+                                      env=env))
+    expected = tmp_path / "datasets" / "coco" / "annotations" / "instances_train2017.json"
+    assert f"dataset 'coco_2017_train': json file not found: {expected}" in line and "DETECTRON2_DATASETS" in line
+    # the json there, the images not: the image folder is named
+    expected.parent.mkdir(parents=True)
+    expected.write_text("{}")
+    line = _one_line_error(_train_net(tmp_path, "--config-file", CONFIG, "DATASETS.TRAIN", "('coco_2017_train',)",
+                                      env=env))
+    assert f"image folder not found: {tmp_path / 'datasets' / 'coco' / 'train2017'}" in line
+
+
+def test_unregistered_dataset_refuses(tmp_path):
+    line = _one_line_error(_train_net(tmp_path, "--config-file", CONFIG, "DATASETS.TEST", "('my_val',)"))
+    assert "dataset 'my_val' is not registered" in line and "DATASETS.COCO_FORMAT" in line
