@@ -16,10 +16,10 @@ Steps, in order (each one a subprocess with its own time limit; a failed step do
                skipped for want of CUDA counts as a failure
   train        (where detectron2 imports) Mask R-CNN and IoU-Net on shapes, 300 iterations with
                SOLVER.AMP.ENABLED, then COCO evaluation: finite losses, AP
-  ops          benchmarks/ops.py: PrRoIPool vs roi_align (sampling ratio 0 and 2), IoU-guided NMS vs batched_nms
-  fpt          benchmarks/fpt.py at 800x1333, batch 1: latency and peak memory (fpt_paper must stay < 4 GiB)
   iounet       benchmarks/iounet_latency.py: R-50-FPN 800x1333 vs Faster R-CNN (target <= 1.15x), and the
                shapes model trained by the train step
+  ops          benchmarks/ops.py: PrRoIPool vs roi_align (sampling ratio 0 and 2), IoU-guided NMS vs batched_nms
+  fpt          benchmarks/fpt.py at 800x1333, batch 1: latency and peak memory (fpt_paper must stay < 4 GiB)
   ifr          benchmarks/ifr_memory.py with N = 256 RoIs: training memory vs solver depth; what autograd keeps
                (every solver) and the peak (fixed-point, Anderson) must stay flat within 10 %; Broyden's peak,
                which adds its workspace of 2 vectors per step, is reported
@@ -41,7 +41,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("env", "build", "tests", "train", "ops", "fpt", "iounet", "ifr")
+STEPS = ("env", "build", "tests", "train", "iounet", "ops", "fpt", "ifr")
 OPS = ("prroi_pool", "_prroi_pool_backward", "iou_guided_nms")
 #: the tests run on the GPU: every test whose id names CUDA (device parameters, CUDA-only tests and modules)
 TEST_SELECTION = "cuda or CUDA"
@@ -259,7 +259,7 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
         t0 = time.time()
         path = os.path.join(self.work, "ops.json")
         cmd = [self.python, "benchmarks/ops.py", "--device", self.device, "--json", path]
-        cmd += ["--tiny", "--min-run-time", "0.01", "--rounds", "1"] if self.dry else ["--min-run-time", "0.5"]
+        cmd += ["--tiny", "--min-run-time", "0.01", "--rounds", "1"] if self.dry else ["--min-run-time", "0.3"]
         return self._bench("ops", cmd, path, t0)
 
     def step_fpt(self):
