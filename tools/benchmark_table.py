@@ -781,7 +781,11 @@ def main(argv=None):
         source = args.from_json or args.results
         if not os.path.isfile(source):
             raise SystemExit(f"--from-json: no results record {source}")
-        return write_outputs(load_results(source), args, source, command.strip())
+        try:
+            doc = load_results(source)
+        except ValueError as e:
+            raise SystemExit(f"--from-json: {e}") from None
+        return write_outputs(doc, args, source, command.strip())
 
     from d2_refine.utils.env import require_detectron2
 

@@ -231,6 +231,12 @@ def test_from_json_writes_table_readme_and_json_without_detectron2(tmp_path):
         bt.embed(str(readme), md)
     with pytest.raises(SystemExit, match="no results record"):
         bt.main(["--from-json", str(tmp_path / "absent.json")])
+    (tmp_path / "table.json").write_text(json.dumps({"rows": []}))  # not a record: a clear error
+    with pytest.raises(SystemExit, match="not a results record"):
+        bt.main(["--from-json", str(tmp_path / "table.json")])
+    bt.update_results(path, 100, lambda doc: dict(doc, records=[]))
+    with pytest.raises(SystemExit, match="no records yet"):
+        bt.main(["--from-json", path, "--out", str(out)])
 
 
 def _tiny_opts(tmp_path):
