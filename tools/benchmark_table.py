@@ -1,29 +1,72 @@
 #!/usr/bin/env python
-"""Train (or evaluate the checkpoints of) every method and its baseline on `shapes` with one schedule and seed,
-and write one Markdown results table.
+"""Train every method and its baseline on `shapes` with one schedule over several seeds, keep a results record
+that survives without the checkpoints, and write one Markdown table that states the spread over the seeds.
 
-    python tools/benchmark_table.py --iters 400 --readme README.md          # train all, then embed the table
-    python tools/benchmark_table.py --iters 400 --only mask_rcnn fpt_lite   # a subset
-    python tools/benchmark_table.py --iters 400 --eval-only                 # re-score existing checkpoints
+    python tools/benchmark_table.py --iters 2000 --seeds 1 2 3                 # train what is missing, table
+    python tools/benchmark_table.py --iters 2000 --seeds 1 2 3 --jobs 2 --num-threads 1   # two at a time
+    python tools/benchmark_table.py --iters 2000 --seeds 1 --only iounet       # a method (and its baseline)
+    python tools/benchmark_table.py --iters 2000 --seeds 1 2 3 --timing-only   # re-time the checkpoints
+    python tools/benchmark_table.py --from-json docs/results/shapes_2000it.json --readme README.md   # no d2
 
-Each model is trained by `train_net.py` itself (a subprocess, so its progress and logs are the usual ones) in
-`<output-dir>/<iters>it/<name>/`; a model whose `model_final.pth` exists there is not trained again. Scores come
-from the COCOEvaluator run at the end of training (its `metrics.json`), or from a fresh evaluation for
-`--eval-only` and for the variants evaluated with the same weights (e.g. RDSNet + MBRM). Inference time is
-measured here, batch 1, on the first `--timing-images` val images after a warm-up.
+Runs. Each (model, seed) is trained by `train_net.py` itself (a subprocess, with its usual logs) in
+`<output-dir>/<iters>it/seed<S>/<name>/`. A run is finished when `model_final.pth` is there and `metrics.json`
+holds the COCOEvaluator results of the last iteration; a finished run is never trained again, and a
+checkpoint without those results is scored again from the checkpoint. The layout of the single-seed tool,
+`<output-dir>/<iters>it/<name>/`, is read as seed 1 (its default then) where `seed1/<name>/` has no checkpoint;
+nothing is moved. A run folder is locked while it trains, so two invocations never train the same run.
+
+The results record (`--results`, default `docs/results/shapes_<iters>it.json`, committed): one record per
+(model, seed), written as soon as a run is trained and evaluated: the COCO metrics (bbox and, where masks exist,
+segm), detectron2's training s/it and time, the run's wall time, the machine (CPU, threads, GPU), the load
+average while it trained, and the git commit of the code that trained it. Variants evaluated with a model's
+weights (RDSNet + MBRM) are records of their own. Writes are merged under a lock file (`<results>.lock`):
+re-recording a (model, seed) replaces its record and leaves the others; any number of processes may record.
+`--from-json` writes the table (and `--readme`, `--figure`) from that file alone.
+
+Parallel training. `--jobs J` runs J runs at a time, each in a worker process of this tool (train, evaluate,
+record), then times inference alone. Separate invocations may also run side by side: the run locks and the
+record lock keep them apart (give them `--no-timing` and re-time at the end with `--timing-only`).
+
+Costs. Training s/it is detectron2's "Overall training speed" of each run (the table gives the range over
+seeds). Inference ms/img is measured apart from training, after it: one pass in one process over every row, on
+the checkpoints of one seed (`--timing-seed`), batch 1, the median over `--timing-images` val images after 3
+warm-up images (`--timing-only` repeats it from the checkpoints).
 """
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import json
+import math
 import os
+import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- benchmark_table:start -->", "<!-- benchmark_table:end -->"
+RESULTS_DIR = os.path.join(REPO, "docs", "results")
+SCHEMA = 1
+
+# Every model's config, one line each.
+CONFIGS = {
+    "mask_rcnn": "configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml",
+    "faster_rcnn": "configs/Baselines/faster_rcnn_R_18_FPN_shapes.yaml",
+    "retinanet": "configs/Baselines/retinanet_R_18_FPN_shapes.yaml",
+    "iounet": "configs/IoUNet/iounet_R_18_FPN_shapes.yaml",
+    "fpt_lite": "configs/FPT/mask_rcnn_fpt_lite_R_18_shapes.yaml",
+    "fpt_paper": "configs/FPT/mask_rcnn_fpt_paper_R_18_shapes.yaml",
+    "ifr": "configs/IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml",
+    "ifr_ws": "configs/IFR/ifr_ws_mask_rcnn_R_18_FPN_shapes.yaml",
+    "cascade_ifr": "configs/IFR/ifr_cascade_mask_rcnn_R_18_FPN_shapes.yaml",
+    "internet_l2": "configs/InterNet/internet_l2_R_18_FPN_shapes.yaml",
+    "internet_ot": "configs/InterNet/internet_ot_R_18_FPN_shapes.yaml",
+    "rdsnet": "configs/RDSNet/rdsnet_R_18_FPN_shapes.yaml",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,26 +81,32 @@ class Entry:
     variants: Dict[str, tuple] = dataclasses.field(default_factory=dict)
 
 
+def _ifr_warm_up(iters: int) -> List[str]:
+    """The paper's plain-head warm-up of the implicit IFR head: 50k of its 90k iterations."""
+    return ["MODEL.IFR.PRETRAIN_STEPS", str(round(iters * 5 / 9))]
+
+
 ENTRIES = [
-    Entry("mask_rcnn", "Mask R-CNN (FPN)", "configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml"),
-    Entry("faster_rcnn", "Faster R-CNN (FPN)", "configs/Baselines/faster_rcnn_R_18_FPN_shapes.yaml"),
-    Entry("retinanet", "RetinaNet (FPN)", "configs/Baselines/retinanet_R_18_FPN_shapes.yaml"),
-    Entry("iounet", "IoU-Net (IoU-NMS + refinement)", "configs/IoUNet/iounet_R_18_FPN_shapes.yaml", "faster_rcnn"),
-    Entry("fpt_lite", "Mask R-CNN + FPT `fpt_lite`", "configs/FPT/mask_rcnn_fpt_lite_R_18_shapes.yaml", "mask_rcnn"),
-    Entry("fpt_paper", "Mask R-CNN + FPT `fpt_paper`", "configs/FPT/mask_rcnn_fpt_paper_R_18_shapes.yaml",
-          "mask_rcnn"),
-    Entry("ifr", "Mask R-CNN + IFR (implicit)", "configs/IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml", "mask_rcnn",
-          # the paper's plain-head warm-up: 50k of its 90k iterations
-          opts=lambda iters: ["MODEL.IFR.PRETRAIN_STEPS", str(round(iters * 5 / 9))]),
-    Entry("internet_l2", "Mask R-CNN + InterNet (l2)", "configs/InterNet/internet_l2_R_18_FPN_shapes.yaml",
-          "mask_rcnn"),
-    Entry("internet_ot", "Mask R-CNN + InterNet (ot)", "configs/InterNet/internet_ot_R_18_FPN_shapes.yaml",
-          "mask_rcnn"),
-    Entry("rdsnet", "RDSNet", "configs/RDSNet/rdsnet_R_18_FPN_shapes.yaml", "retinanet",
+    Entry("mask_rcnn", "Mask R-CNN (FPN)", CONFIGS["mask_rcnn"]),
+    Entry("faster_rcnn", "Faster R-CNN (FPN)", CONFIGS["faster_rcnn"]),
+    Entry("retinanet", "RetinaNet (FPN)", CONFIGS["retinanet"]),
+    Entry("iounet", "IoU-Net (IoU-NMS + refinement)", CONFIGS["iounet"], "faster_rcnn"),
+    Entry("fpt_lite", "Mask R-CNN + FPT `fpt_lite`", CONFIGS["fpt_lite"], "mask_rcnn"),
+    Entry("fpt_paper", "Mask R-CNN + FPT `fpt_paper`", CONFIGS["fpt_paper"], "mask_rcnn"),
+    Entry("ifr", "Mask R-CNN + IFR (implicit)", CONFIGS["ifr"], "mask_rcnn", opts=_ifr_warm_up),
+    Entry("ifr_ws", "Mask R-CNN + IFR (weight sharing, K = 4)", CONFIGS["ifr_ws"], "mask_rcnn"),
+    # no Cascade Mask R-CNN baseline config exists: the cascade is part of what is compared to Mask R-CNN
+    Entry("cascade_ifr", "Cascade Mask R-CNN + IFR (implicit)", CONFIGS["cascade_ifr"], "mask_rcnn",
+          opts=_ifr_warm_up),
+    Entry("internet_l2", "Mask R-CNN + InterNet (l2)", CONFIGS["internet_l2"], "mask_rcnn"),
+    Entry("internet_ot", "Mask R-CNN + InterNet (ot)", CONFIGS["internet_ot"], "mask_rcnn"),
+    Entry("rdsnet", "RDSNet", CONFIGS["rdsnet"], "retinanet",
           variants={"rdsnet_mbrm": ("RDSNet + MBRM (same weights)", ["MODEL.RDSNET.MBRM.ENABLED", "True"])}),
 ]
 ENTRY_BY_NAME = {e.name: e for e in ENTRIES}
-METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("bbox", "APs"), ("segm", "AP")]
+VARIANT_OF = {v: e.name for e in ENTRIES for v in e.variants}
+ROW_ORDER = [n for e in ENTRIES for n in (e.name, *e.variants)]
+METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("bbox", "AP90"), ("bbox", "APs"), ("segm", "AP")]
 
 
 def schedule_opts(iters: int, seed: int) -> List[str]:
@@ -69,8 +118,25 @@ def schedule_opts(iters: int, seed: int) -> List[str]:
             "SOLVER.CHECKPOINT_PERIOD", str(iters), "SEED", str(seed)]
 
 
-def final_results(metrics_json: str) -> Optional[Dict[str, Dict[str, float]]]:
-    """The COCO results of the evaluation at the end of training, from detectron2's ``metrics.json``."""
+# ------------------------------------------------------------------------------------------- run folders
+def run_dir(root: str, name: str, seed: int) -> str:
+    """``<root>/seed<S>/<name>``; for seed 1, the single-seed layout ``<root>/<name>`` where only it holds a
+    checkpoint."""
+    new = os.path.join(root, f"seed{seed}", name)
+    legacy = os.path.join(root, name)
+    if seed == 1 and not os.path.isfile(os.path.join(new, "model_final.pth")) \
+            and os.path.isfile(os.path.join(legacy, "model_final.pth")):
+        return legacy
+    return new
+
+
+def _finite(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def final_results(metrics_json: str, min_iteration: Optional[int] = None) -> Optional[Dict[str, Dict[str, float]]]:
+    """The COCO results of the last evaluation in detectron2's ``metrics.json`` (None if there is none, or if it
+    was logged before ``min_iteration``: detectron2 logs the one after training at MAX_ITER). NaN becomes None."""
     if not os.path.isfile(metrics_json):
         return None
     last = None
@@ -79,22 +145,36 @@ def final_results(metrics_json: str) -> Optional[Dict[str, Dict[str, float]]]:
             line = line.strip()
             if line and '"bbox/AP"' in line:
                 last = json.loads(line)
-    if last is None:
+    if last is None or (min_iteration is not None and last.get("iteration", -1) < min_iteration):
         return None
     out: Dict[str, Dict[str, float]] = {}
     for key, value in last.items():
         task, _, metric = key.partition("/")
         if task in ("bbox", "segm") and metric:
-            out.setdefault(task, {})[metric] = float(value)
+            out.setdefault(task, {})[metric] = _finite(float(value))
     return out
 
 
 def train_speed(log_txt: str) -> Optional[float]:
     """Seconds per iteration of the last training logged in ``log.txt`` (detectron2's 'Overall training speed')."""
-    if not os.path.isfile(log_txt):
+    found = _training_lines(log_txt)
+    return float(found[-1][1]) if found else None
+
+
+def train_time(log_txt: str) -> Optional[float]:
+    """Seconds of the last training logged in ``log.txt`` (the 'H:MM:SS' of 'Overall training speed')."""
+    found = _training_lines(log_txt)
+    if not found:
         return None
-    found = re.findall(r"Overall training speed: \d+ iterations in \S+ \(([\d.]+) s / it\)", open(log_txt).read())
-    return float(found[-1]) if found else None
+    h, m, s = found[-1][0].split(":")
+    return int(h) * 3600 + int(m) * 60 + float(s)
+
+
+def _training_lines(log_txt: str):
+    if not os.path.isfile(log_txt):
+        return []
+    with open(log_txt) as f:
+        return re.findall(r"Overall training speed: \d+ iterations in (\S+) \(([\d.]+) s / it\)", f.read())
 
 
 def run_opts(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str] = ()) -> List[str]:
@@ -102,14 +182,105 @@ def run_opts(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[
     return [*schedule_opts(iters, seed), *entry.opts(iters), *extra, "OUTPUT_DIR", out_dir]
 
 
-def train(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str], num_threads: Optional[int]):
+def git_commit() -> dict:
+    """The commit of the code here and whether tracked files differ from it (None where git cannot tell)."""
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
+
+
+def machine_info(num_threads: Optional[int] = None) -> dict:
+    """The machine a run or a timing pass used: host, CPU, cores, OMP_NUM_THREADS, GPU, torch."""
+    cpu = platform.processor() or None
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    info = dict(host=platform.node(), cpu=cpu, cpu_count=os.cpu_count(),
+                omp_num_threads=num_threads or (int(os.environ["OMP_NUM_THREADS"])
+                                                if os.environ.get("OMP_NUM_THREADS", "").isdigit() else None),
+                python=platform.python_version())
+    with contextlib.suppress(ImportError):
+        import torch
+
+        info.update(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    return info
+
+
+def loadavg() -> Optional[List[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def file_lock(path: str, blocking: bool = True):
+    """An exclusive lock on ``path`` (created) while the block runs; with ``blocking=False`` yields False at once
+    when another process holds it. POSIX flock: released by the OS if the holder dies."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def train(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str], num_threads: Optional[int],
+          sample_every: float = 30.0) -> dict:
+    """Train one run with ``train_net.py``; returns (and writes to ``<out_dir>/run_info.json``) what the record
+    keeps of it: the commit, the machine, the load average sampled while it trained, its wall time."""
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", os.path.join(REPO, entry.config),
            *run_opts(entry, out_dir, iters, seed, extra)]
     print(f"  $ {' '.join(cmd)}", flush=True)
     env = dict(os.environ)
     if num_threads:
         env["OMP_NUM_THREADS"] = str(num_threads)
-    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    info = dict(code=git_commit(), machine=machine_info(num_threads), started=_now())
+    samples, t0 = [], time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    while True:
+        la = loadavg()
+        if la:
+            samples.append(la)
+        try:
+            rc = proc.wait(timeout=sample_every)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if rc != 0:
+        raise subprocess.CalledProcessError(rc, cmd)
+    info.update(run_wall_s=round(time.time() - t0, 1), finished=_now(), load=_load_summary(samples))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return info
+
+
+def _load_summary(samples: List[List[float]]) -> Optional[dict]:
+    """The 1-minute load average over the samples (mean, max) and the last (1, 5, 15)-minute triple."""
+    if not samples:
+        return None
+    ones = [s[0] for s in samples]
+    return dict(mean_1min=round(statistics.fmean(ones), 2), max_1min=max(ones), last=samples[-1],
+                samples=len(samples))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def evaluate(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str], timing_images: int,
@@ -150,29 +321,242 @@ def evaluate(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[
     return results, ms, params
 
 
+# ------------------------------------------------------------------------------------------ results record
+def default_results_path(iters: int) -> str:
+    return os.path.join(RESULTS_DIR, f"shapes_{iters}it.json")
+
+
+def empty_results(iters: int) -> dict:
+    return dict(schema=SCHEMA, dataset="shapes", iters=iters, records=[], timing={}, timing_passes={})
+
+
+def load_results(path: str) -> dict:
+    """The results record at ``path``, checked: an object with ``iters`` and ``records``, each record with a
+    model, an integer seed and its metrics."""
+    with open(path) as f:
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("records"), list) or not isinstance(doc.get("iters"), int):
+        raise ValueError(f"{path} is not a results record (an object with 'iters' and a 'records' list)")
+    for i, r in enumerate(doc["records"]):
+        if not (isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("seed"), int)
+                and isinstance(r.get("metrics"), dict)):
+            raise ValueError(f"{path}: record {i} needs 'model' (str), 'seed' (int) and 'metrics' (object): {r!r:.200}")
+    doc.setdefault("timing", {})
+    doc.setdefault("timing_passes", {})
+    return doc
+
+
+def _row_key(name: str):
+    return (ROW_ORDER.index(name), "") if name in ROW_ORDER else (len(ROW_ORDER), name)
+
+
+def merge_records(doc: dict, records: Iterable[dict]) -> dict:
+    """``doc`` with ``records`` added; a record of a (model, seed) already there replaces it. Sorted by the
+    table's row order, then seed."""
+    merged = {(r["model"], r["seed"]): r for r in doc["records"]}
+    for r in records:
+        if r.get("iters", doc["iters"]) != doc["iters"]:
+            raise ValueError(f"record {r['model']} seed {r['seed']} is of {r['iters']} iterations, the file of "
+                             f"{doc['iters']}")
+        merged[(r["model"], r["seed"])] = r
+    return dict(doc, records=[merged[k] for k in sorted(merged, key=lambda k: (_row_key(k[0]), k[1]))])
+
+
+def update_results(path: str, iters: int, change: Callable[[dict], dict]) -> dict:
+    """Read the record at ``path`` (or start one), apply ``change`` and write it back atomically, all under the
+    lock ``<path>.lock``: concurrent writers never lose each other's records."""
+    with file_lock(path + ".lock"):
+        doc = load_results(path) if os.path.isfile(path) else empty_results(iters)
+        if doc["iters"] != iters:
+            raise ValueError(f"{path} records {doc['iters']}-iteration runs, not {iters}")
+        doc = change(doc)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    return doc
+
+
+def record_runs(path: str, iters: int, records: Sequence[dict]) -> dict:
+    return update_results(path, iters, lambda doc: merge_records(doc, records))
+
+
+def make_record(name: str, seed: int, iters: int, metrics: Dict[str, Dict[str, float]], out_dir: str,
+                extra: Sequence[str] = (), weights_of: Optional[str] = None) -> dict:
+    """One (model, seed) record: its COCO metrics, and what ``out_dir`` tells of its training (detectron2's log,
+    and ``run_info.json`` where this tool trained it: commit, machine, load)."""
+    entry = ENTRY_BY_NAME[weights_of or name]
+    title = entry.variants[name][0] if weights_of else entry.title
+    info = {}
+    if os.path.isfile(os.path.join(out_dir, "run_info.json")):
+        with open(os.path.join(out_dir, "run_info.json")) as f:
+            info = json.load(f)
+    log = os.path.join(out_dir, "log.txt")
+    rec = dict(model=name, seed=seed, iters=iters, title=title, baseline=entry.baseline, config=entry.config,
+               metrics={t: {k: _finite(v) for k, v in sorted(m.items())} for t, m in sorted(metrics.items())
+                        if t in ("bbox", "segm")},
+               train=dict(s_per_iter=train_speed(log), train_s=train_time(log), run_wall_s=info.get("run_wall_s")),
+               machine=info.get("machine"), load=info.get("load"), code=info.get("code"),
+               trained=info.get("finished"), recorded=_now(), opts=list(extra),
+               run_dir=os.path.relpath(out_dir, REPO) if os.path.abspath(out_dir).startswith(REPO + os.sep)
+               else os.path.abspath(out_dir))
+    if weights_of:
+        rec["weights_of"] = weights_of
+    if not info:
+        rec["note"] = "no run_info.json (not trained by this tool's current version): machine, load, commit unknown"
+    return rec
+
+
+# ------------------------------------------------------------------------------------------- aggregation
+VERDICT_RULE = ("verdict from the paired Δ box AP over the n seeds both runs have: **gain** when mean Δ > 2 × "
+                "std(Δ), **loss** when mean Δ < −2 × std(Δ), **level** otherwise, for n ≥ 2; with one paired "
+                "seed: no verdict")
+
+
+def mean_std(values: Iterable[Optional[float]]) -> Optional[dict]:
+    """{"mean", "std", "n"} of the values that are not None: the sample standard deviation (n − 1), None for
+    n = 1. None when no value is left."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return dict(mean=statistics.fmean(vals), std=statistics.stdev(vals) if len(vals) > 1 else None, n=len(vals))
+
+
+def verdict(delta: Optional[dict]) -> str:
+    """The verdict on a paired Δ box AP (:func:`mean_std` of the per-seed differences); see VERDICT_RULE."""
+    if not delta:
+        return "–"
+    if delta["n"] < 2:
+        return "1 seed: no verdict"
+    if delta["mean"] > 2 * delta["std"]:
+        return "gain"
+    if delta["mean"] < -2 * delta["std"]:
+        return "loss"
+    return "level"
+
+
+def _metric(rec: dict, task: str, metric: str = "AP") -> Optional[float]:
+    return _finite((rec["metrics"].get(task) or {}).get(metric))
+
+
+def summarize(records: Sequence[dict]) -> List[dict]:
+    """One row per model of the records: each metric's mean/std/n over its seeds, the paired Δ box/mask AP to
+    its baseline (same seed) with the verdict, and the range of training s/it over the seeds."""
+    runs: Dict[str, Dict[int, dict]] = {}
+    for r in records:
+        runs.setdefault(r["model"], {})[r["seed"]] = r
+    rows = []
+    for name in sorted(runs, key=_row_key):
+        by_seed = runs[name]
+        seeds = sorted(by_seed)
+        last = by_seed[seeds[-1]]
+        base = last.get("baseline")
+        keys = sorted({(t, m) for r in by_seed.values() for t, ms in r["metrics"].items() for m in ms})
+        stats: Dict[str, Dict[str, dict]] = {}
+        for task, metric in keys:
+            s = mean_std(_metric(by_seed[x], task, metric) for x in seeds)
+            if s:
+                stats.setdefault(task, {})[metric] = s
+        delta: Dict[str, Optional[dict]] = {}
+        if base in runs:
+            for task in ("bbox", "segm"):
+                pairs = {x: _metric(by_seed[x], task) - _metric(runs[base][x], task) for x in seeds
+                         if x in runs[base] and _metric(by_seed[x], task) is not None
+                         and _metric(runs[base][x], task) is not None}
+                d = mean_std(pairs.values())
+                delta[task] = d and dict(d, seeds=sorted(pairs))
+        if base is None:
+            base_title = None
+        elif base in runs:
+            base_title = runs[base][max(runs[base])].get("title", base)
+        else:
+            base_title = ENTRY_BY_NAME[base].title if base in ENTRY_BY_NAME else base
+        speeds = [by_seed[x]["train"].get("s_per_iter") for x in seeds if by_seed[x].get("train")]
+        speeds = [v for v in speeds if v is not None]
+        rows.append(dict(name=name, title=last.get("title", name), baseline=base, baseline_title=base_title,
+                         seeds=seeds, n=len(seeds), stats=stats, delta=delta,
+                         verdict=verdict(delta.get("bbox")) if base in runs else ("no baseline run" if base else "–"),
+                         s_per_iter=[min(speeds), max(speeds)] if speeds else None))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ output
 def fmt(x, digits=1):
     return "–" if x is None or x != x else f"{x:.{digits}f}"
 
 
-def markdown(rows: List[dict], iters: int, seed: int, command: str) -> str:
-    head = ("| model | baseline | box AP | AP50 | AP75 | APs | mask AP | Δ box AP | train s/it | inference ms/img "
-            "| params (M) |")
-    lines = [f"Schedule: {iters} iterations × 4 images from scratch (seed {seed}), scored by COCOEvaluator on "
-             f"`shapes_val` (300 images). Produced by:", "", "```bash", command, "```", "", head,
-             "|" + "---|" * (head.count("|") - 1)]
-    by_name = {r["name"]: r for r in rows}
+def fmt_stat(s: Optional[dict], row_n: int, digits: int = 1, sign: bool = False) -> str:
+    """'mean ± std' (the mean alone for one value), '(n=k)' added where k is not the row's n."""
+    if not s:
+        return "–"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    out = f.format(s["mean"]) if s["std"] is None else f"{f.format(s['mean'])} ± {s['std']:.{digits}f}"
+    return out if s["n"] == row_n else f"{out} (n={s['n']})"
+
+
+def _speed(r: dict) -> str:
+    sp = r["s_per_iter"]
+    return "–" if not sp else (f"{sp[0]:.2f}" if f"{sp[0]:.2f}" == f"{sp[1]:.2f}" else f"{sp[0]:.2f}–{sp[1]:.2f}")
+
+
+def _timing_caption(doc: dict, names: Sequence[str]) -> str:
+    used = sorted({doc["timing"][n]["pass"] for n in names if n in doc["timing"]})
+    if not used:
+        return "inference ms/img: not measured yet (`--timing-only`)."
+    parts = []
+    for pid in used:
+        p = doc["timing_passes"].get(pid, {})
+        m = p.get("machine") or {}
+        where = m.get("gpu") if str(p.get("device", "")).startswith("cuda") else \
+            f"{m.get('cpu') or 'CPU'}, {m.get('torch_threads', '?')} threads"
+        timed = [n for n in names if doc["timing"].get(n, {}).get("pass") == pid]
+        rows = "" if len(used) == 1 else f" ({', '.join(timed)})"
+        la = (p.get("load_before") or ["?"])[0]
+        parts.append(f"{pid}: seed {p.get('seed', '?')}'s checkpoints, median over {p.get('images', '?')} val "
+                     f"images after 3 warm-up, {where}, load {la} before{rows}")
+    head = "one pass in one process" if len(used) == 1 else f"{len(used)} passes"
+    return f"inference ms/img: batch 1, measured apart from training ({head}): " + "; ".join(parts) + "."
+
+
+def markdown(rows: List[dict], doc: dict, command: str, source: str = "") -> str:
+    head = ("| model | baseline | seeds | box AP | AP50 | AP75 | AP90 | APs | mask AP | Δ box AP | Δ mask AP "
+            "| verdict | train s/it | inference ms/img |")
+    seeds = sorted({x for r in rows for x in r["seeds"]})
+    lines = [f"Schedule: {doc['iters']} iterations from scratch per run, seeds {', '.join(map(str, seeds))}, scored "
+             f"by COCOEvaluator on `shapes_val`. Written from {source or 'the results record'} by:", "",
+             "```bash", command, "```", "",
+             "Each cell: mean ± sample standard deviation (n − 1) over the row's n seeds (`seeds`). Δ: the "
+             "difference to the baseline run with the same seed, mean ± std over the seeds both have ('(n=k)' where "
+             f"fewer than the row's); {VERDICT_RULE}. train s/it: detectron2's overall training speed, the range "
+             f"over the seeds. {_timing_caption(doc, [r['name'] for r in rows])}", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        res = r["results"] or {}
-        vals = [res.get(task, {}).get(metric) for task, metric in METRICS]
-        base = by_name.get(r["baseline"]) if r["baseline"] else None
-        delta = None
-        if base and base["results"] and res.get("bbox"):
-            delta = res["bbox"]["AP"] - base["results"]["bbox"]["AP"]
-        delta_s = "–" if delta is None else f"{delta:+.1f}"
-        lines.append(f"| {r['title']} | {base['title'] if base else '–'} | " + " | ".join(fmt(v) for v in vals)
-                     + f" | {delta_s} | {fmt(r['s_per_iter'], 2)} | {fmt(r['ms_per_img'], 0)} | "
-                     f"{fmt(r['params_m'], 1)} |")
+        n, st = r["n"], r["stats"]
+        cells = [fmt_stat(st.get(task, {}).get(metric), n) for task, metric in METRICS]
+        d = r["delta"]
+        timing = doc["timing"].get(r["name"], {})
+        lines.append(f"| {r['title']} | {r['baseline_title'] or '–'} | {n} | " + " | ".join(cells)
+                     + f" | {fmt_stat(d.get('bbox'), n, sign=True)} | {fmt_stat(d.get('segm'), n, sign=True)} | "
+                       f"{r['verdict']} | {_speed(r)} | {fmt(timing.get('ms_per_img'), 0)} |")
     return "\n".join(lines) + "\n"
+
+
+def table_json(rows: List[dict], doc: dict) -> dict:
+    """The table as JSON: per row the means (``results``, as tools/plots.py reads them), stds, n, Δ, verdict."""
+    out = []
+    for r in rows:
+        t = doc["timing"].get(r["name"], {})
+        out.append(dict(name=r["name"], title=r["title"], baseline=r["baseline"], seeds=r["seeds"], n=r["n"],
+                        results={task: {m: s["mean"] for m, s in ms.items()} for task, ms in r["stats"].items()},
+                        std={task: {m: s["std"] for m, s in ms.items()} for task, ms in r["stats"].items()},
+                        delta=r["delta"], verdict=r["verdict"], s_per_iter=r["s_per_iter"],
+                        ms_per_img=t.get("ms_per_img"), params_m=t.get("params_m")))
+    return dict(iters=doc["iters"], seeds=sorted({x for r in rows for x in r["seeds"]}), rule=VERDICT_RULE,
+                rows=out)
 
 
 def embed(readme: str, table: str) -> None:
@@ -185,68 +569,255 @@ def embed(readme: str, table: str) -> None:
         f.write(before + START + "\n" + table + END + after)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, default=2000, help="training iterations of every model (default: 2000)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--only", nargs="+", choices=sorted(ENTRY_BY_NAME), help="these models (and their baselines)")
-    p.add_argument("--output-dir", default=os.path.join(REPO, "output", "benchmark_table"))
-    p.add_argument("--eval-only", action="store_true", help="score existing checkpoints, never train")
-    p.add_argument("--timing-images", type=int, default=50)
-    p.add_argument("--num-threads", type=int, default=None, help="OMP_NUM_THREADS of the training processes")
-    p.add_argument("--out", default=None, help="the Markdown table (default: <output-dir>/<iters>it/table.md)")
-    p.add_argument("--readme", default=None, help=f"also put the table between {START} and {END} in this file")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                   help="KEY VALUE options added to every model's config (after the schedule)")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    from d2_refine.utils.env import require_detectron2
-
-    require_detectron2("tools/benchmark_table.py")
-    names = list(args.only or ENTRY_BY_NAME)
-    for n in list(names):  # a method is always scored next to its baseline
-        b = ENTRY_BY_NAME[n].baseline
-        if b and b not in names:
-            names.insert(0, b)
-    entries = [e for e in ENTRIES if e.name in names]
-    root = os.path.join(args.output_dir, f"{args.iters}it")
-    rows = []
-    for i, e in enumerate(entries, 1):
-        out_dir = os.path.join(root, e.name)
-        ckpt = os.path.join(out_dir, "model_final.pth")
-        fresh = final_results(os.path.join(out_dir, "metrics.json"))
-        if os.path.isfile(ckpt):
-            print(f"[{i}/{len(entries)}] {e.name}: using {ckpt}", flush=True)
-        elif args.eval_only:
-            raise SystemExit(f"--eval-only: no checkpoint {ckpt}; train it first (drop --eval-only)")
-        else:
-            print(f"[{i}/{len(entries)}] {e.name}: training {args.iters} iterations", flush=True)
-            train(e, out_dir, args.iters, args.seed, args.opts, args.num_threads)
-            fresh = final_results(os.path.join(out_dir, "metrics.json"))
-        score = args.eval_only or fresh is None
-        results, ms, params = evaluate(e, out_dir, args.iters, args.seed, args.opts, args.timing_images, score)
-        row = dict(name=e.name, title=e.title, baseline=e.baseline, config=e.config, results=results or fresh,
-                   s_per_iter=train_speed(os.path.join(out_dir, "log.txt")), ms_per_img=ms, params_m=params)
-        rows.append(row)
-        print(f"  {e.name}: box AP {fmt((row['results'] or {}).get('bbox', {}).get('AP'))}", flush=True)
-        for vname, (vtitle, vopts) in e.variants.items():
-            vres, vms, _ = evaluate(e, out_dir, args.iters, args.seed, [*args.opts, *vopts], args.timing_images, True)
-            rows.append(dict(row, name=vname, title=vtitle, results=vres, ms_per_img=vms))
-    command = "python tools/benchmark_table.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-    table = markdown(rows, args.iters, args.seed, command.strip())
-    out = args.out or os.path.join(root, "table.md")
+def write_outputs(doc: dict, args, source: str, command: str) -> List[dict]:
+    """table.md, table.json, and the README block / the figure where asked, from the results record alone."""
+    rows = summarize(doc["records"])
+    if not rows:
+        raise SystemExit(f"{source} has no records yet: train runs first")
+    rel = os.path.relpath(source, REPO) if os.path.abspath(source).startswith(REPO + os.sep) else source
+    table = markdown(rows, doc, command, f"`{rel}`")
+    out = args.out or os.path.join(args.output_dir, f"{doc['iters']}it", "table.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write(table)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump(dict(iters=args.iters, seed=args.seed, rows=rows), f, indent=1)
+        json.dump(table_json(rows, doc), f, indent=1)
     if args.readme:
         embed(args.readme, table)
+    if args.figure:
+        _load_tool("plots").plot_delta(doc, args.figure)
+        print(f"wrote {args.figure}")
     print(table)
-    return rows
+    return table_json(rows, doc)["rows"]
+
+
+def _load_tool(name: str):
+    """A sibling script of tools/ imported as a module (tools/ is not a package)."""
+    import importlib
+
+    tools = os.path.dirname(os.path.abspath(__file__))
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    return importlib.import_module(name)
+
+
+# ------------------------------------------------------------------------------------------------- runs
+def _recorded(path: str) -> set:
+    if not os.path.isfile(path):
+        return set()
+    with file_lock(path + ".lock"):
+        return {(r["model"], r["seed"]) for r in load_results(path)["records"]}
+
+
+def pending_runs(entries: Sequence[Entry], seeds: Sequence[int], results: str, eval_only: bool = False):
+    """The (entry, seed) pairs with a model or variant not recorded yet (all of them for ``eval_only``)."""
+    done = set() if eval_only else _recorded(results)
+    return [(e, s) for s in seeds for e in entries if any((n, s) not in done for n in (e.name, *e.variants))]
+
+
+def run_one(entry: Entry, seed: int, args, blocking: bool = True) -> Optional[List[dict]]:
+    """Train (if its folder has no checkpoint), score and record one (model, seed) and its variants; returns the
+    records written, or None when another process holds the run (``blocking=False``)."""
+    root = os.path.join(args.output_dir, f"{args.iters}it")
+    out_dir = run_dir(root, entry.name, seed)
+    with file_lock(os.path.join(out_dir, ".lock"), blocking) as held:
+        if not held:
+            return None
+        done = set() if args.eval_only else _recorded(args.results)
+        names = [n for n in (entry.name, *entry.variants) if (n, seed) not in done]
+        if not names:
+            print(f"{entry.name} seed {seed}: recorded in {args.results}", flush=True)
+            return []
+        ckpt = os.path.join(out_dir, "model_final.pth")
+        if not os.path.isfile(ckpt):
+            if args.eval_only:
+                raise SystemExit(f"--eval-only: no checkpoint {ckpt}; train it first (drop --eval-only)")
+            print(f"{entry.name} seed {seed}: training {args.iters} iterations in {out_dir}", flush=True)
+            train(entry, out_dir, args.iters, seed, args.opts, args.num_threads)
+            names = [entry.name, *entry.variants]
+        else:
+            print(f"{entry.name} seed {seed}: using {ckpt}", flush=True)
+        fresh = None if args.eval_only else final_results(os.path.join(out_dir, "metrics.json"), args.iters)
+        records = []
+        if entry.name in names:
+            if fresh is None:  # scored again from the checkpoint
+                fresh = evaluate(entry, out_dir, args.iters, seed, args.opts, 0, True)[0]
+            records.append(make_record(entry.name, seed, args.iters, fresh, out_dir, args.opts))
+        for vname, (_, vopts) in entry.variants.items():
+            if vname in names:
+                vres = evaluate(entry, out_dir, args.iters, seed, [*args.opts, *vopts], 0, True)[0]
+                records.append(make_record(vname, seed, args.iters, vres, out_dir, args.opts, weights_of=entry.name))
+        record_runs(args.results, args.iters, records)
+        for r in records:
+            print(f"  recorded {r['model']} seed {seed}: box AP {fmt(_metric(r, 'bbox'))} in {args.results}",
+                  flush=True)
+        return records
+
+
+def run_sequential(pending, args) -> None:
+    """One run after another; a run another process holds is left for the end, then waited for."""
+    busy = [(e, s) for e, s in pending if run_one(e, s, args, blocking=False) is None]
+    for e, s in busy:
+        print(f"{e.name} seed {s}: another process holds it, waiting", flush=True)
+        run_one(e, s, args, blocking=True)
+
+
+def _worker_argv(args) -> List[str]:
+    argv = ["--iters", str(args.iters), "--output-dir", args.output_dir, "--results", args.results]
+    if args.num_threads:
+        argv += ["--num-threads", str(args.num_threads)]
+    if args.eval_only:
+        argv.append("--eval-only")
+    return argv
+
+
+def run_pool(pending, args, poll: float = 5.0) -> None:
+    """``args.jobs`` runs at a time, each in a worker process of this tool (which records its own runs)."""
+    from d2_refine.data import prepare_datasets
+    from d2_refine.engine import setup_cfg
+
+    for e in {e.name: e for e, _ in pending}.values():  # generate the datasets once, before the workers start
+        prepare_datasets(setup_cfg(os.path.join(REPO, e.config), run_opts(e, args.output_dir, args.iters, 1,
+                                                                          args.opts)))
+    queue, running, failed = list(pending), {}, []
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            e, s = queue.pop(0)
+            cmd = [sys.executable, os.path.abspath(__file__), *_worker_argv(args), "--seeds", str(s),
+                   "--worker", e.name, "--opts", *args.opts]
+            print(f"[jobs] starting {e.name} seed {s}", flush=True)
+            env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.num_threads)} if args.num_threads else {}))
+            running[subprocess.Popen(cmd, cwd=REPO, env=env)] = (e.name, s)
+        time.sleep(poll)
+        for proc in [p for p in running if p.poll() is not None]:
+            name, s = running.pop(proc)
+            print(f"[jobs] {name} seed {s}: {'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}",
+                  flush=True)
+            if proc.returncode:
+                failed.append(f"{name} seed {s}")
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (their logs: <run folder>/log.txt); the others are recorded")
+
+
+def time_rows(entries: Sequence[Entry], args) -> dict:
+    """One timing pass, in this process, over every model (and variant) whose checkpoint of ``--timing-seed``
+    exists; merged into the record's ``timing`` (rows timed before by another pass keep theirs)."""
+    import torch
+
+    root = os.path.join(args.output_dir, f"{args.iters}it")
+    pass_id = _now()
+    info = dict(seed=args.timing_seed, images=args.timing_images, load_before=loadavg(), code=git_commit(),
+                machine=dict(machine_info(), torch_threads=torch.get_num_threads()))
+    rows = {}
+    for e in entries:
+        out_dir = run_dir(root, e.name, args.timing_seed)
+        if not os.path.isfile(os.path.join(out_dir, "model_final.pth")):
+            print(f"timing: {e.name} has no seed {args.timing_seed} checkpoint in {out_dir}; skipped", flush=True)
+            continue
+        if "device" not in info:
+            from d2_refine.engine import setup_cfg
+
+            info["device"] = setup_cfg(os.path.join(REPO, e.config), run_opts(e, out_dir, args.iters, args.timing_seed,
+                                                                             args.opts)).MODEL.DEVICE
+        for name, vopts in [(e.name, []), *((v, o) for v, (_, o) in e.variants.items())]:
+            _, ms, params = evaluate(e, out_dir, args.iters, args.timing_seed, [*args.opts, *vopts],
+                                     args.timing_images, False)
+            rows[name] = dict(ms_per_img=round(ms, 1), params_m=round(params, 3), **{"pass": pass_id})
+            print(f"timing: {name} {ms:.1f} ms/img, {params:.1f} M parameters", flush=True)
+    info["load_after"] = loadavg()
+
+    def change(doc):
+        timing = dict(doc["timing"], **rows)
+        passes = dict(doc["timing_passes"], **{pass_id: info})
+        used = {t["pass"] for t in timing.values()}
+        return dict(doc, timing=timing, timing_passes={k: v for k, v in passes.items() if k in used})
+
+    return update_results(args.results, args.iters, change) if rows else {}
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=2000, help="training iterations of every model (default: 2000)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to train (default: 1)")
+    p.add_argument("--seed", type=int, default=None, help="one seed: the same as --seeds SEED")
+    p.add_argument("--only", nargs="+", choices=sorted(ENTRY_BY_NAME), help="these models (and their baselines)")
+    p.add_argument("--output-dir", default=os.path.join(REPO, "output", "benchmark_table"))
+    p.add_argument("--results", default=None,
+                   help="the results record (JSON, default: docs/results/shapes_<iters>it.json)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process")
+    p.add_argument("--eval-only", action="store_true", help="score existing checkpoints again, never train")
+    p.add_argument("--timing-only", action="store_true", help="only time inference from the checkpoints")
+    p.add_argument("--no-timing", action="store_true", help="no timing pass after training")
+    p.add_argument("--timing-seed", type=int, default=None, help="whose checkpoints are timed (default: first seed)")
+    p.add_argument("--timing-images", type=int, default=50)
+    p.add_argument("--from-json", nargs="?", const="", default=None, metavar="RESULTS",
+                   help="only write the table (and --readme, --figure) from a results record (default: "
+                        "docs/results/shapes_<iters>it.json); needs neither checkpoints nor detectron2")
+    p.add_argument("--num-threads", type=int, default=None, help="OMP_NUM_THREADS of the training processes")
+    p.add_argument("--out", default=None, help="the Markdown table (default: <output-dir>/<iters>it/table.md)")
+    p.add_argument("--readme", default=None, help=f"also put the table between {START} and {END} in this file")
+    p.add_argument("--figure", default=None, help="also draw Δ vs baseline into this PNG (tools/plots.py)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run, from --jobs
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                   help="KEY VALUE options added to every model's config (after the schedule)")
+    args = p.parse_args(argv)
+    if args.seed is not None and args.seeds is not None:
+        p.error("give --seeds or --seed, not both")
+    args.seeds = args.seeds or [args.seed if args.seed is not None else 1]
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds repeats a seed: {args.seeds}")
+    if args.timing_seed is None:
+        args.timing_seed = args.seeds[0]
+    if args.jobs < 1 or args.timing_images < 1:
+        p.error("--jobs and --timing-images must be at least 1 (--no-timing skips the timing)")
+    if args.worker and args.worker not in ENTRY_BY_NAME:
+        p.error(f"--worker {args.worker}: not a model")
+    if args.results is None:
+        args.results = default_results_path(args.iters)
+    schedule_opts(args.iters, 1)  # checks --iters
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = "python tools/benchmark_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.from_json is not None:
+        source = args.from_json or args.results
+        if not os.path.isfile(source):
+            raise SystemExit(f"--from-json: no results record {source}")
+        try:
+            doc = load_results(source)
+        except ValueError as e:
+            raise SystemExit(f"--from-json: {e}") from None
+        return write_outputs(doc, args, source, command.strip())
+
+    from d2_refine.utils.env import require_detectron2
+
+    require_detectron2("tools/benchmark_table.py")
+    if args.worker:
+        for s in args.seeds:
+            run_one(ENTRY_BY_NAME[args.worker], s, args)
+        return []
+    names = list(args.only or ENTRY_BY_NAME)
+    for n in list(names):  # a method is always trained next to its baseline
+        b = ENTRY_BY_NAME[n].baseline
+        if b and b not in names:
+            names.insert(0, b)
+    entries = [e for e in ENTRIES if e.name in names]
+    if not args.timing_only:
+        pending = pending_runs(entries, args.seeds, args.results, args.eval_only)
+        print(f"{len(pending)} of {len(entries) * len(args.seeds)} runs to train or record "
+              f"({args.results})", flush=True)
+        if args.jobs > 1 and len(pending) > 1:
+            run_pool(pending, args)
+        else:
+            run_sequential(pending, args)
+    if args.timing_only or not args.no_timing:
+        time_rows(entries, args)
+    if not os.path.isfile(args.results):
+        raise SystemExit(f"no results record {args.results}: nothing was trained or recorded")
+    return write_outputs(load_results(args.results), args, args.results, command.strip())
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ Figures and their inputs (a figure whose JSON is missing is skipped with a messa
 - ``ifr_memory.png``: IFR head training memory against solver depth (explicit K-unroll vs implicit solves),
   peak allocator memory and tensors saved for backward, from ``benchmarks/ifr_memory.py --json``.
 - ``ops_ratios.png``: time ratio ours / baseline of each op benchmark case, from ``benchmarks/ops.py --json``.
+- ``delta_vs_baseline.png``: per method, the paired Δ box AP and Δ mask AP to its baseline (same seed), mean ±
+  std over the seeds, from the results record of ``tools/benchmark_table.py`` (default: the longest schedule
+  in ``docs/results/shapes_<iters>it.json``); the aggregation is benchmark_table's own.
 """
 import argparse
 import glob
@@ -23,11 +26,12 @@ import textwrap
 from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIGURES = ("ap_vs_iou", "ifr_memory", "ops_ratios")
+FIGURES = ("ap_vs_iou", "ifr_memory", "ops_ratios", "delta_vs_baseline")
 COMMANDS = {
     "ap_vs_iou": "python tools/benchmark_table.py --iters N",
     "ifr_memory": "python benchmarks/ifr_memory.py --json output/benchmarks/ifr_memory.json",
     "ops_ratios": "python benchmarks/ops.py --json output/benchmarks/ops.json",
+    "delta_vs_baseline": "python tools/benchmark_table.py --iters N --seeds 1 2 3",
 }
 
 
@@ -47,12 +51,31 @@ def _load(path: str) -> dict:
 
 def default_table_json(root: str = os.path.join(REPO, "output", "benchmark_table")) -> Optional[str]:
     """``<root>/<iters>it/table.json`` of the longest schedule present, or None."""
+    return _longest(os.path.join(root, "*it", "table.json"), lambda p: os.path.basename(os.path.dirname(p)))
+
+
+def default_results_json(root: str = os.path.join(REPO, "docs", "results")) -> Optional[str]:
+    """``<root>/shapes_<iters>it.json`` of the longest schedule present, or None."""
+    return _longest(os.path.join(root, "shapes_*it.json"), lambda p: os.path.basename(p)[len("shapes_"):-5])
+
+
+def _longest(pattern: str, schedule_of) -> Optional[str]:
     found = []
-    for path in glob.glob(os.path.join(root, "*it", "table.json")):
-        m = re.fullmatch(r"(\d+)it", os.path.basename(os.path.dirname(path)))
+    for path in glob.glob(pattern):
+        m = re.fullmatch(r"(\d+)it", schedule_of(path))
         if m:
             found.append((int(m.group(1)), path))
     return max(found)[1] if found else None
+
+
+def _benchmark_table():
+    """tools/benchmark_table.py as a module: its aggregation over seeds (tools/ is not a package)."""
+    import importlib
+
+    tools = os.path.dirname(os.path.abspath(__file__))
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    return importlib.import_module("benchmark_table")
 
 
 # ------------------------------------------------------------------------------------------ AP vs IoU
@@ -88,7 +111,9 @@ def plot_ap_vs_iou(table: dict, out: str, methods=("iounet",)) -> str:
         ax.set_title(f"{row['title']} vs its baseline", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"shapes val, {table.get('iters', '?')} iterations, seed {table.get('seed', '?')}", fontsize=9)
+    seeds = table.get("seeds", [table.get("seed", "?")])
+    fig.suptitle(f"shapes val, {table.get('iters', '?')} iterations, seed(s) {', '.join(map(str, seeds))}"
+                 + (" (mean over seeds)" if len(seeds) > 1 else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -159,6 +184,47 @@ def plot_ops_ratios(data: dict, out: str) -> str:
     return out
 
 
+# --------------------------------------------------------------------------------------- Δ vs baseline
+def plot_delta(results: dict, out: str) -> str:
+    """Per method (a row with a baseline that has runs), Δ box AP and Δ mask AP to the baseline with the same
+    seed: mean with ± one standard deviation over the seeds as error bars (a hollow marker: one seed, no bar)."""
+    bt = _benchmark_table()
+    rows = [r for r in bt.summarize(results["records"]) if r["delta"].get("bbox")]
+    if not rows:
+        raise ValueError("the results record has no method with a baseline run of the same seed")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 0.62 * len(rows) + 1.9))
+    y = list(range(len(rows)))[::-1]
+    for task, label, color, marker, dy in (("bbox", "Δ box AP", "C0", "o", 0.13),
+                                           ("segm", "Δ mask AP", "C1", "s", -0.13)):
+        drawn = [(yi + dy, r["delta"][task]) for yi, r in zip(y, rows) if r["delta"].get(task)]
+        if not drawn:
+            continue
+        ys, ds = [p[0] for p in drawn], [p[1] for p in drawn]
+        ax.errorbar([d["mean"] for d in ds], ys, xerr=[d["std"] or 0.0 for d in ds], fmt=marker, color=color,
+                    capsize=4, label=label)
+        single = [(d["mean"], yy) for d, yy in zip(ds, ys) if d["n"] == 1]
+        if single:  # one seed: hollow, no spread
+            ax.scatter(*zip(*single), marker=marker, facecolor="white", edgecolor=color, zorder=3)
+    for yi, r in zip(y, rows):
+        d = r["delta"]["bbox"]
+        ax.annotate(f"{r['verdict']} (n={d['n']})", (1.0, yi), xycoords=("axes fraction", "data"),
+                    xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.axvline(0.0, color="0.3", linewidth=1)
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{r['title']}\nvs {r['baseline_title']}".replace("`", "") for r in rows], fontsize=8)
+    ax.set_xlabel("AP difference to the baseline, same seed (points; bars: ± 1 std over seeds)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    ax.set_title(f"shapes val, {results.get('iters', '?')} iterations, seeds {', '.join(map(str, seeds))}; "
+                 "hollow: one seed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,29 +233,36 @@ def parse_args(argv=None):
                         "output/benchmark_table/)")
     p.add_argument("--ifr-memory-json", default=os.path.join(REPO, "output", "benchmarks", "ifr_memory.json"))
     p.add_argument("--ops-json", default=os.path.join(REPO, "output", "benchmarks", "ops.json"))
+    p.add_argument("--results-json", default=None,
+                   help="tools/benchmark_table.py's results record (default: the longest schedule in docs/results/)")
     p.add_argument("--ap-methods", nargs="+", default=["iounet"],
                    help="table rows drawn next to their baselines in ap_vs_iou.png (default: iounet)")
     p.add_argument("--out-dir", default=os.path.join(REPO, "docs", "figures"))
-    p.add_argument("--only", nargs="+", choices=FIGURES, default=list(FIGURES))
-    return p.parse_args(argv)
+    p.add_argument("--only", nargs="+", choices=(*FIGURES, "delta"), default=list(FIGURES),
+                   help="these figures (delta: delta_vs_baseline)")
+    args = p.parse_args(argv)
+    args.only = ["delta_vs_baseline" if f == "delta" else f for f in args.only]
+    return args
 
 
 def main(argv=None) -> Dict[str, str]:
     """Writes the figures; returns {figure: PNG path} of those written."""
     args = parse_args(argv)
     table_json = args.table_json or default_table_json()
-    inputs = {"ap_vs_iou": table_json, "ifr_memory": args.ifr_memory_json, "ops_ratios": args.ops_json}
+    inputs = {"ap_vs_iou": table_json, "ifr_memory": args.ifr_memory_json, "ops_ratios": args.ops_json,
+              "delta_vs_baseline": args.results_json or default_results_json()}
     plotters = {
         "ap_vs_iou": lambda data, out: plot_ap_vs_iou(data, out, args.ap_methods),
         "ifr_memory": plot_ifr_memory,
         "ops_ratios": plot_ops_ratios,
+        "delta_vs_baseline": plot_delta,
     }
     os.makedirs(args.out_dir, exist_ok=True)
     written = {}
     for fig in args.only:
         path = inputs[fig]
         if not path or not os.path.isfile(path):
-            print(f"skipped {fig}.png: its JSON {path or '(no output/benchmark_table/*it/table.json)'} is missing; "
+            print(f"skipped {fig}.png: its JSON {path or '(none found)'} is missing; "
                   f"write it with `{COMMANDS[fig]}`", file=sys.stderr)
             continue
         out = plotters[fig](_load(path), os.path.join(args.out_dir, f"{fig}.png"))

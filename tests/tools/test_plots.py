@@ -49,6 +49,20 @@ def _ops(tmp_path):
     return _write(tmp_path / "ops.json", dict(device="CPU, 1 threads", torch="2.x", rows=rows))
 
 
+def _results(tmp_path, iters=2000):
+    def rec(model, seed, box, mask, baseline=None):
+        metrics = {"bbox": {"AP": box, "AP50": box + 10}, **({"segm": {"AP": mask}} if mask is not None else {})}
+        return dict(model=model, seed=seed, iters=iters, title=model.replace("_", " "), baseline=baseline,
+                    metrics=metrics, train={"s_per_iter": 1.0})
+
+    records = [rec("mask_rcnn", s, 50.0 + s, 45.0 + s) for s in (1, 2, 3)]
+    records += [rec("ifr", s, 53.0 + s + d, 46.0 + s, "mask_rcnn") for s, d in ((1, 0.0), (2, 1.0), (3, 2.0))]
+    records += [rec("faster_rcnn", 1, 40.0, None), rec("iounet", 1, 42.5, None, "faster_rcnn")]
+    records += [rec("rdsnet", 1, 12.0, 10.0, "retinanet")]  # no baseline run: not drawn
+    return _write(tmp_path / "docs" / "results" / f"shapes_{iters}it.json",
+                  dict(schema=1, dataset="shapes", iters=iters, records=records, timing={}, timing_passes={}))
+
+
 def _is_png(path):
     with open(path, "rb") as f:
         return f.read(8) == PNG_MAGIC and os.path.getsize(path) > 1000
@@ -57,7 +71,7 @@ def _is_png(path):
 def test_every_figure_written_from_synthetic_json(tmp_path):
     out = tmp_path / "figures"
     written = plots.main(["--table-json", _table(tmp_path), "--ifr-memory-json", _ifr_memory(tmp_path),
-                          "--ops-json", _ops(tmp_path), "--out-dir", str(out)])
+                          "--ops-json", _ops(tmp_path), "--results-json", _results(tmp_path), "--out-dir", str(out)])
     assert sorted(written) == sorted(plots.FIGURES)
     for fig, path in written.items():
         assert path == str(out / f"{fig}.png") and _is_png(path)
@@ -66,12 +80,14 @@ def test_every_figure_written_from_synthetic_json(tmp_path):
 def test_missing_json_skips_that_figure_with_a_message(tmp_path, capsys):
     out = tmp_path / "figures"
     written = plots.main(["--table-json", str(tmp_path / "absent.json"), "--ifr-memory-json", _ifr_memory(tmp_path),
-                          "--ops-json", str(tmp_path / "absent_ops.json"), "--out-dir", str(out)])
+                          "--ops-json", str(tmp_path / "absent_ops.json"), "--out-dir", str(out),
+                          "--results-json", str(tmp_path / "absent_results.json")])
     assert list(written) == ["ifr_memory"] and _is_png(written["ifr_memory"])
     err = capsys.readouterr().err
     assert "skipped ap_vs_iou.png" in err and "tools/benchmark_table.py" in err
     assert "skipped ops_ratios.png" in err and "benchmarks/ops.py --json" in err
     assert not (out / "ops_ratios.png").exists()
+    assert "skipped delta_vs_baseline.png" in err and "--seeds 1 2 3" in err
 
 
 def test_default_table_is_the_longest_schedule_and_thresholds_sort(tmp_path):
@@ -90,3 +106,38 @@ def test_unknown_method_or_missing_baseline_is_an_error(tmp_path):
     table["rows"] = [r for r in table["rows"] if r["name"] != "faster_rcnn"]
     with pytest.raises(ValueError, match="baseline 'faster_rcnn'"):
         plots.plot_ap_vs_iou(table, str(tmp_path / "x.png"))
+
+
+def test_delta_figure_draws_each_method_against_its_baseline_with_the_spread(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at what was drawn
+    path = _results(tmp_path)
+    assert plots.default_results_json(str(tmp_path / "docs" / "results")) == path
+    assert plots.default_results_json(str(tmp_path / "nothing")) is None
+    written = plots.main(["--only", "delta", "--out-dir", str(tmp_path / "figs"), "--results-json", path])
+    assert written == {"delta_vs_baseline": str(tmp_path / "figs" / "delta_vs_baseline.png")}
+    assert _is_png(written["delta_vs_baseline"])
+    ax = figures[-1].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["iounet\nvs faster rcnn", "ifr\nvs mask rcnn"]  # the table's order, top to bottom
+    # error bars: x = mean Δ, half-width = std over seeds (IFR box: Δ 3, 4, 5 -> 4 ± 1; mask: 1, 1, 1 -> 1 ± 0)
+    drawn = {}
+    for c in ax.containers:
+        segments = c.lines[2][0].get_segments()
+        drawn[c.get_label()] = [(float(seg[0][0] + seg[1][0]) / 2, float(seg[1][0] - seg[0][0]) / 2)
+                                for seg in segments]
+    assert drawn["Δ box AP"] == pytest.approx([(2.5, 0.0), (4.0, 1.0)])  # IoU-Net: one seed, Δ 2.5
+    assert drawn["Δ mask AP"] == pytest.approx([(1.0, 0.0)])  # IoU-Net has no masks
+    texts = [t.get_text() for t in ax.texts]
+    assert "gain (n=3)" in texts and "1 seed: no verdict (n=1)" in texts  # 4 > 2 x 1
+    assert any(line.get_xdata()[0] == 0.0 for line in ax.lines)  # the zero line
+    assert "iterations" in ax.get_title() and "std" in ax.get_xlabel()
+
+
+def test_delta_figure_needs_a_method_with_a_baseline_run(tmp_path):
+    data = json.load(open(_results(tmp_path)))
+    data["records"] = [r for r in data["records"] if r["model"] in ("ifr", "rdsnet")]
+    with pytest.raises(ValueError, match="no method with a baseline run"):
+        plots.plot_delta(data, str(tmp_path / "x.png"))
