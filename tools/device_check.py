@@ -230,8 +230,7 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
 
     def step_train(self):
         t0 = time.time()
-        if not self._has_detectron2():
-            self.record("train", "skipped", 0.0, reason="detectron2 does not import here")
+        if self._skipped_without_detectron2("train"):
             return True
         runs, ok = {}, True
         iters = 2 if self.dry else self.args.train_iters
@@ -264,8 +263,7 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
 
     def step_fpt(self):
         t0 = time.time()
-        if not self._has_detectron2():
-            self.record("fpt", "skipped", 0.0, reason="detectron2 does not import here")
+        if self._skipped_without_detectron2("fpt"):
             return True
         path = os.path.join(self.work, "fpt.json")
         cmd = [self.python, "benchmarks/fpt.py", "--device", self.device, "--json", path]
@@ -284,8 +282,7 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
 
     def step_iounet(self):
         t0 = time.time()
-        if not self._has_detectron2():
-            self.record("iounet", "skipped", 0.0, reason="detectron2 does not import here")
+        if self._skipped_without_detectron2("iounet"):
             return True
         path = os.path.join(self.work, "iounet.json")
         weights = os.path.join(self.work, "train", "iounet", "model_final.pth")
@@ -349,8 +346,12 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
                     error=None if ok else _last_error(text))
         return ok
 
-    def _has_detectron2(self):
-        return not str(self.results.get("env", {}).get("detectron2", "unavailable")).startswith("unavailable")
+    def _skipped_without_detectron2(self, step):
+        """Record ``step`` as skipped (and return True) where detectron2 does not import."""
+        if str(self.results.get("env", {}).get("detectron2", "unavailable")).startswith("unavailable"):
+            self.record(step, "skipped", 0.0, reason="detectron2 does not import here")
+            return True
+        return False
 
     # -- summary ------------------------------------------------------------------------------------------------
     def summary(self):
