@@ -207,6 +207,18 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
             todo = [t for t in collected if t not in outcomes]
             if not todo:
                 break
+        # a run that crashed printed no failure report: run its failed tests again, alone, for their messages
+        explained = {f["test"] for f in failures}
+        unexplained = [t for t, o in outcomes.items() if o in ("FAILED", "ERROR") and t not in explained]
+        failures += [dict(test=t, message="") for t in unexplained]
+        if unexplained:
+            _, text, _ = self.sh(base[:3] + ["-q", "-rfE", "--tb=short", "-p", "no:cacheprovider"] + unexplained,
+                                 self.args.tests_timeout)
+            reasons = {m.group(2): (m.group(3) or "") for m in re.finditer(
+                r"^(FAILED|ERROR) (tests/\S+::\S+)(?: - (.*))?$", text, flags=re.M)}
+            for f in failures:
+                if f["test"] in reasons and not f["message"]:
+                    f["message"] = "(run again alone) " + reasons[f["test"]][:480]
         counts = dict(collected=len(collected))
         for o in outcomes.values():
             key = "crashed" if o.startswith("CRASHED") else o.lower()

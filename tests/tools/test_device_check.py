@@ -42,7 +42,8 @@ def test_dry_run_passes_and_writes_results(tmp_path):
 
 
 def test_tests_step_records_a_crashing_test_and_runs_the_rest(tmp_path):
-    """A test that dies (here: SIGSEGV) is recorded as crashed, and the tests after it still run."""
+    """A test that dies (here: SIGSEGV) is recorded as crashed, the tests after it still run, and a failure before
+    the crash (whose report died with the process) is run again alone for its message."""
     repo = tmp_path / "repo"
     (repo / "tests").mkdir(parents=True)
     (repo / "tools").mkdir()
@@ -52,9 +53,9 @@ def test_tests_step_records_a_crashing_test_and_runs_the_rest(tmp_path):
         "import pytest\n"
         "@pytest.mark.parametrize('i', range(4))\n"
         "def test_op_cuda(i):\n"
-        "    if i == 1:\n"
+        "    if i == 2:\n"
         "        os.kill(os.getpid(), signal.SIGSEGV)\n"
-        "    assert i != 2\n"
+        "    assert i != 0\n"
         "def test_other():\n"
         "    pass\n")
     code = ("import json, sys; sys.path.insert(0, 'tools'); import device_check as d\n"
@@ -66,7 +67,8 @@ def test_tests_step_records_a_crashing_test_and_runs_the_rest(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "FAILED"
     step = json.loads((tmp_path / "out" / "results.json").read_text())["steps"]["tests"]
-    assert step["crashed"] == ["tests/test_kernels_cuda.py::test_op_cuda[1]"]
+    assert step["crashed"] == ["tests/test_kernels_cuda.py::test_op_cuda[2]"]
     # test_other is selected too: -k matches the module name
     assert step["counts"] == dict(collected=5, passed=3, crashed=1, failed=1, not_run=0)
-    assert any(f["test"].endswith("test_op_cuda[2]") for f in step["failures"])
+    (failure,) = [f for f in step["failures"] if f["test"].endswith("test_op_cuda[0]")]
+    assert "assert 0 != 0" in failure["message"]
