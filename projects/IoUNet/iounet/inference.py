@@ -1,4 +1,5 @@
-"""IoU-Net inference for one image (IoU-Net spec, section 6). Torch / torchvision / d2_refine.ops only.
+"""IoU-Net inference for one image (IoU-Net paper, Jiang et al., ECCV 2018; stages in the order of the
+reproduction). Torch / torchvision / d2_refine.ops only.
 
 Box-head outputs -> candidates -> IoU-guided NMS (or plain class-wise NMS) -> optimisation-based refinement
 of the best boxes -> score x predicted IoU -> top-k. Every stage can be switched off; with all of them off

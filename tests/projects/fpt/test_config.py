@@ -17,7 +17,7 @@ def _cfg():
     return cfg
 
 
-def test_defaults_follow_the_spec():
+def test_defaults_follow_the_paper_and_release():
     c = _cfg().MODEL.FPT
     assert (c.WRAPPED_BACKBONE, c.IN_FEATURES, c.INPUT, c.NORM) == ("build_resnet_fpn_backbone", [], "fpn", "GN")
     assert (c.FUSE_KERNEL, c.FUSE_NORM, c.CROSS_RANGE, c.ATTN_IMPL, c.QUERY_CHUNK) == (3, "", "all", "auto", 4096)
