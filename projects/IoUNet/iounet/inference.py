@@ -60,7 +60,7 @@ def iounet_inference_single_image(
         score_thresh: candidates need a class score >= score_thresh.
         nms_thresh: IoU threshold of the NMS.
         topk: detections kept (< 0: all).
-        nms: one of :data:`NMS_MODES`. "iou_guided" (paper, section 4; ranked by predicted IoU) and
+        nms: one of :data:`NMS_MODES`. "iou_guided" (the paper's, ranked by predicted IoU) and
             "iou_guided_score_x_iou" (ranked by cls score x IoU) run on candidates (proposal, class) whose box is
             the one regressed for the proposal's argmax class; "plain" is detectron2's class-wise NMS on
             class-specific boxes.
