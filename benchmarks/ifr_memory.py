@@ -1,12 +1,12 @@
 """IFR mask head: training peak memory and time per iteration vs solver depth, implicit vs explicit.
 
-    python benchmarks/ifr_memory.py                     # CPU: N = 8 RoIs; CUDA: N = 256 (the spec's setting)
+    python benchmarks/ifr_memory.py                     # CPU: N = 8 RoIs; CUDA: N = 256 (256 RoIs of 256 x 14 x 14)
     python benchmarks/ifr_memory.py --num-rois 64 --device cpu
     python benchmarks/ifr_memory.py --json output/benchmarks/ifr_memory.json   # + the rows as JSON (tools/plots.py)
 
 One training iteration = refinement (explicit K-unroll with autograd, or the implicit solve + one f call with
 the adjoint hook) -> ConvTranspose 2x2 -> ReLU -> 1x1 predictor -> loss -> backward, on synthetic RoI features
-x (N, 256, 14, 14) and the spec's block (weight norm for the implicit model, none for the explicit one).
+x (N, 256, 14, 14) and IFR's refinement block (weight norm for the implicit model, none for the explicit one).
 The implicit solvers run all T iterations (eps = 0) in both directions, the adjoint with the forward's
 method, so that depth is what varies.
 

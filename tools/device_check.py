@@ -16,7 +16,7 @@ Steps, in order (each one a subprocess with its own time limit; a failed step do
                skipped for want of CUDA counts as a failure
   train        (where detectron2 imports) Mask R-CNN and IoU-Net on shapes, 300 iterations with
                SOLVER.AMP.ENABLED, then COCO evaluation: finite losses, AP
-  iounet       benchmarks/iounet_latency.py: R-50-FPN 800x1333 vs Faster R-CNN (target <= 1.15x), and the
+  iounet       benchmarks/iounet_latency.py: R-50-FPN 800x1333 vs Faster R-CNN (threshold 1.15x), and the
                shapes model trained by the train step
   ops          benchmarks/ops.py: PrRoIPool vs roi_align (sampling ratio 0 and 2), IoU-guided NMS vs batched_nms
   fpt          benchmarks/fpt.py at 800x1333, batch 1: latency and peak memory (fpt_paper must stay < 4 GiB)
@@ -25,7 +25,7 @@ Steps, in order (each one a subprocess with its own time limit; a failed step do
                which adds its workspace of 2 vectors per step, is reported
 
 ``--dry-run`` runs the same steps on the CPU with tiny sizes (no compilation: the op library as installed), so
-that the script is exercised by the test suite between GPU sessions; its numbers mean nothing.
+that the script is exercised by the test suite on machines without a GPU; its numbers mean nothing.
 Outputs (``--out``, default ``$OUT`` or output/device_check): ``results.json`` (every step: status, seconds,
 command, parsed results), ``summary.md`` and ``log.txt`` (every command's output).
 """
@@ -327,7 +327,7 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
         ok = self._bench("ifr", cmd, path, t0)
         step = self.results["steps"]["ifr"]
         rows = step.get("data", {}).get("rows", [])
-        # the implicit model's claim (paper section 3): what autograd keeps does not grow with the solver depth.
+        # the implicit model's claim (IFR paper): what autograd keeps does not grow with the solver depth.
         # The peak adds the solver's own workspace: constant for fixed-point and Anderson (a fixed window),
         # linear in T for Broyden (two low-rank update vectors per step), so its peak is reported, not checked.
         saved, peak = {}, {}

@@ -1,5 +1,5 @@
-// Argument checks and helpers shared by the CPU and CUDA kernels of IoU-guided NMS (spec: shared/specs/iounet.md
-// section 4).
+// Argument checks and helpers shared by the CPU and CUDA kernels of IoU-guided NMS (IoU-Net paper, Jiang et al.,
+// ECCV 2018: rank by predicted IoU, a kept box takes the best classification score of the boxes it suppresses).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,9 +1,10 @@
-// Geometry shared by the CPU and CUDA kernels of Precise RoI Pooling (spec: shared/specs/iounet.md section 1).
+// Geometry shared by the CPU and CUDA kernels of Precise RoI Pooling (IoU-Net paper, Jiang et al.,
+// ECCV 2018, "Precise RoI Pooling"; official code vacancy/PreciseRoIPooling, src/prroi_pooling_gpu_impl.cu).
 //
 // The feature map F (H x W) defines the continuous map f(x, y) = sum_ij hat(x - j) hat(y - i) F[i, j] with
 // hat(d) = max(0, 1 - |d|), F = 0 off the map. f is separable, so the integral of f over a bin
 // [xs, xe] x [ys, ye] is sum_ij wy(i) wx(j) F[i, j], where wx(j) = integral of hat(x - j) over [xs, xe] is the
-// "node weight" below. It is the sum of the spec's per-cell terms: P(a0, a1) from cell j (local weight 1 - a)
+// "node weight" below. It is the sum of the per-cell terms of the exact integral: P(a0, a1) from cell j (local weight 1 - a)
 // and Q(b0, b1) from cell j - 1 (local weight b). Only nodes j in [floor(xs), ceil(xe)] can be non-zero.
 #pragma once
 
@@ -19,7 +20,7 @@ C10_HOST_DEVICE inline T clamp01(T v) {
   return v < T(0) ? T(0) : (v > T(1) ? T(1) : v);
 }
 
-// Integral of hat(x - j) over [s, e] (s <= e), written with the spec's local-cell primitives
+// Integral of hat(x - j) over [s, e] (s <= e), written with the local-cell primitives
 // P(a0, a1) = (a1 - a1^2/2) - (a0 - a0^2/2) and Q(a0, a1) = (a1^2 - a0^2)/2 in factored (cancellation-free) form.
 template <typename T>
 C10_HOST_DEVICE inline T node_weight(T s, T e, int64_t j) {

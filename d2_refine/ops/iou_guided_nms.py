@@ -65,9 +65,10 @@ def iou_guided_nms(
 def _iou_guided_nms_reference(
     boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float, guide: str = "rank"
 ) -> Tuple[Tensor, Tensor]:
-    """Vectorised PyTorch IoU-guided NMS (the spec's recipe): greedy per-class NMS on the ranking key with
-    torchvision's ``batched_nms``, then kept x candidates overlaps (same class, IoU > threshold), owner = first kept
-    box in ranking order (argmax), scatter-max of p. Same arguments and results as :func:`iou_guided_nms`."""
+    """Vectorised PyTorch IoU-guided NMS (IoU-Net paper, Jiang et al., ECCV 2018): greedy per-class NMS on the
+    ranking key with torchvision's ``batched_nms``, then kept x candidates overlaps (same class, IoU > threshold),
+    owner = first kept box in ranking order (argmax), scatter-max of p. Same arguments and results as
+    :func:`iou_guided_nms`."""
     from torchvision.ops import batched_nms, box_iou
 
     _check(boxes, scores, ious, idxs, guide)

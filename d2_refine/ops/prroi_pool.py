@@ -123,7 +123,7 @@ class PrRoIPool2D(nn.Module):
 
 
 def _cell_terms(start: Tensor, bin_size: Tensor, bins: int, size: int) -> Tuple[Tensor, Tensor]:
-    """The spec's per-cell integrals along one axis, Tensor[K, bins, size + 1] each, for the cells [j, j + 1] with
+    """The exact per-cell integrals along one axis, Tensor[K, bins, size + 1] each, for the cells [j, j + 1] with
     j = -1 .. size - 1: P = integral of (1 - a) and Q = integral of a over the cell's local limits [a0, a1]."""
     b = torch.arange(bins, dtype=start.dtype, device=start.device)
     lo = start[:, None] + b * bin_size[:, None]  # [K, bins]
@@ -150,7 +150,7 @@ def _prroi_pool_reference(
     spatial_scale: float = 1.0,
     aligned: bool = False,
 ) -> Tensor:
-    """Pure-PyTorch Precise RoI Pooling: the spec's exact cell-integral formula, vectorised over RoIs (one dense
+    """Pure-PyTorch Precise RoI Pooling: the exact cell-integral formula, vectorised over RoIs (one dense
     contraction per image), differentiable by autograd w.r.t. input and rois. Same arguments as :func:`prroi_pool`.
     Memory grows as K * C * H * PW: it is the test oracle and the fallback, not a fast path."""
     pooled_height, pooled_width = _pair(output_size)

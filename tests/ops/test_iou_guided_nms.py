@@ -1,5 +1,5 @@
-"""IoU-guided NMS: kernels and the vectorised reference vs a plain-Python reading of the spec (section 4), plain-NMS
-equivalence with torchvision, edge cases, registration (opcheck, torch.compile)."""
+"""IoU-guided NMS: kernels and the vectorised reference vs a plain-Python reading of the IoU-Net paper's
+IoU-guided NMS, plain-NMS equivalence with torchvision, edge cases, registration (opcheck, torch.compile)."""
 import importlib
 import warnings
 
@@ -25,8 +25,8 @@ def _iou(a, b):
     return inter / union if union > 0 else float("nan")
 
 
-def _spec_iou_guided_nms(boxes, p, q, cls, threshold, guide):
-    """Plain-Python reading of the spec: per class, greedy NMS on the ranking key (ties: smaller index first);
+def _python_iou_guided_nms(boxes, p, q, cls, threshold, guide):
+    """Plain-Python reading of IoU-guided NMS: per class, greedy NMS on the ranking key (ties: smaller index first);
     each candidate belongs to the first kept box in ranking order overlapping it above the threshold (a kept box
     to itself); a kept box's score is the max p over its members; sorted by that score (ties: smaller index)."""
     n = len(boxes)
@@ -62,9 +62,9 @@ def _clustered_candidates(n, num_classes, generator, dtype=torch.float64):
     return boxes, p, q, cls
 
 
-def _check_against_spec(fn, boxes, p, q, cls, threshold, guide):
+def _check_against_python(fn, boxes, p, q, cls, threshold, guide):
     keep, scores = fn(boxes, p, q, cls, threshold, guide)
-    expected_keep, expected_scores = _spec_iou_guided_nms(
+    expected_keep, expected_scores = _python_iou_guided_nms(
         boxes.tolist(), p.tolist(), q.tolist(), cls.tolist(), threshold, guide
     )
     assert keep.dtype == torch.int64 and scores.dtype == p.dtype
@@ -76,11 +76,11 @@ def _check_against_spec(fn, boxes, p, q, cls, threshold, guide):
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("guide", GUIDES)
 @pytest.mark.parametrize("seed", range(4))
-def test_matches_spec_on_random_sets(device, guide, seed):
+def test_matches_python_reading_on_random_sets(device, guide, seed):
     g = torch.Generator().manual_seed(seed)
     boxes, p, q, cls = _clustered_candidates(150, 3, g)
     threshold = [0.5, 0.3, 0.7, 0.5][seed]
-    _check_against_spec(
+    _check_against_python(
         lambda *a: iou_guided_nms(*(t.to(device) if torch.is_tensor(t) else t for t in a)),
         boxes, p, q, cls, threshold, guide,
     )
@@ -88,10 +88,10 @@ def test_matches_spec_on_random_sets(device, guide, seed):
 
 @pytest.mark.parametrize("guide", GUIDES)
 @pytest.mark.parametrize("seed", range(3))
-def test_reference_matches_spec_on_random_sets(guide, seed):
+def test_reference_matches_python_reading_on_random_sets(guide, seed):
     g = torch.Generator().manual_seed(10 + seed)
     boxes, p, q, cls = _clustered_candidates(120, 4, g)
-    _check_against_spec(_iou_guided_nms_reference, boxes, p, q, cls, 0.5, guide)
+    _check_against_python(_iou_guided_nms_reference, boxes, p, q, cls, 0.5, guide)
 
 
 @needs_ops
@@ -100,10 +100,10 @@ def test_reference_matches_spec_on_random_sets(guide, seed):
     n=st.integers(1, 40), num_classes=st.integers(1, 3), seed=st.integers(0, 2**16),
     threshold=st.sampled_from([0.3, 0.5, 0.7]), guide=st.sampled_from(GUIDES),
 )
-def test_property_kernel_equals_spec(n, num_classes, seed, threshold, guide):
+def test_property_kernel_equals_python_reading(n, num_classes, seed, threshold, guide):
     g = torch.Generator().manual_seed(seed)
     boxes, p, q, cls = _clustered_candidates(n, num_classes, g)
-    _check_against_spec(iou_guided_nms, boxes, p, q, cls, threshold, guide)
+    _check_against_python(iou_guided_nms, boxes, p, q, cls, threshold, guide)
 
 
 @needs_ops

@@ -1,6 +1,6 @@
 """Precise RoI Pooling: kernels vs the pure-PyTorch reference, vs an independent midpoint-rule integral, closed-form
-cases of the spec, gradients (gradcheck on features and box coordinates), degenerate inputs, registration,
-mixed precision (autocast, mixed dtypes), the official library's PrRoIPool2D interface."""
+cases (constant and linear maps), gradients (gradcheck on features and box coordinates), degenerate inputs,
+registration, mixed precision (autocast, mixed dtypes), the official library's PrRoIPool2D interface."""
 import importlib
 import warnings
 
@@ -25,7 +25,7 @@ def _random_rois(num, num_images, extent, max_size, generator, dtype=torch.float
 
 
 def _bilinear(plane, x, y):
-    """f(x, y) of the spec (bilinear, F = 0 off the map) for a [C, H, W] plane at points x, y (any shape)."""
+    """f(x, y) of Precise RoI Pooling (bilinear, F = 0 off the map) for a [C, H, W] plane at points x, y (any shape)."""
     channels, height, width = plane.shape
     x0, y0 = x.detach().floor().long(), y.detach().floor().long()
     tx, ty = x - x0, y - y0
@@ -151,7 +151,7 @@ def test_backward_gradcheck_features(device, seed):
 def test_backward_gradcheck_coordinates(device, aligned, seed):
     g = torch.Generator().manual_seed(100 + seed)
     x = torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64).to(device)
-    while True:  # bin edges off integer lines (the map's kinks), as the spec asks
+    while True:  # bin edges off integer lines (the map's kinks), where the map is differentiable
         rois = _random_rois(4, 2, 14, 12, g, outside=3)
         rois[:, 3:] = torch.maximum(rois[:, 3:], rois[:, 1:3] + 1.0)
         edges = _edges(rois, (2, 3), 0.5, aligned)

@@ -1,5 +1,5 @@
-"""tools/device_check.sh, the GPU check: its CPU dry run passes end to end (so the script cannot rot between the
-sessions that have a GPU), and its test step survives a test that kills the process."""
+"""tools/device_check.sh, the GPU check: its CPU dry run passes end to end (so the script cannot rot where no GPU
+is at hand), and its test step survives a test that kills the process."""
 import json
 import os
 import shutil

@@ -75,7 +75,7 @@ void direct_backward_input(const double* g, const RoITable<T>& t, int64_t k, con
   }
 }
 
-// acc[0 .. 2 PW + 2 PH) += sum over the block's channels of the bin-edge gradients of the spec's closed form:
+// acc[0 .. 2 PW + 2 PH) += sum over the block's channels of the bin-edge gradients of the closed form:
 // g_xs[pw], g_xe[pw], g_ys[ph], g_ye[ph] (before the division by the area and the chain to the box). Every term
 // is linear in the map, so the channels are reduced first: h[i][j] = sum_c g_c F_c[i][j] over the bin's nodes
 // (which hold the line integrals' taps too), then the integral and the four line integrals are scalar sums of h.

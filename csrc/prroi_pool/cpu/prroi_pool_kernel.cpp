@@ -1,6 +1,6 @@
 // Precise RoI Pooling, CPU kernels (float32 / float64).
 //
-// Two exact evaluations of a bin integral (Jiang et al., ECCV 2018, section 3.2 and its appendix), chosen per RoI
+// Two exact evaluations of a bin integral (Precise RoI Pooling, Jiang et al., ECCV 2018), chosen per RoI
 // (roi_table.h):
 //  - direct (direct_path.h): sum over the bin's nodes of wy(i) wx(j) F[i, j], O(bin area); for bins of a few
 //    cells;

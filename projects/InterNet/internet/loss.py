@@ -36,7 +36,7 @@ class IntertwinerOT(nn.Module):
         dim (int): critic output dimension.
         ot_dim (int): channels of the OT critic (number of samples).
         epsilon (float), iters (int): Sinkhorn parameters.
-        cost (str): "sqeuclidean" or "cosine" (released; gradient-free almost everywhere, see the spec).
+        cost (str): "sqeuclidean" or "cosine" (released; gradient-free almost everywhere: 1-d samples after a ReLU).
     """
 
     def __init__(self, dim: int = 1024, ot_dim: int = 256, epsilon: float = 1.0, iters: int = 5,

@@ -1,4 +1,4 @@
-"""``add_iounet_config``: the ``MODEL.IOU_NET`` node (defaults of the IoU-Net spec, section 7).
+"""``add_iounet_config``: the ``MODEL.IOU_NET`` node (defaults: the IoU-Net paper's and its reproduction's settings).
 
 Only adds keys, so it imports and runs without detectron2.
 """

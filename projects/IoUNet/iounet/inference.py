@@ -1,4 +1,5 @@
-"""IoU-Net inference for one image (IoU-Net spec, section 6). Torch / torchvision / d2_refine.ops only.
+"""IoU-Net inference for one image (IoU-Net paper, Jiang et al., ECCV 2018; stages in the order of the
+reproduction). Torch / torchvision / d2_refine.ops only.
 
 Box-head outputs -> candidates -> IoU-guided NMS (or plain class-wise NMS) -> optimisation-based refinement
 of the best boxes -> score x predicted IoU -> top-k. Every stage can be switched off; with all of them off
@@ -59,7 +60,7 @@ def iounet_inference_single_image(
         score_thresh: candidates need a class score >= score_thresh.
         nms_thresh: IoU threshold of the NMS.
         topk: detections kept (< 0: all).
-        nms: one of :data:`NMS_MODES`. "iou_guided" (paper, section 4; ranked by predicted IoU) and
+        nms: one of :data:`NMS_MODES`. "iou_guided" (the paper's, ranked by predicted IoU) and
             "iou_guided_score_x_iou" (ranked by cls score x IoU) run on candidates (proposal, class) whose box is
             the one regressed for the proposal's argmax class; "plain" is detectron2's class-wise NMS on
             class-specific boxes.

@@ -1,7 +1,7 @@
 """The IoU head: pooled RoI features -> predicted IoU with the (unknown) ground truth, per class. Torch only.
 
-FC layers on PrRoIPool features (IoU-Net spec, section 2); its loss (smooth-L1 on (IoU - 0.5) / 0.5, or BCE on
-logits vs the IoU) and the decoding of its raw outputs into IoUs.
+FC layers on PrRoIPool features (IoU-Net paper, Jiang et al., ECCV 2018: "learning to predict IoU"); its loss
+(smooth-L1 on (IoU - 0.5) / 0.5, or BCE on logits vs the IoU) and the decoding of its raw outputs into IoUs.
 """
 from typing import Dict
 

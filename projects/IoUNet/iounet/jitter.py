@@ -1,4 +1,5 @@
-"""IoU-balanced jittered RoIs for training the IoU head (IoU-Net spec, section 3). Torch only.
+"""IoU-balanced jittered RoIs for training the IoU head (IoU-Net paper, Jiang et al., ECCV 2018: trained on
+augmented ground-truth boxes, not on RPN proposals). Torch only.
 
 A fixed pool of box deltas is built once, deterministically; the IoU of a jittered box with its source box
 does not depend on the box, so each delta falls in one IoU bin once and for all. Per image, an equal number of

@@ -1,4 +1,4 @@
-"""Optimisation-based box refinement (IoU-Net spec, section 5; paper Algorithm 2). Torch only.
+"""Optimisation-based box refinement (IoU-Net paper, Jiang et al., ECCV 2018, Algorithm 2). Torch only.
 
 Gradient ascent of the predicted IoU w.r.t. the box coordinates, for all boxes at once (the loop is over
 steps only). The IoU predictor is passed in as a function, so any differentiable pooling can be used; the

@@ -37,7 +37,7 @@ def _swap_prroi_type(cfg, node: str):
 
 @ROI_HEADS_REGISTRY.register()
 class IoUNetROIHeads(StandardROIHeads):
-    """StandardROIHeads with IoU-Net's IoU head (IoU-Net spec, sections 2-7).
+    """StandardROIHeads with IoU-Net's IoU head (IoU-Net paper, Jiang et al., ECCV 2018).
 
     Training adds ``loss_iou`` (on IoU-balanced RoIs jittered around the ground truth) to the box, mask and
     keypoint losses. Inference replaces the box branch's post-processing by IoU-Net's; masks and keypoints

@@ -17,7 +17,7 @@ def _cfg():
     return cfg
 
 
-def test_defaults_follow_the_spec():
+def test_defaults_follow_the_paper_and_release():
     c = _cfg().MODEL.FPT
     assert (c.WRAPPED_BACKBONE, c.IN_FEATURES, c.INPUT, c.NORM) == ("build_resnet_fpn_backbone", [], "fpn", "GN")
     assert (c.FUSE_KERNEL, c.FUSE_NORM, c.CROSS_RANGE, c.ATTN_IMPL, c.QUERY_CHUNK) == (3, "", "all", "auto", 4096)
@@ -102,7 +102,7 @@ def test_command_line_value_equal_to_the_default_wins():
     assert _built_kwargs(LITE)["fuse_kernel"] == 1
     kw = _built_kwargs(LITE, ["MODEL.FPT.FUSE_KERNEL", "3", "MODEL.FPT.GROUNDING.MODE", "euclidean",
                               "MODEL.FPT.IN_FEATURES", "[]"])
-    assert kw["fuse_kernel"] == 3  # 3 is the default: a preset used to keep its own 1
+    assert kw["fuse_kernel"] == 3  # 3 is the default, and still replaces the lite base file's 1
     assert kw["grounding_transformer"]["mode"] == "euclidean"
     assert kw["in_features"] is None  # [] = every level
 

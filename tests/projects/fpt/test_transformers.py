@@ -1,4 +1,5 @@
-"""FPT's three transformers against their definitions in the spec, and the per-level assembly."""
+"""FPT's three transformers against their definitions (FPT paper, Zhang et al., ECCV 2020, and the official
+FPT code), and the per-level assembly."""
 import math
 
 import pytest
@@ -22,7 +23,7 @@ def _randomize(module, seed=0):
 
 
 def _st_reference(st, x):
-    """ST(x) straight from the spec, with explicit pooling, per-mixture softmax and the pi-weighted sum."""
+    """ST(x) straight from its definition, with explicit pooling, per-mixture softmax and the pi-weighted sum."""
     n, c, h, w = x.shape
     pooled = F.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
     q = st.query(x).flatten(2).transpose(1, 2)  # (N, HW, C)
@@ -40,7 +41,7 @@ def _st_reference(st, x):
 
 @pytest.mark.parametrize("impl", ["naive", "chunked", "sdpa", "auto"])
 @pytest.mark.parametrize("size", [(9, 7), (8, 8), (1, 5)])
-def test_self_transformer_matches_spec(impl, size):
+def test_self_transformer_matches_definition(impl, size):
     st = _randomize(SelfTransformer(C, mixtures=2, norm="GN", attn_impl=impl, query_chunk=7)).double().eval()
     x = torch.randn(2, C, *size, dtype=torch.float64)
     torch.testing.assert_close(st(x), _st_reference(st, x), rtol=1e-10, atol=1e-10)
@@ -89,7 +90,7 @@ def _gt_reference(gt, fine, coarse):
 
 @pytest.mark.parametrize("mode", ["euclidean", "dot", "embedded"])
 @pytest.mark.parametrize("impl", ["naive", "chunked", "sdpa"])
-def test_grounding_transformer_matches_spec(mode, impl):
+def test_grounding_transformer_matches_definition(mode, impl):
     gt = _randomize(GroundingTransformer(C, mode=mode, attn_impl=impl, query_chunk=11)).double()
     fine, coarse = torch.randn(2, C, 11, 9, dtype=torch.float64), torch.randn(2, C, 5, 4, dtype=torch.float64)
     out = gt(fine, coarse)
@@ -132,7 +133,7 @@ def _rt_reference(rt, coarse, fine):
 
 @pytest.mark.parametrize("gap", [1, 2, 3])
 @pytest.mark.parametrize("order", ["conv_then_weight", "weight_then_conv"])
-def test_rendering_transformer_matches_spec(gap, order):
+def test_rendering_transformer_matches_definition(gap, order):
     rt = _randomize(RenderingTransformer(C, level_gap=gap, order=order)).double()
     fine = torch.randn(2, C, 8 * 2 ** gap, 6 * 2 ** gap, dtype=torch.float64)
     coarse = torch.randn(2, C, 8, 6, dtype=torch.float64)

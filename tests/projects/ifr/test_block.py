@@ -16,7 +16,7 @@ def _contractive_block(dtype=torch.float64, channels=8, seed=0):
     return b
 
 
-def test_parameter_count_matches_spec():
+def test_parameter_count():
     b = IFRBlock(256, 4, weight_norm=True)
     n = sum(p.numel() for p in b.parameters())
     print(f"IFR block parameters: {n} (with weight norm)")
@@ -64,7 +64,7 @@ def test_solvers_agree_on_fixed_point(device):
 
 
 def test_implicit_gradient_of_block_matches_200_step_unroll():
-    """Spec claim 3: float64, C = 8, 6x6, contractive weights, relative error < 1e-5."""
+    """Implicit gradient check: float64, C = 8, 6x6, contractive weights, relative error < 1e-5."""
     b = _contractive_block()
     x = torch.randn(3, 8, 6, 6, dtype=torch.float64, requires_grad=True)
     r = torch.randn_like(x)

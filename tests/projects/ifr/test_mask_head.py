@@ -23,7 +23,7 @@ def _count(m):
     return sum(p.numel() for p in m.parameters())
 
 
-def test_parameter_count_matches_spec():
+def test_parameter_count():
     shape = ShapeSpec(channels=256, height=14, width=14)
     ifr = IFRMaskHead(shape, num_classes=80)
     ws = IFRMaskHead(shape, num_classes=80, mode="explicit", weight_norm=False)

@@ -1,4 +1,4 @@
-"""MODEL.INTERNET defaults (the spec's keys) on a plain fvcore CfgNode, no detectron2 needed."""
+"""MODEL.INTERNET defaults (paper and original-code settings) on a plain fvcore CfgNode, no detectron2 needed."""
 from fvcore.common.config import CfgNode as CN
 
 from d2_refine.projects.internet.config import add_internet_config

@@ -10,7 +10,7 @@ def _cfg():
     return cfg
 
 
-def test_adds_spec_defaults():
+def test_adds_paper_defaults():
     cfg = add_iounet_config(_cfg())
     c = cfg.MODEL.IOU_NET
     assert (c.POOLER_RESOLUTION, c.NUM_FC, c.FC_DIM, c.CLS_AGNOSTIC) == (7, 2, 1024, False)

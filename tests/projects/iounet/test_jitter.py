@@ -5,7 +5,7 @@ from d2_refine.projects.iounet.jitter import (IoUBalancedJitter, apply_deltas, d
                                               pairwise_iou)
 
 
-def test_delta_pool_size_and_bins_match_spec():
+def test_delta_pool_size_and_bins():
     deltas = make_delta_pool(16, 16)
     assert deltas.shape == (246016, 4)
     jit = IoUBalancedJitter(num_rois=1000, fg_iou=0.5, bin_pool=4000)

@@ -23,7 +23,7 @@ def _ramp(n, lo, hi, s):
 
 
 def _loop_reference(masks, boxes, kernel, bias, gamma, cutoff):
-    """The spec's MBRM written edge by edge with Python loops (float64), detectron2 box convention."""
+    """MBRM (RDSNet paper, AAAI 2020) written edge by edge with Python loops (float64), detectron2 box convention."""
     out = []
     for m, (x1, y1, x2, y2) in zip(masks.double(), boxes.double().tolist()):
         h_prof, v_prof = m.max(dim=0).values.tolist(), m.max(dim=1).values.tolist()
