@@ -64,3 +64,14 @@ def run_python(code, *args, detectron2=None, env=None, timeout=300):
         """
     return subprocess.run([sys.executable, "-c", textwrap.dedent(block) + textwrap.dedent(code), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def bare_model_cfg(*add_config_fns):
+    """A plain fvcore CfgNode with an empty MODEL node (no detectron2 needed), after each ``add_<method>_config``."""
+    from fvcore.common.config import CfgNode
+
+    cfg = CfgNode()
+    cfg.MODEL = CfgNode()
+    for add in add_config_fns:
+        add(cfg)
+    return cfg

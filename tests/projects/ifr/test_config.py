@@ -1,14 +1,12 @@
 """MODEL.IFR: torchdeq's solver names, test-time values in ``_TEST``, and the earlier names refused in one line."""
 import pytest
-from fvcore.common.config import CfgNode as CN
+from helpers import bare_model_cfg
 
 from d2_refine.projects.ifr.config import RENAMED_KEYS, add_ifr_config
 
 
 def _cfg():
-    cfg = CN()
-    cfg.MODEL = CN()
-    return add_ifr_config(cfg)
+    return bare_model_cfg(add_ifr_config)
 
 
 def test_solver_keys_follow_torchdeq():

@@ -1,13 +1,12 @@
 """MODEL.INTERNET defaults (paper and original-code settings) on a plain fvcore CfgNode, no detectron2 needed."""
 from fvcore.common.config import CfgNode as CN
+from helpers import bare_model_cfg
 
 from d2_refine.projects.internet.config import add_internet_config
 
 
 def _cfg():
-    cfg = CN()
-    cfg.MODEL = CN()
-    return add_internet_config(cfg)
+    return bare_model_cfg(add_internet_config)
 
 
 def test_defaults_are_the_released_setting():

@@ -1,13 +1,11 @@
 import pytest
-from fvcore.common.config import CfgNode as CN
+from helpers import bare_model_cfg
 
 from d2_refine.projects.iounet.config import add_iounet_config
 
 
 def _cfg():
-    cfg = CN()
-    cfg.MODEL = CN()
-    return cfg
+    return bare_model_cfg()
 
 
 def test_adds_paper_defaults():

@@ -3,19 +3,16 @@ import glob
 import os
 
 import pytest
-from fvcore.common.config import CfgNode as CN
 
 from d2_refine.projects.rdsnet.config import add_rdsnet_config
 from d2_refine.projects.rdsnet.mbrm import MBRM_DEFAULT_BIAS, MBRM_DEFAULT_KERNEL
-from helpers import ROOT
+from helpers import ROOT, bare_model_cfg
 
 _CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "RDSNet", "*.yaml")))
 
 
 def test_defaults_without_detectron2():
-    cfg = CN()
-    cfg.MODEL = CN()
-    add_rdsnet_config(cfg)
+    cfg = bare_model_cfg(add_rdsnet_config)
     add_rdsnet_config(cfg)  # second call is a no-op
     r = cfg.MODEL.RDSNET
     assert r.REP_DIM == 32 and r.PIXEL_HEAD.IN_FEATURES == ["p3", "p4", "p5"] and r.PIXEL_HEAD.NUM_CONVS == 1
@@ -48,8 +45,6 @@ def test_old_key_gives_one_line_naming_the_new_key():
     from d2_refine.projects.rdsnet.config import RENAMED_KEYS
 
     assert RENAMED_KEYS == {"MODEL.RDSNET.MASK_THRESHOLD": "MODEL.RDSNET.MASK_THRESH_TEST"}
-    cfg = CN()
-    cfg.MODEL = CN()
-    add_rdsnet_config(cfg)
+    cfg = bare_model_cfg(add_rdsnet_config)
     with pytest.raises(KeyError, match="MODEL.RDSNET.MASK_THRESHOLD was renamed to MODEL.RDSNET.MASK_THRESH_TEST"):
         cfg.merge_from_list(["MODEL.RDSNET.MASK_THRESHOLD", "0.5"])
