@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <initializer_list>
 
@@ -28,3 +29,13 @@ inline at::Tensor cast_floating(const at::Tensor& t, at::ScalarType dtype) {
 
 }  // namespace autocast
 }  // namespace d2_refine
+
+// Registers fn<AutocastCPU> and fn<AutocastCUDA> as the autocast kernels of the op `name` (as torchvision registers
+// each autocast kernel for both keys). Use inside namespace d2_refine.
+#define D2R_REGISTER_AUTOCAST(name, fn)                                  \
+  TORCH_LIBRARY_IMPL(d2_refine, AutocastCPU, m) {                         \
+    m.impl(name, TORCH_FN(fn<c10::DispatchKey::AutocastCPU>));            \
+  }                                                                       \
+  TORCH_LIBRARY_IMPL(d2_refine, AutocastCUDA, m) {                        \
+    m.impl(name, TORCH_FN(fn<c10::DispatchKey::AutocastCUDA>));           \
+  }

@@ -38,12 +38,6 @@ NmsResult iou_guided_nms_autocast(const at::Tensor& boxes, const at::Tensor& sco
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(d2_refine, AutocastCPU, m) {
-  m.impl("iou_guided_nms", TORCH_FN(iou_guided_nms_autocast<c10::DispatchKey::AutocastCPU>));
-}
-
-TORCH_LIBRARY_IMPL(d2_refine, AutocastCUDA, m) {
-  m.impl("iou_guided_nms", TORCH_FN(iou_guided_nms_autocast<c10::DispatchKey::AutocastCUDA>));
-}
+D2R_REGISTER_AUTOCAST("iou_guided_nms", iou_guided_nms_autocast)
 
 }  // namespace d2_refine

@@ -34,12 +34,6 @@ at::Tensor prroi_pool_autocast(const at::Tensor& input, const at::Tensor& rois, 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(d2_refine, AutocastCPU, m) {
-  m.impl("prroi_pool", TORCH_FN(prroi_pool_autocast<c10::DispatchKey::AutocastCPU>));
-}
-
-TORCH_LIBRARY_IMPL(d2_refine, AutocastCUDA, m) {
-  m.impl("prroi_pool", TORCH_FN(prroi_pool_autocast<c10::DispatchKey::AutocastCUDA>));
-}
+D2R_REGISTER_AUTOCAST("prroi_pool", prroi_pool_autocast)
 
 }  // namespace d2_refine
