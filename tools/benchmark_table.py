@@ -11,7 +11,11 @@ that survives without the checkpoints, and write one Markdown table that states 
 Runs. Each (model, seed) is trained by `train_net.py` itself (a subprocess, with its usual logs) in
 `<output-dir>/<iters>it/seed<S>/<name>/`. A run is finished when `model_final.pth` is there and `metrics.json`
 holds the COCOEvaluator results of the last iteration; a finished run is never trained again, and a
-checkpoint without those results is scored again from the checkpoint. The layout of the single-seed tool,
+checkpoint without those results is scored again from the checkpoint. A run that was cut off (a checkpoint
+every quarter of the schedule, no `model_final.pth`) resumes from its last checkpoint with `--resume`, which
+the shapes configs' `SOLVER.EXACT_RESUME` makes the same run as an uninterrupted one; its record says
+`"resumed": true` and its s/it and times are those of the resumed part. The quarter checkpoints are removed
+once `model_final.pth` is written. The layout of the single-seed tool,
 `<output-dir>/<iters>it/<name>/`, is read as seed 1 (its default then) where `seed1/<name>/` has no checkpoint;
 nothing is moved. A run folder is locked while it trains, so two invocations never train the same run.
 
@@ -115,7 +119,12 @@ def schedule_opts(iters: int, seed: int) -> List[str]:
         raise ValueError(f"--iters must be at least 10, got {iters}")
     steps = (round(iters * 0.75), round(iters * 0.9))
     return ["SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", str(steps), "SOLVER.WARMUP_ITERS", str(iters // 10),
-            "SOLVER.CHECKPOINT_PERIOD", str(iters), "SEED", str(seed)]
+            "SOLVER.CHECKPOINT_PERIOD", str(checkpoint_period(iters)), "SEED", str(seed)]
+
+
+def checkpoint_period(iters: int) -> int:
+    """A checkpoint every quarter of the schedule, so that a run cut off (a session that ends) resumes from it."""
+    return max(1, iters // 4)
 
 
 # ------------------------------------------------------------------------------------------- run folders
@@ -239,12 +248,21 @@ def file_lock(path: str, blocking: bool = True):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def can_resume(out_dir: str) -> bool:
+    """True where a run was cut off: a checkpoint (``last_checkpoint``) but no ``model_final.pth``."""
+    return os.path.isfile(os.path.join(out_dir, "last_checkpoint")) and \
+        not os.path.isfile(os.path.join(out_dir, "model_final.pth"))
+
+
 def train(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str], num_threads: Optional[int],
-          sample_every: float = 30.0) -> dict:
-    """Train one run with ``train_net.py``; returns (and writes to ``<out_dir>/run_info.json``) what the record
-    keeps of it: the commit, the machine, the load average sampled while it trained, its wall time."""
+          sample_every: float = 30.0, resume: bool = False) -> dict:
+    """Train one run with ``train_net.py`` (``--resume``: from the last checkpoint of ``out_dir``, which the
+    shapes configs' ``SOLVER.EXACT_RESUME`` makes the same run as an uninterrupted one); returns (and writes to
+    ``<out_dir>/run_info.json``) what the record keeps of it: the commit, the machine, the load average sampled
+    while it trained, its wall time. The intermediate checkpoints are removed once ``model_final.pth`` is
+    written."""
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", os.path.join(REPO, entry.config),
-           *run_opts(entry, out_dir, iters, seed, extra)]
+           *(["--resume"] if resume else []), *run_opts(entry, out_dir, iters, seed, extra)]
     print(f"  $ {' '.join(cmd)}", flush=True)
     env = dict(os.environ)
     if num_threads:
@@ -264,7 +282,13 @@ def train(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str
     if rc != 0:
         raise subprocess.CalledProcessError(rc, cmd)
     info.update(run_wall_s=round(time.time() - t0, 1), finished=_now(), load=_load_summary(samples))
+    if resume:  # the wall time and the load are those of the resumed part
+        info["resumed"] = True
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.isfile(os.path.join(out_dir, "model_final.pth")):
+        for name in os.listdir(out_dir):  # model_0000499.pth ...: ~120 MB each, needed only to resume
+            if re.fullmatch(r"model_\d+\.pth", name):
+                os.remove(os.path.join(out_dir, name))
     with open(os.path.join(out_dir, "run_info.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
@@ -406,6 +430,8 @@ def make_record(name: str, seed: int, iters: int, metrics: Dict[str, Dict[str, f
                else os.path.abspath(out_dir))
     if weights_of:
         rec["weights_of"] = weights_of
+    if info.get("resumed"):
+        rec["train"]["resumed"] = True  # s/it, train and wall time: the part after the resume
     if not info:
         rec["note"] = "no run_info.json (not trained by this tool's current version): machine, load, commit unknown"
     return rec
@@ -632,8 +658,10 @@ def run_one(entry: Entry, seed: int, args, blocking: bool = True) -> Optional[Li
         if not os.path.isfile(ckpt):
             if args.eval_only:
                 raise SystemExit(f"--eval-only: no checkpoint {ckpt}; train it first (drop --eval-only)")
-            print(f"{entry.name} seed {seed}: training {args.iters} iterations in {out_dir}", flush=True)
-            train(entry, out_dir, args.iters, seed, args.opts, args.num_threads)
+            resume = can_resume(out_dir)
+            print(f"{entry.name} seed {seed}: {'resuming' if resume else 'training'} {args.iters} iterations in "
+                  f"{out_dir}", flush=True)
+            train(entry, out_dir, args.iters, seed, args.opts, args.num_threads, resume=resume)
             names = [entry.name, *entry.variants]
         else:
             print(f"{entry.name} seed {seed}: using {ckpt}", flush=True)

@@ -18,6 +18,7 @@ def test_schedule_scales_the_default_one():
     opts = dict(zip(*[iter(bt.schedule_opts(2000, 1))] * 2))
     assert opts["SOLVER.MAX_ITER"] == "2000" and opts["SOLVER.STEPS"] == "(1500, 1800)"
     assert opts["SOLVER.WARMUP_ITERS"] == "200" and opts["SEED"] == "1"
+    assert opts["SOLVER.CHECKPOINT_PERIOD"] == "500"  # a quarter: what a run cut off resumes from
     assert dict(zip(*[iter(bt.schedule_opts(400, 3))] * 2))["SOLVER.STEPS"] == "(300, 360)"
     with pytest.raises(ValueError, match="at least 10"):
         bt.schedule_opts(5, 1)
@@ -240,10 +241,11 @@ def test_from_json_writes_table_readme_and_json_without_detectron2(tmp_path):
 
 
 def _tiny_opts(tmp_path):
-    """tiny_shapes_opts less the schedule and the output folder, which the tool sets per run."""
+    """tiny_shapes_opts less the schedule, the checkpoint period and the output folder, which the tool sets."""
     tiny = tiny_shapes_opts(tmp_path / "unused")
     tiny = [v for k, v in zip(tiny[::2], tiny[1::2]) for v in (k, v)
-            if k not in ("OUTPUT_DIR", "SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS")]
+            if k not in ("OUTPUT_DIR", "SOLVER.MAX_ITER", "SOLVER.STEPS", "SOLVER.WARMUP_ITERS",
+                         "SOLVER.CHECKPOINT_PERIOD")]
     return tiny + ["DATASETS.SHAPES.ROOT", str(tmp_path / "shapes")]
 
 
@@ -278,6 +280,32 @@ def test_tool_trains_a_method_and_its_baseline_records_them_and_writes_the_table
     rescored = bt.main([*common, "--only", "retinanet", "--eval-only", "--no-timing", "--opts", *tiny])
     assert rescored[0]["results"]["bbox"]["AP"] == pytest.approx(rows[0]["results"]["bbox"]["AP"], abs=1e-6)
     assert len(bt.load_results(str(results))["records"]) == 3 and before
+
+
+def test_a_run_cut_off_resumes_from_its_last_checkpoint(tmp_path):
+    pytest.importorskip("detectron2")  # training and COCO evaluation
+    tiny = _tiny_opts(tmp_path)
+    entry, out_dir = bt.ENTRY_BY_NAME["retinanet"], tmp_path / "12it" / "seed1" / "retinanet"
+    assert not bt.can_resume(str(out_dir))
+    # the state a session that ends leaves: the run of 12 iterations stopped after its checkpoint at iteration 6
+    first = bt.run_opts(entry, str(out_dir), 12, 1, tiny) + ["SOLVER.MAX_ITER", "6"]
+    subprocess.run([sys.executable, os.path.join(REPO, "train_net.py"), "--config-file",
+                    os.path.join(REPO, entry.config), *first], cwd=REPO, check=True, capture_output=True)
+    (out_dir / "model_final.pth").unlink()
+    (out_dir / "last_checkpoint").write_text("model_0000005.pth")
+    assert bt.can_resume(str(out_dir)) and (out_dir / "model_0000005.pth").is_file()
+    results = tmp_path / "results.json"
+    rows = bt.main(["--iters", "12", "--output-dir", str(tmp_path), "--results", str(results), "--only",
+                    "retinanet", "--no-timing", "--out", str(tmp_path / "t.md"), "--opts", *tiny])
+    assert rows[0]["n"] == 1 and not bt.can_resume(str(out_dir))
+    log = (out_dir / "log.txt").read_text()
+    assert "model_0000005.pth" in log and "Starting training from iteration 6" in log  # continued, not from 0
+    iters = [json.loads(line).get("iteration") for line in (out_dir / "metrics.json").read_text().splitlines()]
+    assert iters[0] == 5 and 11 in iters  # the first part ended at iteration 5, the resumed one at 11
+    assert bt.final_results(str(out_dir / "metrics.json"), 12)
+    assert sorted(p.name for p in out_dir.glob("model_*.pth")) == ["model_final.pth"]  # quarter checkpoints gone
+    rec = bt.load_results(str(results))["records"][0]
+    assert rec["train"]["resumed"] is True and rec["train"]["s_per_iter"] > 0
 
 
 @pytest.mark.slow
