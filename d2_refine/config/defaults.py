@@ -26,6 +26,9 @@ def add_shapes_config(cfg):
     # Number of images of shapes_train and shapes_val.
     _C.SHAPES.NUM_TRAIN = 2000
     _C.SHAPES.NUM_VAL = 300
+    # Number of images of shapes_tune, a held-out split (its own seed) for choosing test-time settings without
+    # looking at shapes_val; generated only when a config or tool uses it.
+    _C.SHAPES.NUM_TUNE = 300
     # Side of the square images, in pixels.
     _C.SHAPES.IMAGE_SIZE = 192
     # Objects per image, drawn uniformly in [MIN_OBJECTS, MAX_OBJECTS].

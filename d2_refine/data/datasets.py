@@ -1,4 +1,4 @@
-"""Registration of ``shapes_train`` / ``shapes_val`` and of the config's ``DATASETS.COCO_FORMAT`` datasets with
+"""Registration of ``shapes_train`` / ``shapes_val`` / ``shapes_tune`` and of the config's ``DATASETS.COCO_FORMAT`` datasets with
 detectron2's COCO loader and metadata, so that COCOEvaluator scores them like COCO; and the check, before training,
 that every dataset of the config is registered and its files are there."""
 import os
@@ -10,7 +10,9 @@ from detectron2.utils import comm
 
 from .shapes import SHAPES_CLASSES, ShapesParams, default_shapes_root, generate_shapes_split, shapes_split_files
 
-SPLITS = {"shapes_train": "train", "shapes_val": "val"}
+# shapes_tune: a held-out split of its own seed for choosing test-time settings (e.g. a solver budget), so that
+# shapes_val stays the split results are reported on
+SPLITS = {"shapes_train": "train", "shapes_val": "val", "shapes_tune": "tune"}
 _registered = {}  # dataset name -> (root, ShapesParams)
 _coco_format = {}  # dataset name -> (json file, image folder) registered from DATASETS.COCO_FORMAT
 
@@ -20,12 +22,14 @@ class DatasetError(ValueError):
 
 
 def register_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: int = 300, image_size: int = 192,
-                    min_objects: int = 2, max_objects: int = 8, difficulty: float = 0.5, seed: int = 0):
-    """(Re-)register ``shapes_train`` and ``shapes_val`` with these parameters. Files are generated on first use
-    (see :func:`prepare_datasets`); the metadata already names where they will be."""
+                    min_objects: int = 2, max_objects: int = 8, difficulty: float = 0.5, seed: int = 0,
+                    num_tune: int = 300):
+    """(Re-)register ``shapes_train``, ``shapes_val`` and ``shapes_tune`` with these parameters. Files are generated
+    on first use (see :func:`prepare_datasets`); the metadata already names where they will be."""
     root = default_shapes_root(root)
+    sizes = {"train": num_train, "val": num_val, "tune": num_tune}
     for name, split in SPLITS.items():
-        params = ShapesParams(num_images=num_train if split == "train" else num_val, image_size=image_size,
+        params = ShapesParams(num_images=sizes[split], image_size=image_size,
                               min_objects=min_objects, max_objects=max_objects, difficulty=difficulty,
                               seed=seed).validate()
         if _registered.get(name) == (root, params):
@@ -50,7 +54,8 @@ def configure_shapes(cfg):
     """Register the shapes datasets with the parameters of ``cfg.DATASETS.SHAPES``."""
     s = cfg.DATASETS.SHAPES
     register_shapes(root=s.ROOT or None, num_train=s.NUM_TRAIN, num_val=s.NUM_VAL, image_size=s.IMAGE_SIZE,
-                    min_objects=s.MIN_OBJECTS, max_objects=s.MAX_OBJECTS, difficulty=s.DIFFICULTY, seed=s.SEED)
+                    min_objects=s.MIN_OBJECTS, max_objects=s.MAX_OBJECTS, difficulty=s.DIFFICULTY, seed=s.SEED,
+                    num_tune=s.NUM_TUNE)
 
 
 def register_coco_format(cfg):
