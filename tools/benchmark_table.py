@@ -568,6 +568,13 @@ def markdown(rows: List[dict], doc: dict, command: str, source: str = "") -> str
         lines.append(f"| {r['title']} | {r['baseline_title'] or '–'} | {n} | " + " | ".join(cells)
                      + f" | {fmt_stat(d.get('bbox'), n, sign=True)} | {fmt_stat(d.get('segm'), n, sign=True)} | "
                        f"{r['verdict']} | {_speed(r)} | {fmt(timing.get('ms_per_img'), 0)} |")
+    done = {r["name"] for r in rows}
+    missing = [n for n in ROW_ORDER if n not in done]
+    if missing:
+        titles = {n: (ENTRY_BY_NAME[n].title if n in ENTRY_BY_NAME else ENTRY_BY_NAME[VARIANT_OF[n]].variants[n][0])
+                  for n in missing}
+        lines += ["", "Not in the record yet (no run at this schedule): " + ", ".join(titles[n] for n in missing)
+                  + "."]
     return "\n".join(lines) + "\n"
 
 

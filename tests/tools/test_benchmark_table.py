@@ -155,6 +155,9 @@ def test_markdown_states_the_spread_the_pairs_and_the_rule():
     assert "| 42.0 | 62.0 | 47.0 | 22.0 | 41.0 | – | +2.0 | – | 1 seed: no verdict |" in md
     assert "mean Δ > 2 × std(Δ)" in md and "n ≥ 2" in md and "seeds 1, 2, 3, 4" in md
     assert "not measured yet" in md
+    missing = md.split("Not in the record yet (no run at this schedule): ")[1].splitlines()[0]
+    assert "RetinaNet (FPN)" in missing and "RDSNet + MBRM (same weights)" in missing and "(ot)" in missing
+    assert "IoU-Net" not in missing and "Mask R-CNN (FPN)" not in missing
 
 
 def test_records_merge_and_replace_per_model_and_seed(tmp_path):
