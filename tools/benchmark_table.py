@@ -503,10 +503,15 @@ def summarize(records: Sequence[dict]) -> List[dict]:
             base_title = ENTRY_BY_NAME[base].title if base in ENTRY_BY_NAME else base
         speeds = [by_seed[x]["train"].get("s_per_iter") for x in seeds if by_seed[x].get("train")]
         speeds = [v for v in speeds if v is not None]
+        minutes = [by_seed[x]["train"]["train_s"] / 60 for x in seeds
+                   if (by_seed[x].get("train") or {}).get("train_s") and not by_seed[x]["train"].get("resumed")]
+        loads = [by_seed[x]["load"]["mean_1min"] for x in seeds if (by_seed[x].get("load") or {}).get("mean_1min")]
         rows.append(dict(name=name, title=last.get("title", name), baseline=base, baseline_title=base_title,
                          seeds=seeds, n=len(seeds), stats=stats, delta=delta,
                          verdict=verdict(delta.get("bbox")) if base in runs else ("no baseline run" if base else "–"),
-                         s_per_iter=[min(speeds), max(speeds)] if speeds else None))
+                         s_per_iter=[min(speeds), max(speeds)] if speeds else None,
+                         train_min=[min(minutes), max(minutes)] if minutes else None,
+                         load=[min(loads), max(loads)] if loads else None))
     return rows
 
 
@@ -524,9 +529,23 @@ def fmt_stat(s: Optional[dict], row_n: int, digits: int = 1, sign: bool = False)
     return out if s["n"] == row_n else f"{out} (n={s['n']})"
 
 
+def _range(pair: Optional[List[float]], digits: int = 2) -> str:
+    if not pair:
+        return "–"
+    lo, hi = (f"{v:.{digits}f}" for v in pair)
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
 def _speed(r: dict) -> str:
-    sp = r["s_per_iter"]
-    return "–" if not sp else (f"{sp[0]:.2f}" if f"{sp[0]:.2f}" == f"{sp[1]:.2f}" else f"{sp[0]:.2f}–{sp[1]:.2f}")
+    return _range(r["s_per_iter"])
+
+
+def _training(r: dict) -> str:
+    """'23–25 min (load 2.1–2.5)': the range over the seeds of the training time and of the mean load."""
+    if not r.get("train_min"):
+        return "–"
+    load = f" (load {_range(r['load'], 1)})" if r.get("load") else ""
+    return f"{_range(r['train_min'], 0)} min{load}"
 
 
 def _timing_caption(doc: dict, names: Sequence[str]) -> str:
@@ -550,7 +569,7 @@ def _timing_caption(doc: dict, names: Sequence[str]) -> str:
 
 def markdown(rows: List[dict], doc: dict, command: str, source: str = "") -> str:
     head = ("| model | baseline | seeds | box AP | AP50 | AP75 | AP90 | APs | mask AP | Δ box AP | Δ mask AP "
-            "| verdict | train s/it | inference ms/img |")
+            "| verdict | train s/it | training | inference ms/img |")
     seeds = sorted({x for r in rows for x in r["seeds"]})
     lines = [f"Schedule: {doc['iters']} iterations from scratch per run, seeds {', '.join(map(str, seeds))}, scored "
              f"by COCOEvaluator on `shapes_val`. Written from {source or 'the results record'} by:", "",
@@ -558,7 +577,9 @@ def markdown(rows: List[dict], doc: dict, command: str, source: str = "") -> str
              "Each cell: mean ± sample standard deviation (n − 1) over the row's n seeds (`seeds`). Δ: the "
              "difference to the baseline run with the same seed, mean ± std over the seeds both have ('(n=k)' where "
              f"fewer than the row's); {VERDICT_RULE}. train s/it: detectron2's overall training speed, the range "
-             f"over the seeds. {_timing_caption(doc, [r['name'] for r in rows])}", "",
+             "over the seeds; training: the range of the training times over the seeds (resumed runs left out) and "
+             "of the 1-minute load average while each run trained. "
+             f"{_timing_caption(doc, [r['name'] for r in rows])}", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         n, st = r["n"], r["stats"]
@@ -567,7 +588,7 @@ def markdown(rows: List[dict], doc: dict, command: str, source: str = "") -> str
         timing = doc["timing"].get(r["name"], {})
         lines.append(f"| {r['title']} | {r['baseline_title'] or '–'} | {n} | " + " | ".join(cells)
                      + f" | {fmt_stat(d.get('bbox'), n, sign=True)} | {fmt_stat(d.get('segm'), n, sign=True)} | "
-                       f"{r['verdict']} | {_speed(r)} | {fmt(timing.get('ms_per_img'), 0)} |")
+                       f"{r['verdict']} | {_speed(r)} | {_training(r)} | {fmt(timing.get('ms_per_img'), 0)} |")
     done = {r["name"] for r in rows}
     missing = [n for n in ROW_ORDER if n not in done]
     if missing:
@@ -587,6 +608,7 @@ def table_json(rows: List[dict], doc: dict) -> dict:
                         results={task: {m: s["mean"] for m, s in ms.items()} for task, ms in r["stats"].items()},
                         std={task: {m: s["std"] for m, s in ms.items()} for task, ms in r["stats"].items()},
                         delta=r["delta"], verdict=r["verdict"], s_per_iter=r["s_per_iter"],
+                        train_min=r.get("train_min"), load=r.get("load"),
                         ms_per_img=t.get("ms_per_img"), params_m=t.get("params_m")))
     return dict(iters=doc["iters"], seeds=sorted({x for r in rows for x in r["seeds"]}), rule=VERDICT_RULE,
                 rows=out)

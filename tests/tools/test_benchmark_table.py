@@ -80,16 +80,18 @@ def test_seed_options():
             bt.parse_args(bad)
 
 
-def _rec(model, seed, box, mask=None, baseline=None, s_it=1.0, iters=100):
+def _rec(model, seed, box, mask=None, baseline=None, s_it=1.0, iters=100, train_s=None, load=None, resumed=False):
     bbox = {"AP": box, "AP50": box + 20, "AP75": box + 5, "AP90": box - 20, "APs": box - 1}
     metrics = {"bbox": bbox, **({"segm": {"AP": mask}} if mask is not None else {})}
+    train = {"s_per_iter": s_it, "train_s": train_s, **({"resumed": True} if resumed else {})}
     return dict(model=model, seed=seed, iters=iters, title=model.upper(), baseline=baseline, metrics=metrics,
-                train={"s_per_iter": s_it})
+                train=train, load={"mean_1min": load} if load else None)
 
 
 def _records():
     return [
-        *(_rec("mask_rcnn", s, box, mask, s_it=1.0 + s / 10)
+        *(_rec("mask_rcnn", s, box, mask, s_it=1.0 + s / 10, train_s=1200.0 + 300 * s, load=2.0 + s / 10,
+               resumed=s == 3)  # a resumed run's time is that of its second part: left out of the range
           for s, box, mask in ((1, 50.0, 45.0), (2, 52.0, 46.0), (3, 54.0, 47.0))),
         *(_rec("ifr", s, box, mask, "mask_rcnn")
           for s, box, mask in ((1, 53.0, 46.0), (2, 55.0, 47.0), (3, 57.5, 48.0))),
@@ -146,10 +148,10 @@ def test_markdown_states_the_spread_the_pairs_and_the_rule():
     doc = dict(bt.empty_results(100), records=_records())
     md = bt.markdown(bt.summarize(doc["records"]), doc, "python tools/benchmark_table.py --from-json x.json")
     table = [line for line in md.splitlines() if line.startswith("|")]
-    assert len(table) == 10 and all(line.count("|") == table[0].count("|") == 15 for line in table)
+    assert len(table) == 10 and all(line.count("|") == table[0].count("|") == 16 for line in table)
     assert ("| MASK_RCNN | – | 3 | 52.0 ± 2.0 | 72.0 ± 2.0 | 57.0 ± 2.0 | 32.0 ± 2.0 | 51.0 ± 2.0 | 46.0 ± 1.0 "
-            "| – | – | – | 1.10–1.30 | – |") in table
-    assert "| IFR | MASK_RCNN | 3 | 55.2 ± 2.3 | " in md and "| +3.2 ± 0.3 | +1.0 ± 0.0 | gain | 1.00 | – |" in md
+            "| – | – | – | 1.10–1.30 | 25–30 min (load 2.1–2.3) | – |") in table
+    assert "| IFR | MASK_RCNN | 3 | 55.2 ± 2.3 | " in md and "| +3.2 ± 0.3 | +1.0 ± 0.0 | gain | 1.00 | – | – |" in md
     assert "| +0.0 ± 1.4 | +0.0 ± 0.0 | level |" in md
     assert "| −" not in md and "| -3.0 ± 1.4 (n=2) | – | loss |" in md  # fewer pairs than the row's seeds
     assert "| 42.0 | 62.0 | 47.0 | 22.0 | 41.0 | – | +2.0 | – | 1 seed: no verdict |" in md
@@ -222,7 +224,7 @@ def test_from_json_writes_table_readme_and_json_without_detectron2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     md = out.read_text()
-    assert "| 1.10–1.30 | 158 |" in md and "| gain | 1.00 | 807 |" in md
+    assert "| 1.10–1.30 | 25–30 min (load 2.1–2.3) | 158 |" in md and "| gain | 1.00 | – | 807 |" in md
     assert "one pass in one process" in md and "Test CPU, 2 threads" in md and "median over 50 val images" in md
     text = readme.read_text()
     assert "old" not in text and "| IFR | MASK_RCNN |" in text and text.endswith("end\n")
