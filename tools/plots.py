@@ -211,6 +211,7 @@ def plot_delta(results: dict, out: str) -> str:
         ax.annotate(f"{r['verdict']} (n={d['n']})", (1.0, yi), xycoords=("axes fraction", "data"),
                     xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
     ax.axvline(0.0, color="0.3", linewidth=1)
+    ax.set_ylim(-0.6, len(rows) - 0.4)  # each row's band around its tick, whatever the number of rows
     ax.set_yticks(y)
     ax.set_yticklabels([f"{r['title']}\nvs {r['baseline_title']}".replace("`", "") for r in rows], fontsize=8)
     ax.set_xlabel("AP difference to the baseline, same seed (points; bars: ± 1 std over seeds)")

@@ -141,3 +141,16 @@ def test_delta_figure_needs_a_method_with_a_baseline_run(tmp_path):
     data["records"] = [r for r in data["records"] if r["model"] in ("ifr", "rdsnet")]
     with pytest.raises(ValueError, match="no method with a baseline run"):
         plots.plot_delta(data, str(tmp_path / "x.png"))
+
+
+def test_delta_figure_with_one_method_keeps_its_label_beside_its_marker(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    data = json.load(open(_results(tmp_path)))
+    data["records"] = [r for r in data["records"] if r["model"] in ("iounet", "faster_rcnn")]
+    plots.plot_delta(data, str(tmp_path / "one.png"))
+    ax = figures[-1].axes[0]
+    lo, hi = ax.get_ylim()
+    assert list(ax.get_yticks()) == [0] and lo <= -0.5 and hi >= 0.5  # the row's band, its marker at +0.13 inside
