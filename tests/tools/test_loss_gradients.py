@@ -1,0 +1,24 @@
+"""tools/loss_gradients.py: one loss's share of the shared parameters' gradient, on a tiny IoU-Net."""
+import os
+
+import pytest
+from helpers import ROOT, load_tool
+
+from d2_refine.utils.testing import tiny_shapes_opts
+
+pytest.importorskip("detectron2")
+lg = load_tool("loss_gradients")
+CONFIG = os.path.join(ROOT, "configs", "IoUNet", "iounet_R_18_FPN_shapes.yaml")
+
+
+def test_share_of_the_iou_loss_and_the_clipping_counts(tmp_path):
+    out = lg.main(["--config-file", CONFIG, "--loss", "loss_iou", "--batches", "2", "--json", str(tmp_path / "g.json"),
+                   *tiny_shapes_opts(tmp_path)])
+    assert out["parameters"] > 10 and out["batches"] == 2 and out["clip_norm"] == 2.0
+    assert 0 < out["median_ratio"] <= out["max_ratio"]  # the IoU head's loss reaches the backbone
+    assert 0 <= out["over_clip_without"] <= 2 * out["parameters"] and 0 <= out["over_clip_with"] <= 2 * out["parameters"]
+    assert (tmp_path / "g.json").is_file()
+    with pytest.raises(SystemExit, match="not a loss of this model"):
+        lg.main(["--config-file", CONFIG, "--loss", "loss_nope", "--batches", "1", *tiny_shapes_opts(tmp_path)])
+    with pytest.raises(SystemExit, match="no trainable parameter"):
+        lg.main(["--config-file", CONFIG, "--loss", "loss_iou", "--prefix", "nothing", *tiny_shapes_opts(tmp_path)])
