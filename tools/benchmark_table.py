@@ -110,6 +110,13 @@ ENTRIES = [
 ENTRY_BY_NAME = {e.name: e for e in ENTRIES}
 VARIANT_OF = {v: e.name for e in ENTRIES for v in e.variants}
 ROW_ORDER = [n for e in ENTRIES for n in (e.name, *e.variants)]
+
+
+def row_title(name: str) -> str:
+    """The title of an entry or of a variant (evaluated with its entry's weights)."""
+    if name in ENTRY_BY_NAME:
+        return ENTRY_BY_NAME[name].title
+    return ENTRY_BY_NAME[VARIANT_OF[name]].variants[name][0]
 METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("bbox", "AP90"), ("bbox", "APs"), ("segm", "AP")]
 
 
@@ -414,7 +421,7 @@ def make_record(name: str, seed: int, iters: int, metrics: Dict[str, Dict[str, f
     """One (model, seed) record: its COCO metrics, and what ``out_dir`` tells of its training (detectron2's log,
     and ``run_info.json`` where this tool trained it: commit, machine, load)."""
     entry = ENTRY_BY_NAME[weights_of or name]
-    title = entry.variants[name][0] if weights_of else entry.title
+    title = row_title(name)
     info = {}
     if os.path.isfile(os.path.join(out_dir, "run_info.json")):
         with open(os.path.join(out_dir, "run_info.json")) as f:
@@ -592,10 +599,7 @@ def markdown(rows: List[dict], doc: dict, command: str, source: str = "") -> str
     done = {r["name"] for r in rows}
     missing = [n for n in ROW_ORDER if n not in done]
     if missing:
-        titles = {n: (ENTRY_BY_NAME[n].title if n in ENTRY_BY_NAME else ENTRY_BY_NAME[VARIANT_OF[n]].variants[n][0])
-                  for n in missing}
-        lines += ["", "Not in the record yet (no run at this schedule): " + ", ".join(titles[n] for n in missing)
-                  + "."]
+        lines += ["", "Not in the record yet (no run at this schedule): " + ", ".join(map(row_title, missing)) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -11,8 +11,8 @@ the share they get right, for small and other objects).
         output/benchmark_table/2000it/seed1/faster_rcnn
     python tools/detection_errors.py RUN --gt path/to/annotations.json --json out.json
 
-The ground truth defaults to the generated ``shapes_val`` split named in the run's ``config.yaml``. Needs
-pycocotools only (no model, no detectron2).
+The ground truth defaults to the generated ``shapes_val`` split named in the run's ``config.yaml`` (that
+look-up uses d2_refine's dataset registration, so detectron2); with ``--gt``, pycocotools alone (no model).
 """
 import argparse
 import collections
@@ -41,24 +41,25 @@ def _quiet():
 
 
 def shapes_gt_of(run: str, dataset: str) -> str:
-    """The annotations.json of the shapes split ``dataset`` generated with the ``DATASETS.SHAPES`` parameters of
-    ``run/config.yaml`` (read as YAML: a config dumped by an older version may hold keys renamed since)."""
+    """The annotations.json of the shapes split ``dataset`` as registered with the ``DATASETS.SHAPES`` node of
+    ``run/config.yaml`` (only that node is read: a config dumped by an older version may hold keys renamed since)."""
     import yaml
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from d2_refine.data.datasets import SPLITS
-    from d2_refine.data.shapes import ShapesParams, default_shapes_root, shapes_split_files
+    from detectron2.data import MetadataCatalog
+    from fvcore.common.config import CfgNode
+
+    from d2_refine.data.datasets import SPLITS, configure_shapes
+    from d2_refine.engine import setup_cfg
 
     if dataset not in SPLITS:
         raise SystemExit(f"{dataset} is not a shapes split ({', '.join(SPLITS)}): pass its ground truth with --gt")
     with open(os.path.join(run, "config.yaml")) as f:
-        s = (yaml.safe_load(f).get("DATASETS") or {}).get("SHAPES") or {}
-    split = SPLITS[dataset]
-    num = {"train": "NUM_TRAIN", "val": "NUM_VAL", "tune": "NUM_TUNE"}[split]
-    params = ShapesParams(num_images=s.get(num, {"train": 2000}.get(split, 300)), image_size=s.get("IMAGE_SIZE", 192),
-                          min_objects=s.get("MIN_OBJECTS", 2), max_objects=s.get("MAX_OBJECTS", 8),
-                          difficulty=s.get("DIFFICULTY", 0.5), seed=s.get("SEED", 0))
-    json_file = shapes_split_files(default_shapes_root(s.get("ROOT") or None), split, params)["json_file"]
+        shapes = (yaml.safe_load(f).get("DATASETS") or {}).get("SHAPES") or {}
+    cfg = setup_cfg(freeze=False)
+    cfg.DATASETS.SHAPES.merge_from_other_cfg(CfgNode(shapes))
+    configure_shapes(cfg)
+    json_file = MetadataCatalog.get(dataset).json_file
     if not os.path.isfile(json_file):
         raise SystemExit(f"{dataset}: no ground truth at {json_file} (evaluate the run first, or pass --gt)")
     return json_file

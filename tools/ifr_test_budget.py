@@ -75,8 +75,8 @@ def score(cfg, model, dataset, out_dir, warmup=3):
     evaluator = Trainer.build_evaluator(cfg, dataset, out_dir)
     evaluator.reset()
     head = getattr(model.roi_heads, "mask_head", None)
-    stats_before = list(getattr(head, "_test_stats", []))
-    if hasattr(head, "_test_stats"):
+    solving = hasattr(head, "_test_stats")  # IFRMaskHead keeps one DEQStats per test-time solve
+    if solving:
         head._test_stats = []
     times = []
     with torch.no_grad():
@@ -87,8 +87,8 @@ def score(cfg, model, dataset, out_dir, warmup=3):
             evaluator.process(inputs, outputs)
     res = evaluator.evaluate()
     solve = None
-    if hasattr(head, "_test_stats"):
-        st, head._test_stats = head._test_stats, stats_before
+    if solving:
+        st, head._test_stats = head._test_stats, []
         rows = sum(s.num_rows for s in st)
         solve = dict(solves=len(st), rois=rows,
                      f_evals_mean=statistics.fmean(s.nstep for s in st) if st else None,

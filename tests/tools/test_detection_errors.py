@@ -43,3 +43,21 @@ def test_a_run_that_was_not_evaluated_is_one_line(tmp_path):
     _, gt = _write(tmp_path)
     with pytest.raises(SystemExit, match="no .*coco_instances_results.json"):
         de.main([str(tmp_path / "elsewhere"), "--gt", gt])
+
+
+def test_ground_truth_of_a_shapes_run_is_the_split_its_config_names(tmp_path):
+    pytest.importorskip("detectron2")  # the look-up goes through d2_refine's dataset registration
+    from d2_refine.data.shapes import ShapesParams, generate_shapes_split
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # a config dump of an older version: a renamed key elsewhere must not matter, only DATASETS.SHAPES is read
+    (run / "config.yaml").write_text(f"DATASETS:\n  SHAPES:\n    ROOT: {tmp_path / 'shapes'}\n    NUM_VAL: 3\n"
+                                     "    IMAGE_SIZE: 64\nMODEL:\n  FPT:\n    GT: True\n")
+    with pytest.raises(SystemExit, match="no ground truth at"):
+        de.shapes_gt_of(str(run), "shapes_val")
+    files = generate_shapes_split(str(tmp_path / "shapes"), "val", ShapesParams(num_images=3, image_size=64),
+                                  progress=False)
+    assert de.shapes_gt_of(str(run), "shapes_val") == files["json_file"]
+    with pytest.raises(SystemExit, match="not a shapes split"):
+        de.shapes_gt_of(str(run), "coco_2017_val")
