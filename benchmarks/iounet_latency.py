@@ -14,7 +14,10 @@ Usage::
 
     OMP_NUM_THREADS=2 python benchmarks/iounet_latency.py [--shapes-weights PATH] [--device cuda]
 
-Prints a device/torch header, then ``case | base ms | ours ms | ratio`` rows (ours / base).
+Prints a device/torch header, then ``case | base ms | ours ms | ratio`` rows (ours / base). ``--profile`` adds one
+profiled call (torch.profiler) of the full IoU-Net variant and of its baseline: the ops with the most self time
+(device time on CUDA, CPU time on the CPU) and the count of host synchronisations, written into the JSON, so that a
+ratio can be explained where it was measured.
 """
 import argparse
 import copy
@@ -55,6 +58,46 @@ def _run(model, inputs):
         return [model([x]) for x in inputs]
 
 
+#: host-side calls that wait for the device (each one drains the CUDA stream)
+_SYNC_KEYS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy",
+              "cudaEventSynchronize")
+
+
+def profile_call(fn, device: str, top: int = 25) -> dict:
+    """One profiled call of ``fn`` (after a warm-up call): the ``top`` ops by self time on the device (on CUDA)
+    or on the CPU, the totals, and the host synchronisations counted by their runtime calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    fn()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = sorted((e for e in events if getattr(e, key) > 0), key=lambda e: -getattr(e, key))[:top]
+    return dict(
+        sort_by=key,
+        total_self_cpu_ms=sum(e.self_cpu_time_total for e in events) / 1e3,
+        total_self_device_ms=sum(e.self_device_time_total for e in events) / 1e3 if cuda else None,
+        host_syncs={e.key: e.count for e in events if e.key in _SYNC_KEYS},
+        ops=[dict(name=e.key, calls=e.count, self_cpu_ms=e.self_cpu_time_total / 1e3,
+                  self_device_ms=(e.self_device_time_total / 1e3) if cuda else None) for e in rows],
+    )
+
+
+def print_profile(title: str, prof: dict, top: int = 12) -> None:
+    print(f"# profile: {title} (sorted by {prof['sort_by']}; self CPU {prof['total_self_cpu_ms']:.1f} ms"
+          + (f", self device {prof['total_self_device_ms']:.1f} ms" if prof["total_self_device_ms"] is not None
+             else "") + f"; host syncs {prof['host_syncs'] or 'none counted'})")
+    print("op | calls | self CPU ms | self device ms")
+    for o in prof["ops"][:top]:
+        dev = "-" if o["self_device_ms"] is None else f"{o['self_device_ms']:.2f}"
+        print(f"{o['name'][:70]} | {o['calls']} | {o['self_cpu_ms']:.2f} | {dev}")
+
+
 class _PinnedProposals(torch.nn.Module):
     """Runs the RPN (its cost counts) and then replaces its proposals by fixed random boxes, so that the box
     counts downstream do not depend on the untrained weights."""
@@ -83,7 +126,7 @@ class _PinnedProposals(torch.nn.Module):
         return proposals, losses
 
 
-def r50_case(device, min_run_time, cands_per_box):
+def r50_case(device, min_run_time, cands_per_box, profiles=None):
     from detectron2.modeling import build_model
 
     opts = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "", "MODEL.RPN.POST_NMS_TOPK_TEST", 1000,
@@ -129,10 +172,14 @@ def r50_case(device, min_run_time, cands_per_box):
         t = _time(lambda: _run(m, inputs), min_run_time)
         rows.append((f"R50-FPN 800x1333 {name} [{len(out)} dets, {st['boxes']} refined, "
                      f"{st['mean_steps']:.1f} steps]", t_base, t))
+    if profiles is not None:
+        profiles["R50-FPN 800x1333 Faster R-CNN"] = profile_call(lambda: _run(base, inputs), device)
+        full = variants["+ IoU-NMS + refine (full IoU-Net)"]
+        profiles["R50-FPN 800x1333 full IoU-Net"] = profile_call(lambda: _run(full, inputs), device)
     return rows
 
 
-def shapes_case(device, min_run_time, weights, num_images, opts=()):
+def shapes_case(device, min_run_time, weights, num_images, opts=(), profiles=None):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
@@ -161,6 +208,11 @@ def shapes_case(device, min_run_time, weights, num_images, opts=()):
         t = _time(lambda: _run(m, inputs), min_run_time) / len(inputs)
         rows.append((f"shapes trained, {len(inputs)} imgs {name} [{st['boxes'] / len(inputs):.0f} refined/img, "
                      f"{st['mean_steps']:.1f} steps]", t_base, t))
+        if profiles is not None and "refine" in name:
+            profiles[f"shapes trained, {len(inputs)} imgs, stages off"] = profile_call(lambda: _run(base, inputs),
+                                                                                       device)
+            profiles[f"shapes trained, {len(inputs)} imgs, full IoU-Net"] = profile_call(lambda: _run(m, inputs),
+                                                                                         device)
     return rows
 
 
@@ -173,6 +225,8 @@ def main():
     ap.add_argument("--shapes-images", type=int, default=20)
     ap.add_argument("--skip-r50", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one call of the full IoU-Net and of its baseline (top ops, host syncs)")
     ap.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
                     help="KEY VALUE config overrides of the shapes model (e.g. DATASETS.SHAPES.ROOT DIR); last")
     args = ap.parse_args()
@@ -183,19 +237,24 @@ def main():
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"# device: {args.device} ({dev}), threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"compiled d2_refine ops: {has_ops()}, python {sys.version.split()[0]}")
-    rows = [] if args.skip_r50 else r50_case(args.device, args.min_run_time, args.cands_per_box)
+    profiles = {} if args.profile else None
+    rows = [] if args.skip_r50 else r50_case(args.device, args.min_run_time, args.cands_per_box, profiles)
     if args.shapes_weights and os.path.exists(args.shapes_weights):
-        rows += shapes_case(args.device, args.min_run_time, args.shapes_weights, args.shapes_images, args.opts)
+        rows += shapes_case(args.device, args.min_run_time, args.shapes_weights, args.shapes_images, args.opts,
+                            profiles)
     else:
         print(f"# no trained shapes weights at {args.shapes_weights!r}: shapes case skipped")
     print("case | base ms | ours ms | ratio")
     for name, b, o in rows:
         print(f"{name} | {b:.1f} | {o:.1f} | {o / b:.2f}x")
+    for title, prof in (profiles or {}).items():
+        print_profile(title, prof)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(device=f"{args.device} ({dev})", torch=torch.__version__, min_run_time=args.min_run_time,
-                           rows=[dict(case=n, base_ms=b, ours_ms=o, ratio=o / b) for n, b, o in rows]), f, indent=1)
+                           rows=[dict(case=n, base_ms=b, ours_ms=o, ratio=o / b) for n, b, o in rows],
+                           profiles=profiles), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -299,7 +299,7 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
         path = os.path.join(self.work, "iounet.json")
         weights = os.path.join(self.work, "train", "iounet", "model_final.pth")
         cmd = [self.python, "benchmarks/iounet_latency.py", "--device", self.device, "--json", path,
-               "--shapes-weights", weights]
+               "--shapes-weights", weights, "--profile"]
         if self.dry:
             cmd += ["--skip-r50", "--min-run-time", "0.01", "--shapes-images", "2"] + ["--opts"] + \
                 _tiny_shapes_opts(self.work)
@@ -412,6 +412,12 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
             else:
                 lines += ["| case | base ms | ours ms | ratio |", "|---|---|---|---|"]
                 lines += [f"| {r['case']} | {r['base_ms']:.3g} | {r['ours_ms']:.3g} | {r['ratio']:.2f}x |" for r in rows]
+            for title, prof in (data.get("profiles") or {}).items():
+                lines += ["", f"Profile, one call: {title} (sorted by {prof['sort_by']}; host syncs: "
+                          f"{prof['host_syncs'] or 'none counted'})", "",
+                          "| op | calls | self CPU ms | self device ms |", "|---|---|---|---|"]
+                lines += [f"| `{o['name'][:60]}` | {o['calls']} | {o['self_cpu_ms']:.2f} | {_f(o['self_device_ms'], 2)} |"
+                          for o in prof["ops"][:12]]
         failed = [n for n, s in steps.items() if s["status"] == "fail"]
         not_run = [n for n, s in steps.items() if s["status"] == "not run"]
         verdict = "FAIL: " + ", ".join(failed) if failed else "every step run passed or was skipped"

@@ -39,6 +39,10 @@ def test_dry_run_passes_and_writes_results(tmp_path):
     if steps["train"]["status"] == "pass":
         for run in steps["train"]["runs"].values():
             assert run["losses_finite"] and run["bbox"] is not None
+    if steps["iounet"]["status"] == "pass":  # the profile that explains the ratio where it is measured
+        profiles = steps["iounet"]["data"]["profiles"]
+        assert any("full IoU-Net" in t for t in profiles) and all(p["ops"] for p in profiles.values())
+        assert "Profile, one call" in summary
 
 
 def test_tests_step_records_a_crashing_test_and_runs_the_rest(tmp_path):
@@ -72,3 +76,29 @@ def test_tests_step_records_a_crashing_test_and_runs_the_rest(tmp_path):
     assert step["counts"] == dict(collected=5, passed=3, crashed=1, failed=1, not_run=0)
     (failure,) = [f for f in step["failures"] if f["test"].endswith("test_op_cuda[0]")]
     assert "assert 0 != 0" in failure["message"]
+
+
+def test_iounet_latency_profile_names_the_costly_ops():
+    """benchmarks/iounet_latency.py --profile: one profiled call lists the ops with the most self time, the
+    costliest first, with their call counts (on the CPU: CPU time; no device column)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import iounet_latency
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+
+    a = torch.randn(256, 256)
+
+    def fn():
+        for _ in range(3):
+            a @ a
+        a.sum()
+
+    prof = iounet_latency.profile_call(fn, "cpu", top=5)
+    names = [o["name"] for o in prof["ops"]]
+    assert names[0] in ("aten::mm", "aten::matmul"), names
+    mm = next(o for o in prof["ops"] if o["name"] == "aten::mm")
+    assert mm["calls"] == 3 and mm["self_device_ms"] is None
+    times = [o["self_cpu_ms"] for o in prof["ops"]]
+    assert times == sorted(times, reverse=True) and prof["total_self_device_ms"] is None
