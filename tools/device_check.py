@@ -282,7 +282,7 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
         cmd += ["--sizes", "shapes", "--repeats", "1"] if self.dry else ["--sizes", "coco", "--repeats", "10"]
         ok = self._bench("fpt", cmd, path, t0)
         step = self.results["steps"]["fpt"]
-        for row in step.get("data", {}).get("rows", []):
+        for row in (step.get("data") or {}).get("rows", []):
             if row["preset"] == "fpt_paper" and row["size"] == "coco" and not self.dry:
                 gib = row["ours_peak_mib"] / 1024
                 step["fpt_paper_peak_gib"] = round(gib, 2)
@@ -308,7 +308,7 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
                     os.path.join(self.work, "shapes")]
         ok = self._bench("iounet", cmd, path, t0)
         step = self.results["steps"]["iounet"]
-        full = [r for r in step.get("data", {}).get("rows", []) if r["case"].startswith("R50") and "full" in r["case"]]
+        full = [r for r in (step.get("data") or {}).get("rows", []) if r["case"].startswith("R50") and "full" in r["case"]]
         if full and not self.dry:
             step["r50_full_ratio"] = round(full[0]["ratio"], 3)
             step["r50_target_met"] = full[0]["ratio"] <= TARGETS["iounet_r50_ratio"]
@@ -326,7 +326,7 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
             cmd += ["--num-rois", "256"]
         ok = self._bench("ifr", cmd, path, t0)
         step = self.results["steps"]["ifr"]
-        rows = step.get("data", {}).get("rows", [])
+        rows = (step.get("data") or {}).get("rows", [])
         # the implicit model's claim (IFR paper): what autograd keeps does not grow with the solver depth.
         # The peak adds the solver's own workspace: constant for fixed-point and Anderson (a fixed window),
         # linear in T for Broyden (two low-rank update vectors per step), so its peak is reported, not checked.
