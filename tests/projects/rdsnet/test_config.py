@@ -48,3 +48,35 @@ def test_old_key_gives_one_line_naming_the_new_key():
     cfg = bare_model_cfg(add_rdsnet_config)
     with pytest.raises(KeyError, match="MODEL.RDSNET.MASK_THRESHOLD was renamed to MODEL.RDSNET.MASK_THRESH_TEST"):
         cfg.merge_from_list(["MODEL.RDSNET.MASK_THRESHOLD", "0.5"])
+
+
+_SHAPES_CONFIGS = [p for p in _CONFIGS if "shapes" in os.path.basename(p)]
+
+
+@pytest.mark.parametrize("path", _SHAPES_CONFIGS, ids=[os.path.basename(p) for p in _SHAPES_CONFIGS])
+def test_shapes_configs_share_the_retinanet_baselines_one_stage_recipe(path):
+    """RDSNet's shapes rows are compared with the RetinaNet baseline: both must train with the same one-stage recipe
+    (anchors, matcher, focal loss, head, solver, input), so that a recipe change moves both rows together."""
+    pytest.importorskip("detectron2")
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from d2_refine.config import add_d2_refine_config
+
+    def load(p):
+        cfg = get_cfg()
+        add_d2_refine_config(cfg)
+        cfg.merge_from_file(p)
+        return cfg
+
+    ours, base = load(path), load(os.path.join(ROOT, "configs", "Baselines", "retinanet_R_18_FPN_shapes.yaml"))
+    for node in ("RETINANET", "ANCHOR_GENERATOR", "BACKBONE", "RESNETS", "FPN"):
+        assert ours.MODEL[node] == base.MODEL[node], node
+    if path.endswith("_short.yaml"):  # the CPU-budget schedule: a shorter run, everything else the same
+        base.SOLVER.update({k: ours.SOLVER[k] for k in ("MAX_ITER", "STEPS", "CHECKPOINT_PERIOD")})
+    for node in ("SOLVER", "INPUT", "DATASETS"):
+        assert ours[node] == base[node], node
+    assert base.MODEL.RETINANET.FOCAL_LOSS_GAMMA == 1.0  # the shapes recipe (RDSNet README, "One-stage recipe")
+    ours.MODEL.DEVICE = "cpu"
+    model = build_model(ours)
+    assert (model.focal_loss_gamma, model.focal_loss_alpha) == (1.0, 0.25)
