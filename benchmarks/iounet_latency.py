@@ -58,7 +58,8 @@ def _run(model, inputs):
         return [model([x]) for x in inputs]
 
 
-#: host-side calls that wait for the device (each one drains the CUDA stream)
+#: host-side CUDA runtime calls that can wait for the device: the synchronisations, and the copies (a copy to the host
+#: waits for the stream; cudaMemcpyAsync also counts host-to-device copies, which need not wait)
 _SYNC_KEYS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy",
               "cudaEventSynchronize")
 
@@ -87,6 +88,13 @@ def profile_call(fn, device: str, top: int = 25, warmup: bool = True) -> dict:
         ops=[dict(name=e.key, calls=e.count, self_cpu_ms=e.self_cpu_time_total / 1e3,
                   self_device_ms=(e.self_device_time_total / 1e3) if cuda else None) for e in rows],
     )
+
+
+def profile_pair(profiles: dict, case: str, base_name: str, base, full, inputs, device: str) -> None:
+    """Profile one call of the baseline and of the full IoU-Net on ``inputs`` into ``profiles`` (keys
+    ``"<case>: <base_name>"`` and ``"<case>: full IoU-Net"``); both models were just timed, so no warm-up call."""
+    profiles[f"{case}: {base_name}"] = profile_call(lambda: _run(base, inputs), device, warmup=False)
+    profiles[f"{case}: full IoU-Net"] = profile_call(lambda: _run(full, inputs), device, warmup=False)
 
 
 def print_profile(title: str, prof: dict, top: int = 12) -> None:
@@ -174,10 +182,8 @@ def r50_case(device, min_run_time, cands_per_box, profiles=None):
         rows.append((f"R50-FPN 800x1333 {name} [{len(out)} dets, {st['boxes']} refined, "
                      f"{st['mean_steps']:.1f} steps]", t_base, t))
     if profiles is not None:
-        # both were just timed: no warm-up call
-        profiles["R50-FPN 800x1333 Faster R-CNN"] = profile_call(lambda: _run(base, inputs), device, warmup=False)
-        full = variants["+ IoU-NMS + refine (full IoU-Net)"]
-        profiles["R50-FPN 800x1333 full IoU-Net"] = profile_call(lambda: _run(full, inputs), device, warmup=False)
+        profile_pair(profiles, "R50-FPN 800x1333", "Faster R-CNN", base,
+                     variants["+ IoU-NMS + refine (full IoU-Net)"], inputs, device)
     return rows
 
 
@@ -202,19 +208,18 @@ def shapes_case(device, min_run_time, weights, num_images, opts=(), profiles=Non
     base = _set_stages(model, False, False, False)
     t_base = _time(lambda: _run(base, inputs), min_run_time) / len(inputs)
     rows = []
-    for name, m in {"+ IoU-NMS": _set_stages(model, True, False, False),
-                    "+ IoU-NMS + refine (full IoU-Net)": _set_stages(model, True, True, True)}.items():
+    variants = {"+ IoU-NMS": _set_stages(model, True, False, False),
+                "+ IoU-NMS + refine (full IoU-Net)": _set_stages(model, True, True, True)}
+    for name, m in variants.items():
         m.roi_heads.reset_refine_stats()
         _run(m, inputs)
         st = m.roi_heads.refine_stats()
         t = _time(lambda: _run(m, inputs), min_run_time) / len(inputs)
         rows.append((f"shapes trained, {len(inputs)} imgs {name} [{st['boxes'] / len(inputs):.0f} refined/img, "
                      f"{st['mean_steps']:.1f} steps]", t_base, t))
-        if profiles is not None and "refine" in name:  # one image (the profiler's own cost is high on the CPU)
-            profiles["shapes trained, 1 img, stages off"] = profile_call(lambda: _run(base, inputs[:1]), device,
-                                                                         warmup=False)
-            profiles["shapes trained, 1 img, full IoU-Net"] = profile_call(lambda: _run(m, inputs[:1]), device,
-                                                                           warmup=False)
+    if profiles is not None:  # one image: the profiler's own cost is high on the CPU
+        profile_pair(profiles, "shapes trained, 1 img", "stages off", base,
+                     variants["+ IoU-NMS + refine (full IoU-Net)"], inputs[:1], device)
     return rows
 
 
