@@ -701,9 +701,13 @@ def run_one(entry: Entry, seed: int, args, blocking: bool = True) -> Optional[Li
         fresh = None if args.eval_only else final_results(os.path.join(out_dir, "metrics.json"), args.iters)
         records = []
         if entry.name in names:
+            scored = None
             if fresh is None:  # scored again from the checkpoint
                 fresh = evaluate(entry, out_dir, args.iters, seed, args.opts, 0, True)[0]
+                scored = dict(code=git_commit(), at=_now())  # may differ from the code that trained it
             records.append(make_record(entry.name, seed, args.iters, fresh, out_dir, args.opts))
+            if scored:
+                records[-1]["scored_again"] = scored
         for vname, (_, vopts) in entry.variants.items():
             if vname in names:
                 vres = evaluate(entry, out_dir, args.iters, seed, [*args.opts, *vopts], 0, True)[0]

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """IFR's test-time solve: accuracy and cost at several solver budgets, and the default chosen from them.
 
-The implicit mask head solves for its fixed point at test time with at most ``MODEL.IFR.F_MAX_ITER_TEST`` f
-evaluations (Broyden, 15 in the paper, Sec. 4.1). This tool scores one trained IFR checkpoint with each
+The implicit mask head solves for its fixed point at test time with ``MODEL.IFR.F_SOLVER_TEST`` (empty: the
+training solver) and at most ``MODEL.IFR.F_MAX_ITER_TEST`` f evaluations (Broyden, 15 in the paper, Sec. 4.1);
+neither changes training. This tool scores one trained IFR checkpoint with each
 (solver, budget) pair on ``shapes_tune`` -- a held-out split of its own seed, never ``shapes_val`` -- and
 picks the cheapest setting whose mask AP is within ``--within`` (0.3) of the best one there. It then scores the
 chosen setting, the paper's setting and the Mask R-CNN baseline on ``shapes_val`` in the same process, so the
@@ -98,6 +99,20 @@ def score(cfg, model, dataset, out_dir, warmup=3):
                 solve=solve)
 
 
+def _git_commit():
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return dict(commit=head.stdout.strip(), dirty=bool(dirty.stdout.strip()))
+
+
 def choose(rows, within):
     """The cheapest (lowest ms/img) row whose mask AP is within ``within`` of the best mask AP."""
     best = max(r["segm"] for r in rows)
@@ -133,7 +148,7 @@ def main(argv=None):
     tune = []
     for solver in args.solvers:
         for budget in args.budgets:
-            opts = [*common, "MODEL.IFR.F_SOLVER", solver, "MODEL.IFR.F_MAX_ITER_TEST", str(budget)]
+            opts = [*common, "MODEL.IFR.F_SOLVER_TEST", solver, "MODEL.IFR.F_MAX_ITER_TEST", str(budget)]
             cfg, model = build(args.config, args.weights, opts)
             r = dict(solver=solver, budget=budget, split="shapes_tune",
                      **score(cfg, model, "shapes_tune", os.path.join(out, f"{solver}_{budget}")))
@@ -144,7 +159,7 @@ def main(argv=None):
     settings = [(chosen["solver"], chosen["budget"])] + ([PAPER] if PAPER != (chosen["solver"], chosen["budget"])
                                                          else [])
     for solver, budget in settings:
-        opts = [*common, "MODEL.IFR.F_SOLVER", solver, "MODEL.IFR.F_MAX_ITER_TEST", str(budget)]
+        opts = [*common, "MODEL.IFR.F_SOLVER_TEST", solver, "MODEL.IFR.F_MAX_ITER_TEST", str(budget)]
         cfg, model = build(args.config, args.weights, opts)
         val.append(dict(model="ifr", solver=solver, budget=budget, split="shapes_val",
                         **score(cfg, model, "shapes_val", os.path.join(out, f"val_{solver}_{budget}"))))
@@ -157,7 +172,7 @@ def main(argv=None):
         print(json.dumps(val[-1]), flush=True)
         base = val[-1]["ms_per_img"]
         ratio = {f"{r['solver']} {r['budget']}": round(r["ms_per_img"] / base, 2) for r in val if r["model"] == "ifr"}
-    doc = dict(weights=os.path.relpath(os.path.abspath(args.weights), REPO), baseline_weights=args.baseline_weights,
+    doc = dict(weights=args.weights, baseline_weights=args.baseline_weights, code=_git_commit(),
                within=args.within, tune=tune, chosen=dict(solver=chosen["solver"], budget=chosen["budget"]),
                best_tune_segm=best, val=val, ratio_vs_mask_rcnn=ratio,
                machine=dict(host=platform.node(), threads=args.num_threads, torch=torch.__version__,

@@ -248,6 +248,8 @@ class DEQFixedPoint(nn.Module):
         b_solver (str): solver of the adjoint fixed point (same choices).
         f_max_iter (int): forward solver evaluations in training.
         f_max_iter_test (int): forward solver evaluations at test time.
+        f_solver_test (str or None): forward solver at test time (None: ``f_solver``); the solve then needs
+            no gradient, so a cheaper solver can serve inference without changing training.
         b_max_iter (int): backward solver evaluations (also the number of Neumann terms).
         f_tol, b_tol (float): stop tolerances (see ``solve_fixed_point``).
         stop_mode (str): "abs" or "rel" (forward and backward).
@@ -263,15 +265,17 @@ class DEQFixedPoint(nn.Module):
                  f_max_iter_test: int = 15, b_max_iter: int = 15, f_tol: float = 1e-5, b_tol: float = 2e-10,
                  stop_mode: str = "abs", broyden_memory: int = 27, anderson_m: int = 6,
                  anderson_lam: float = 1e-4, anderson_tau: float = 1.0, backward: str = "implicit",
-                 fallback: str = "explicit", divergence_factor: float = 1e6):
+                 fallback: str = "explicit", divergence_factor: float = 1e6, f_solver_test: Optional[str] = None):
         super().__init__()
+        f_solver_test = f_solver if f_solver_test is None else f_solver_test
         for name, value, choices in (("f_solver", f_solver, SOLVERS), ("b_solver", b_solver, SOLVERS),
+                                     ("f_solver_test", f_solver_test, SOLVERS),
                                      ("backward", backward, BACKWARDS), ("fallback", fallback, FALLBACKS),
                                      ("stop_mode", stop_mode, ("abs", "rel"))):
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         require_torchdeq()  # fail when the model is built, not at its first solve
-        self.f_solver, self.b_solver = f_solver, b_solver
+        self.f_solver, self.b_solver, self.f_solver_test = f_solver, b_solver, f_solver_test
         self.f_max_iter, self.f_max_iter_test = int(f_max_iter), int(f_max_iter_test)
         self.b_max_iter = int(b_max_iter)
         self.f_tol, self.b_tol, self.stop_mode = float(f_tol), float(b_tol), stop_mode
@@ -286,7 +290,8 @@ class DEQFixedPoint(nn.Module):
 
     def extra_repr(self):
         return (f"f_solver={self.f_solver}, b_solver={self.b_solver}, f_max_iter={self.f_max_iter}, "
-                f"f_max_iter_test={self.f_max_iter_test}, b_max_iter={self.b_max_iter}, "
+                f"f_solver_test={self.f_solver_test}, f_max_iter_test={self.f_max_iter_test}, "
+                f"b_max_iter={self.b_max_iter}, "
                 f"backward={self.backward_mode}")
 
     # ------------------------------------------------------------------ forward
@@ -311,8 +316,10 @@ class DEQFixedPoint(nn.Module):
 
     def solve(self, func: Callable, z0: torch.Tensor, max_iter: int,
               fallback_fn: Optional[Callable[[], torch.Tensor]] = None):
-        """No-grad solve with the fallback rule. Returns (z*, DEQStats)."""
-        z, info = solve_fixed_point(func, z0, self.f_solver, max_iter, self.f_tol, self.stop_mode,
+        """No-grad solve with the fallback rule (``f_solver`` in training, ``f_solver_test`` in eval).
+        Returns (z*, DEQStats)."""
+        solver = self.f_solver if self.training else self.f_solver_test
+        z, info = solve_fixed_point(func, z0, solver, max_iter, self.f_tol, self.stop_mode,
                                     **self.solver_kwargs)
         bad = self._not_converged(z, info, self.f_tol)
         if is_tracing_or_exporting():  # no branch on values: the fallback is always computed, then picked per row

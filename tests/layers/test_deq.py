@@ -202,3 +202,28 @@ def test_bad_arguments():
         DEQFixedPoint(f_solver="newton")
     with pytest.raises(ValueError, match="backward"):
         DEQFixedPoint(backward="exact")
+    with pytest.raises(ValueError, match="f_solver_test"):
+        DEQFixedPoint(f_solver_test="newton")
+
+
+def test_test_time_solver_is_used_in_eval_only(monkeypatch):
+    import d2_refine.layers.deq as deq_module
+
+    used = []
+    real = deq_module.solve_fixed_point
+
+    def spy(func, z0, solver, *args, **kwargs):
+        used.append(solver)
+        return real(func, z0, solver, *args, **kwargs)
+
+    monkeypatch.setattr(deq_module, "solve_fixed_point", spy)
+    m = ConvMap()
+    x = torch.randn(2, 8, 5, 5)
+    deq = DEQFixedPoint(f_solver="broyden", f_solver_test="anderson", f_max_iter=30, f_max_iter_test=30,
+                        f_tol=1e-8, backward="jfb")
+    deq.train()(lambda z: m(z, x), torch.zeros_like(x)).sum().backward()
+    with torch.no_grad():
+        z_test = deq.eval()(lambda z: m(z, x), torch.zeros_like(x))
+    assert used == ["broyden", "anderson"]
+    assert _residual(lambda z: m(z, x), z_test) < 1e-5
+    assert DEQFixedPoint(f_solver="anderson").f_solver_test == "anderson"  # None: the training solver

@@ -285,6 +285,9 @@ def test_tool_trains_a_method_and_its_baseline_records_them_and_writes_the_table
     rescored = bt.main([*common, "--only", "retinanet", "--eval-only", "--no-timing", "--opts", *tiny])
     assert rescored[0]["results"]["bbox"]["AP"] == pytest.approx(rows[0]["results"]["bbox"]["AP"], abs=1e-6)
     assert len(bt.load_results(str(results))["records"]) == 3 and before
+    rec = next(r for r in bt.load_results(str(results))["records"] if r["model"] == "retinanet")
+    assert rec["scored_again"]["at"] and "commit" in rec["scored_again"]["code"]  # who scored it, apart from who trained it
+    assert "scored_again" not in recs["retinanet"]  # a run scored right after its training has no such field
 
 
 def test_a_run_cut_off_resumes_from_its_last_checkpoint(tmp_path):

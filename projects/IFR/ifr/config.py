@@ -34,6 +34,8 @@ def add_ifr_config(cfg):
     _C.IFR.PRETRAIN_STEPS = 50000
     # Forward solver: "broyden" | "anderson" | "fixed_point".
     _C.IFR.F_SOLVER = "broyden"
+    # Forward solver at test time ("": F_SOLVER). The test-time solve needs no gradient, so it may differ.
+    _C.IFR.F_SOLVER_TEST = ""
     # Solver of the adjoint fixed point in the backward pass (same choices).
     _C.IFR.B_SOLVER = "broyden"
     # Maximum f evaluations of the forward solve in training, the one at z = 0 included (torchdeq's and the

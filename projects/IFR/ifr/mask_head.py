@@ -40,7 +40,7 @@ def build_ifr_deq(cfg) -> DEQFixedPoint:
                          f_max_iter_test=c.F_MAX_ITER_TEST, b_max_iter=c.B_MAX_ITER, f_tol=c.F_TOL, b_tol=c.B_TOL,
                          stop_mode=c.STOP_MODE, broyden_memory=c.BROYDEN_MEMORY, anderson_m=c.ANDERSON.M,
                          anderson_lam=c.ANDERSON.LAM, anderson_tau=c.ANDERSON.TAU, backward=c.BACKWARD,
-                         fallback=c.FALLBACK)
+                         fallback=c.FALLBACK, f_solver_test=c.F_SOLVER_TEST or None)
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
@@ -136,7 +136,8 @@ class IFRMaskHead(BaseMaskRCNNHead):
         finite = [s for s in stats if s.rel_residual == s.rel_residual]  # NaN when every RoI fell back
         mean = lambda values: sum(values) / len(values) if values else float("nan")  # noqa: E731
         msg = (f"IFRMaskHead test-time solves: {len(stats)} solves of {rows} RoIs, "
-               f"{mean([s.nstep for s in stats]):.2f} f evaluations on average (at most {self.deq.f_max_iter_test}), "
+               f"{mean([s.nstep for s in stats]):.2f} f evaluations on average ({self.deq.f_solver_test}, "
+               f"at most {self.deq.f_max_iter_test}), "
                f"final residual {mean([s.rel_residual for s in finite]):.3g} relative / "
                f"{mean([s.abs_residual for s in finite]):.3g} absolute on average, "
                f"{sum(s.fallbacks for s in stats)} RoIs fell back to the explicit unroll "

@@ -14,6 +14,7 @@ def test_solver_keys_follow_torchdeq():
     assert (c.F_MAX_ITER, c.B_MAX_ITER, c.F_MAX_ITER_TEST) == (15, 15, 15)
     assert (c.F_TOL, c.B_TOL) == (1e-5, 2e-10)
     assert (c.ANDERSON.M, c.ANDERSON.LAM, c.ANDERSON.TAU) == (6, 1e-4, 1.0)
+    assert (c.F_SOLVER, c.F_SOLVER_TEST) == ("broyden", "")  # "": the training solver at test time too
 
 
 def test_renamed_keys_point_to_existing_keys():

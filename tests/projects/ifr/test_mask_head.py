@@ -167,7 +167,7 @@ def test_evaluation_ends_with_the_solver_statistics(caplog):
 
     torch.manual_seed(0)
     cfg = setup_cfg(os.path.join(CONFIGS, "ifr_mask_rcnn_R_18_FPN_shapes.yaml"),
-                    ["MODEL.DEVICE", "cpu", "MODEL.IFR.F_MAX_ITER_TEST", "4",
+                    ["MODEL.DEVICE", "cpu", "MODEL.IFR.F_MAX_ITER_TEST", "4", "MODEL.IFR.F_SOLVER_TEST", "anderson",
                      "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "5"])
     model = build_model(cfg)
     images = [{"image": torch.randint(0, 255, (3, 96, 96)).float(), "height": 96, "width": 96} for _ in range(3)]
@@ -175,6 +175,6 @@ def test_evaluation_ends_with_the_solver_statistics(caplog):
         inference_on_dataset(model, [[im] for im in images], DatasetEvaluators([]))
     lines = [r.getMessage() for r in caplog.records if "test-time solves" in r.getMessage()]
     assert len(lines) == 1, caplog.text
-    assert "3 solves of 15 RoIs" in lines[0] and "(at most 4)" in lines[0] and "fell back" in lines[0]
+    assert "3 solves of 15 RoIs" in lines[0] and "(anderson, at most 4)" in lines[0] and "fell back" in lines[0]
     assert model.training  # inference_context restored the mode, and the statistics were consumed
     assert model.roi_heads.mask_head.log_test_stats() is None
