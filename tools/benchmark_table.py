@@ -315,8 +315,10 @@ def _now() -> str:
 
 
 def evaluate(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str], timing_images: int,
-             score: bool):
-    """Load ``model_final.pth``; return (COCO results or None, inference ms/img, parameters in millions)."""
+             score: bool, eval_dir: Optional[str] = None):
+    """Load ``model_final.pth``; return (COCO results or None, inference ms/img, parameters in millions). The
+    evaluator writes its files under ``eval_dir`` (default ``out_dir``): a variant scored with the same weights
+    gets its own, so the run's ``inference/`` keeps the detections of the model itself."""
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
 
@@ -324,6 +326,8 @@ def evaluate(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[
     from d2_refine.engine import Trainer, setup_cfg
 
     opts = [*run_opts(entry, out_dir, iters, seed, extra), "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")]
+    if eval_dir:
+        opts += ["OUTPUT_DIR", eval_dir]
     cfg = setup_cfg(os.path.join(REPO, entry.config), opts)
     prepare_datasets(cfg)
     model = Trainer.build_model(cfg)
@@ -710,7 +714,8 @@ def run_one(entry: Entry, seed: int, args, blocking: bool = True) -> Optional[Li
                 records[-1]["scored_again"] = scored
         for vname, (_, vopts) in entry.variants.items():
             if vname in names:
-                vres = evaluate(entry, out_dir, args.iters, seed, [*args.opts, *vopts], 0, True)[0]
+                vres = evaluate(entry, out_dir, args.iters, seed, [*args.opts, *vopts], 0, True,
+                                eval_dir=os.path.join(out_dir, vname))[0]
                 records.append(make_record(vname, seed, args.iters, vres, out_dir, args.opts, weights_of=entry.name))
         record_runs(args.results, args.iters, records)
         for r in records:

@@ -268,6 +268,10 @@ def test_tool_trains_a_method_and_its_baseline_records_them_and_writes_the_table
     for name in ("retinanet", "rdsnet"):  # the new layout, finished: checkpoint + the last iteration's evaluation
         run = tmp_path / "10it" / "seed1" / name
         assert (run / "model_final.pth").is_file() and bt.final_results(str(run / "metrics.json"), 10)
+    # MBRM (same weights) writes its detections apart: the run's own inference/ keeps RDSNet's, as trained
+    own, variant = (sorted((base / "inference").rglob("coco_instances_results.json"))
+                    for base in (run, run / "rdsnet_mbrm"))
+    assert len(own) == len(variant) == 1 and os.path.getmtime(own[0]) < os.path.getmtime(variant[0])
     doc = bt.load_results(str(results))
     recs = {r["model"]: r for r in doc["records"]}
     assert sorted(recs) == ["rdsnet", "rdsnet_mbrm", "retinanet"] and recs["rdsnet_mbrm"]["weights_of"] == "rdsnet"
