@@ -27,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="", help="checkpoint (default: the initialisation of SEED)")
     p.add_argument("--prefix", default="backbone", help="parameters whose names start with this (default: %(default)s)")
     p.add_argument("--batches", type=int, default=3, help="training batches (default: %(default)s)")
+    p.add_argument("--top", type=int, default=5, help="name this many parameters with the largest ratio")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config options")
     return p.parse_args(argv)
@@ -57,6 +58,7 @@ def main(argv=None):
     model.train()
     data = iter(Trainer.build_train_loader(cfg))
     ratios, over_without, over_with = [], 0, 0
+    by_name = {}  # parameter -> its ratios over the batches
     with EventStorage(0):
         for _ in range(args.batches):
             losses = model(next(data))
@@ -66,22 +68,27 @@ def main(argv=None):
             tensors = [p for _, p in params]
             g_rest = torch.autograd.grad(rest, tensors, retain_graph=True, allow_unused=True)
             g_loss = torch.autograd.grad(losses[args.loss], tensors, allow_unused=True)
-            for p, a, b in zip(tensors, g_rest, g_loss):
+            for (name, p), a, b in zip(params, g_rest, g_loss):
                 a = torch.zeros_like(p) if a is None else a
                 b = torch.zeros_like(p) if b is None else b
                 if float(a.norm()) > 0:
                     ratios.append(float(b.norm() / a.norm()))
+                    by_name.setdefault(name, []).append(ratios[-1])
                 if limit is not None:
                     over_without += float(a.norm()) > limit
                     over_with += float((a + b).norm()) > limit
     out = dict(config=args.config_file, weights=args.weights or None, loss=args.loss, prefix=args.prefix,
                parameters=len(params), batches=args.batches, median_ratio=statistics.median(ratios),
                max_ratio=max(ratios), clip_norm=limit, over_clip_without=over_without if limit else None,
-               over_clip_with=over_with if limit else None)
+               over_clip_with=over_with if limit else None,
+               top=[dict(name=n, median_ratio=statistics.median(r)) for n, r in
+                    sorted(by_name.items(), key=lambda kv: -statistics.median(kv[1]))[:args.top]])
     print(f"{len(params)} parameters '{args.prefix}*' x {args.batches} batches: |grad {args.loss}| / |grad of the "
           f"other losses| median {out['median_ratio']:.2f}, max {out['max_ratio']:.2f}"
           + (f"; over the clipping norm {limit}: {over_without} without {args.loss}, {over_with} with it"
              if limit is not None else "; no per-parameter norm clipping in this config"))
+    for t in out["top"]:
+        print(f"  {t['name']}: median ratio {t['median_ratio']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -18,6 +18,10 @@ def test_share_of_the_iou_loss_and_the_clipping_counts(tmp_path):
     assert 0 < out["median_ratio"] <= out["max_ratio"]  # the IoU head's loss reaches the backbone
     assert 0 <= out["over_clip_without"] <= 2 * out["parameters"] and 0 <= out["over_clip_with"] <= 2 * out["parameters"]
     assert (tmp_path / "g.json").is_file()
+    top = out["top"]  # the parameters the loss reaches most, largest ratio first, the maximum among them
+    assert len(top) == 5 and all(t["name"].startswith("backbone") for t in top)
+    assert [t["median_ratio"] for t in top] == sorted((t["median_ratio"] for t in top), reverse=True)
+    assert top[0]["median_ratio"] <= out["max_ratio"]
     with pytest.raises(SystemExit, match="not a loss of this model"):
         lg.main(["--config-file", CONFIG, "--loss", "loss_nope", "--batches", "1", *tiny_shapes_opts(tmp_path)])
     with pytest.raises(SystemExit, match="no trainable parameter"):
