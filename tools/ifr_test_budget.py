@@ -100,17 +100,13 @@ def score(cfg, model, dataset, out_dir, warmup=3):
 
 
 def _git_commit():
-    import subprocess
+    """The commit of the code here and whether it is dirty, as benchmark_table records it for a run."""
+    tools = os.path.dirname(os.path.abspath(__file__))
+    if tools not in sys.path:  # tools/ is not a package
+        sys.path.insert(0, tools)
+    from benchmark_table import git_commit
 
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if head.returncode:
-        return None
-    return dict(commit=head.stdout.strip(), dirty=bool(dirty.stdout.strip()))
+    return git_commit()
 
 
 def choose(rows, within):
