@@ -81,8 +81,8 @@ def main(argv=None):
                parameters=len(params), batches=args.batches, median_ratio=statistics.median(ratios),
                max_ratio=max(ratios), clip_norm=limit, over_clip_without=over_without if limit else None,
                over_clip_with=over_with if limit else None,
-               top=[dict(name=n, median_ratio=statistics.median(r)) for n, r in
-                    sorted(by_name.items(), key=lambda kv: -statistics.median(kv[1]))[:args.top]])
+               top=[dict(name=n, median_ratio=m) for n, m in
+                    sorted(((n, statistics.median(r)) for n, r in by_name.items()), key=lambda nm: -nm[1])[:args.top]])
     print(f"{len(params)} parameters '{args.prefix}*' x {args.batches} batches: |grad {args.loss}| / |grad of the "
           f"other losses| median {out['median_ratio']:.2f}, max {out['max_ratio']:.2f}"
           + (f"; over the clipping norm {limit}: {over_without} without {args.loss}, {over_with} with it"
