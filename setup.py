@@ -6,7 +6,9 @@ references (with a warning at first use).
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -69,6 +71,51 @@ def _have_cxx_compiler():
     return shutil.which(cxx.split()[0]) is not None or shutil.which("g++") is not None
 
 
+def _needed_libraries(path):
+    """The shared libraries an ELF file names (DT_NEEDED), or None where that cannot be read (not Linux, no
+    readelf)."""
+    readelf = shutil.which("readelf")
+    if not sys.platform.startswith("linux") or readelf is None or not os.path.exists(path):
+        return None
+    out = subprocess.run([readelf, "-d", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+def _check_cxx_runtime(path):
+    """torch raises its errors (TORCH_CHECK) as C++ exceptions that cross from the op library into libtorch.
+    A compiler that links its own C++ runtime statically (some toolchains do by default) gives the library a
+    second copy of that runtime; where the copy comes from another GCC than torch's, every error an op raises --
+    a bad batch index, a wrong shape -- kills the process (SIGSEGV: seen on a GPU machine whose $CXX was not the system's GCC)
+    instead of reaching Python as a RuntimeError. Refuse such a build unless told otherwise."""
+    needed = _needed_libraries(path)
+    if needed is None or any(lib.startswith(("libstdc++", "libc++")) for lib in needed):
+        return
+    message = (
+        f"d2_refine: {os.path.basename(path)} does not link the C++ runtime as a shared library (it needs only "
+        f"{needed}): the compiler ({os.environ.get('CXX') or 'c++'}) linked it statically, and an error raised "
+        "by an op then crosses between two copies of the C++ runtime, which crashes Python (SIGSEGV) instead of "
+        "raising RuntimeError when the copies differ. Build with the system "
+        "compiler torch is built against, e.g. `CC=gcc CXX=g++ pip install --no-build-isolation -e .`"
+        " (D2_REFINE_ALLOW_STATIC_CXX_RUNTIME=1 builds it anyway).")
+    if os.environ.get("D2_REFINE_ALLOW_STATIC_CXX_RUNTIME") == "1":
+        sys.stderr.write("warning: " + message + "\n")
+        return
+    os.remove(path)
+    raise RuntimeError(message)
+
+
+def _build_ext_class(base):
+    class BuildExtensionChecked(base):
+        """torch's BuildExtension, then a check that each library links the C++ runtime dynamically."""
+
+        def build_extensions(self):
+            super().build_extensions()
+            for ext in self.extensions:
+                _check_cxx_runtime(self.get_ext_fullpath(ext.name))
+
+    return BuildExtensionChecked
+
+
 def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     if not sources:
@@ -112,7 +159,7 @@ def _extensions():
         extra_compile_args=extra_compile_args,
         py_limited_api=True,
     )
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": _build_ext_class(BuildExtension)}
 
 
 packages, package_dir = _packages()

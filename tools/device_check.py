@@ -10,7 +10,11 @@ Steps, in order (each one a subprocess with its own time limit; a failed step do
 
   env          GPU, driver, torch / CUDA / nvcc versions, which optional libraries import
   build        ``FORCE_CUDA=1 python setup.py build_ext --inplace`` for this card's architecture only, all cores;
-               then a fresh process must find the CUDA kernels of every op registered (fails loudly if not)
+               then a fresh process must find the CUDA kernels of every op registered (fails loudly if not) in a
+               library linking the C++ runtime as a shared library (if $CXX linked it statically, setup.py refuses
+               and the build is done again with the system's gcc/g++)
+  (tests, train, iounet and ops first check that the CUDA kernels are registered: a machine holds no build from
+   an earlier call, and the ops would otherwise fall back to their pure-PyTorch references unnoticed)
   tests        every test whose id names CUDA (``pytest -k cuda``): CUDA vs CPU for the ops, opcheck and
                torch.compile on CUDA, FPT attention paths, the DEQ solve, Sinkhorn, MBRM, ...; on a GPU a test
                skipped for want of CUDA counts as a failure
@@ -36,6 +40,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +50,8 @@ STEPS = ("env", "build", "tests", "train", "iounet", "ops", "fpt", "ifr")
 OPS = ("prroi_pool", "_prroi_pool_backward", "iou_guided_nms")
 #: the tests run on the GPU: every test whose id names CUDA (device parameters, CUDA-only tests and modules)
 TEST_SELECTION = "cuda or CUDA"
+#: setup.py's message when it refuses a library linked with a static C++ runtime
+STATIC_RUNTIME_MARK = "does not link the C++ runtime as a shared library"
 TARGETS = dict(fpt_paper_peak_gib=4.0, iounet_r50_ratio=1.15, ifr_flat=1.10)
 TRAIN_CONFIGS = {
     "mask_rcnn": "configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml",
@@ -64,6 +71,7 @@ class Check:
         self.python = sys.executable
         self.device = "cpu" if self.dry else "cuda"
         self.deadline = None if args.budget is None else time.time() + args.budget
+        self.ops_error = ...  # not yet known: see _require_ops
 
     # -- plumbing -----------------------------------------------------------------------------------------------
     def say(self, msg):
@@ -149,29 +157,70 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
             cmd = [self.python, "setup.py", "build_ext", "--inplace"]
             rc, text, secs = self.sh(cmd, self.args.build_timeout, env=env)
             info.update(command=" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd),
-                        compile_seconds=round(secs, 1), rc=rc)
+                        compiler=os.environ.get("CXX") or "c++", compile_seconds=round(secs, 1), rc=rc)
+            system = dict(CC=shutil.which("gcc") or "gcc", CXX=shutil.which("g++") or "g++")
+            if rc != 0 and STATIC_RUNTIME_MARK in text and os.environ.get("CXX") not in (None, system["CXX"]):
+                # setup.py refused a library linked with a static C++ runtime (an op's error would crash the
+                # process): the compiler named by $CXX does that; build again with the system's
+                info["first_attempt"] = dict(compiler=info["compiler"], error=_last_error(text))
+                env.update(system)
+                rc, text, secs = self.sh(cmd + ["--force"], self.args.build_timeout, env=env)
+                info.update(command=" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd + ["--force"]),
+                            compiler=system["CXX"], compile_seconds=round(info["compile_seconds"] + secs, 1), rc=rc)
             if rc != 0:
                 self.record("build", "fail", time.time() - t0, error=_last_error(text), **info)
                 return False
+        found, error = self._kernels()
+        info.update(found)
+        self.record("build", "fail" if error else "pass", time.time() - t0, error=error, **info)
+        return error is None
+
+    def _kernels(self):
+        """Which kernels of the op library a fresh process finds registered (and the C++ runtime the library
+        links): (found, None) when every op has its CPU (and on a GPU, CUDA) kernel, else (found, error)."""
         keys = ("CPU",) if self.dry else ("CPU", "CUDA")
         code = ("import json, torch, d2_refine.ops as o\n"
                 f"ops, keys = {OPS!r}, {keys!r}\n"
                 "found = {op: {k: bool(o.has_ops() and torch._C._dispatch_has_kernel_for_dispatch_key("
                 "f'd2_refine::{op}', k)) for k in keys} for op in ops}\n"
-                "print('DEVICE_CHECK_JSON ' + json.dumps(dict(has_ops=o.has_ops(), kernels=found)))\n")
+                "lib = None\n"
+                "if o.has_ops():\n"
+                "    import d2_refine._C as c; lib = c.__file__\n"
+                "print('DEVICE_CHECK_JSON ' + json.dumps(dict(has_ops=o.has_ops(), kernels=found, library=lib)))\n")
         rc, text = self.py(code)
         found = _json_line(text) or {}
-        info.update(found)
+        if found.get("library"):
+            found["needed"] = _needed_libraries(found["library"])
         missing = [f"{op}/{k}" for op, ks in found.get("kernels", {}).items() for k, v in ks.items() if not v]
-        ok = rc == 0 and found.get("has_ops") and not missing
-        self.record("build", "pass" if ok else "fail", time.time() - t0,
-                    error=None if ok else f"kernels not registered: {missing or 'd2_refine._C did not load'}", **info)
-        return ok
+        if rc != 0 or not found.get("has_ops") or missing:
+            return found, f"kernels not registered: {missing or 'd2_refine._C did not load'}"
+        needed = found.get("needed")
+        if needed is not None and not any(lib.startswith(("libstdc++", "libc++")) for lib in needed):
+            return found, (f"d2_refine._C links no shared C++ runtime ({needed}): an error raised by an op would "
+                           "crash the process; rebuild with the system compiler (CC=gcc CXX=g++)")
+        return found, None
+
+    def _require_ops(self, step, t0):
+        """Steps that run the op library on the GPU need its CUDA kernels: without them the ops would silently
+        fall back to their pure-PyTorch references and the figures would describe those. Checked once per run
+        (the build step checks it itself)."""
+        if self.dry:
+            return True
+        if self.ops_error is ...:
+            built = self.results["steps"].get("build")
+            self.ops_error = built.get("error") if built else self._kernels()[1]
+        if self.ops_error:
+            self.record(step, "fail", time.time() - t0,
+                        error=f"the op library is not usable here ({self.ops_error}); run the build step")
+            return False
+        return True
 
     def step_tests(self):
         """pytest -k cuda in a fresh process; a test that kills the process (a crash in a kernel) is recorded as
         crashed and the tests not yet run are run again in a new process, up to 5 times."""
         t0 = time.time()
+        if not self._require_ops("tests", t0):
+            return False
         base = [self.python, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", "-o", "console_output_style=classic"]
         select = ["-k", TEST_SELECTION, "tests", "--deselect", "tests/ops/test_cuda_build.py"]
         rc, text, _ = self.sh(base[:3] + ["--collect-only", "-q"] + select, self.args.tests_timeout)
@@ -244,6 +293,8 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
         t0 = time.time()
         if self._skipped_without_detectron2("train"):
             return True
+        if not self._require_ops("train", t0):
+            return False
         runs, ok = {}, True
         iters = 2 if self.dry else self.args.train_iters
         for name, config in TRAIN_CONFIGS.items():
@@ -253,12 +304,15 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
             if self.dry:  # AMP needs CUDA (detectron2's AMPTrainer): the dry run trains in float32
                 opts += _tiny_shapes_opts(self.work)
             else:
-                opts += ["SOLVER.AMP.ENABLED", "True", "DATASETS.SHAPES.ROOT", os.path.join(self.work, "shapes")]
+                # 600 training images (300 iterations of 4 see each twice): generating the default 2,000 takes
+                # ~50 s of the check's budget
+                opts += ["SOLVER.AMP.ENABLED", "True", "DATASETS.SHAPES.ROOT", os.path.join(self.work, "shapes"),
+                         "DATASETS.SHAPES.NUM_TRAIN", "600"]
             cmd = [self.python, "train_net.py", "--config-file", config] + opts
             rc, text, secs = self.sh(cmd, self.args.train_timeout, env=dict(OMP_NUM_THREADS="1" if self.dry else "4"))
-            run = dict(command=" ".join(cmd[1:]), seconds=round(secs, 1), rc=rc, amp=not self.dry, iters=iters)
+            run = dict(command=" ".join(cmd[1:]), seconds=round(secs, 1), rc=rc, amp=not self.dry, max_iter=iters)
             run.update(_train_metrics(out_dir))
-            run_ok = rc == 0 and run.get("losses_finite") and run.get("bbox") is not None
+            run_ok = rc == 0 and run.get("losses_finite") and run.get("bbox") is not None and run["iters"] == iters
             if not run_ok:
                 run["error"] = _last_error(text)
             runs[name] = run
@@ -268,6 +322,8 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
 
     def step_ops(self):
         t0 = time.time()
+        if not self._require_ops("ops", t0):
+            return False
         path = os.path.join(self.work, "ops.json")
         cmd = [self.python, "benchmarks/ops.py", "--device", self.device, "--json", path]
         cmd += ["--tiny", "--min-run-time", "0.01", "--rounds", "1"] if self.dry else ["--min-run-time", "0.3"]
@@ -296,6 +352,8 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
         t0 = time.time()
         if self._skipped_without_detectron2("iounet"):
             return True
+        if not self._require_ops("iounet", t0):
+            return False
         path = os.path.join(self.work, "iounet.json")
         weights = os.path.join(self.work, "train", "iounet", "model_final.pth")
         cmd = [self.python, "benchmarks/iounet_latency.py", "--device", self.device, "--json", path,
@@ -386,11 +444,11 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
                                                      for f in steps["tests"]["failures"]]
         if steps.get("train", {}).get("runs"):
             amp = "AMP" if any(r.get("amp") for r in steps["train"]["runs"].values()) else "float32"
-            lines += ["", f"## Training (shapes, {amp})", "", "| config | iters | s | final total_loss | losses finite "
+            lines += ["", f"## Training (shapes, {amp})", "", "| config | iterations | s | final total_loss | losses finite "
                       "| box AP | AP50 | AP75 | mask AP |", "|---|---|---|---|---|---|---|---|---|"]
             for name, r in steps["train"]["runs"].items():
                 b, m = r.get("bbox") or {}, r.get("segm") or {}
-                lines.append(f"| {name} | {r['iters']} | {r['seconds']:.0f} | {_f(r.get('final_total_loss'), 3)} | "
+                lines.append(f"| {name} | {r.get('iters')}/{r.get('max_iter', r.get('iters'))} | {r['seconds']:.0f} | {_f(r.get('final_total_loss'), 3)} | "
                              f"{r.get('losses_finite')} | {_f(b.get('AP'))} | {_f(b.get('AP50'))} | "
                              f"{_f(b.get('AP75'))} | {_f(m.get('AP'))} |")
         for name, title in (("ops", "Op benchmark (benchmarks/ops.py)"), ("fpt", "FPT (benchmarks/fpt.py)"),
@@ -446,6 +504,15 @@ def _last_error(text):
     return lines[-1][:500] if lines else ""
 
 
+def _needed_libraries(path):
+    """The shared libraries an ELF file names (readelf -d), or None where that cannot be read."""
+    readelf = shutil.which("readelf")
+    if readelf is None or not path or not os.path.exists(path):
+        return None
+    out = subprocess.run([readelf, "-d", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
 def _count_by(items):
     out = {}
     for x in items:
@@ -465,7 +532,7 @@ def _tiny_shapes_opts(work):
 def _train_metrics(out_dir):
     """Loss finiteness and the final COCO results, from detectron2's metrics.json in ``out_dir``."""
     path = os.path.join(out_dir, "metrics.json")
-    info = dict(losses_finite=None, final_total_loss=None, bbox=None, segm=None)
+    info = dict(iters=0, losses_finite=None, final_total_loss=None, bbox=None, segm=None)
     if not os.path.exists(path):
         return info
     finite, last_loss = True, None
@@ -480,6 +547,7 @@ def _train_metrics(out_dir):
                     finite = finite and isinstance(v, (int, float)) and math.isfinite(v)
             if "total_loss" in rec:
                 last_loss = rec["total_loss"]
+                info["iters"] = max(info["iters"], int(rec.get("iteration", -1)) + 1)
             for task in ("bbox", "segm"):
                 res = {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith(task + "/")}
                 if res:

@@ -39,6 +39,7 @@ def test_dry_run_passes_and_writes_results(tmp_path):
     if steps["train"]["status"] == "pass":
         for run in steps["train"]["runs"].values():
             assert run["losses_finite"] and run["bbox"] is not None
+            assert run["iters"] == run["max_iter"] == 2  # the iterations reached, read from metrics.json
     if steps["iounet"]["status"] == "pass":  # the profile that explains the ratio where it is measured
         profiles = steps["iounet"]["data"]["profiles"]
         assert any("full IoU-Net" in t for t in profiles) and all(p["ops"] for p in profiles.values())
@@ -102,3 +103,74 @@ def test_iounet_latency_profile_names_the_costly_ops():
     assert mm["calls"] == 3 and mm["self_device_ms"] is None
     times = [o["self_cpu_ms"] for o in prof["ops"]]
     assert times == sorted(times, reverse=True) and prof["total_self_device_ms"] is None
+
+
+def _check(tmp_path, *argv):
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import device_check
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    check = device_check.Check(device_check.parse_args(["--out", str(tmp_path / "out"), *argv]))
+    check.results["env"] = dict(detectron2="0.6")
+    return device_check, check
+
+
+@pytest.mark.parametrize("step", ["tests", "train", "iounet", "ops"])
+def test_gpu_steps_refuse_to_run_without_the_compiled_kernels(tmp_path, step):
+    """Without the build step in the same call, a step that runs the op library on the GPU first checks that its
+    CUDA kernels are registered; here (no CUDA build) it fails at once, naming the build step, and runs nothing --
+    rather than timing the pure-PyTorch fallback and reporting it as the kernels' figures."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the kernels may well be registered here")
+    _, check = _check(tmp_path, "--only", step)
+    assert getattr(check, f"step_{step}")() is False
+    result = check.results["steps"][step]
+    assert result["status"] == "fail" and "run the build step" in result["error"]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "pytest" not in log and "benchmarks/" not in log and "train_net.py" not in log
+
+
+def test_a_library_without_a_shared_cxx_runtime_fails_the_kernel_check(tmp_path, monkeypatch):
+    """A compiler that links the C++ runtime statically can make every error an op raises crash the process (seen
+    on a GPU machine whose $CXX, not the system's GCC, did so); the kernel check reports such a library, from its
+    ELF dependencies."""
+    from d2_refine.ops import has_ops
+
+    if not has_ops() or shutil.which("readelf") is None:
+        pytest.skip("needs the compiled op library and readelf")
+    device_check, check = _check(tmp_path, "--dry-run")
+    found, error = check._kernels()
+    assert error is None and any(lib.startswith("libstdc++") for lib in found["needed"]), found
+    monkeypatch.setattr(device_check, "_needed_libraries", lambda path: ["libgcc_s.so.1", "libc.so.6"])
+    found, error = check._kernels()
+    assert error is not None and "C++ runtime" in error
+
+
+def test_build_is_done_again_with_the_system_compiler_when_setup_refuses_a_static_runtime(tmp_path, monkeypatch):
+    """setup.py refuses a library that links no shared C++ runtime; the build step then builds again, forced, with
+    the system's gcc/g++ in place of $CXX, and records both attempts."""
+    if shutil.which("g++") is None:
+        pytest.skip("no system g++")
+    monkeypatch.setenv("CXX", "/opt/elsewhere/bin/g++")
+    device_check, check = _check(tmp_path, "--only", "build")
+    check.results["env"]["capability"] = "9.0"
+    calls = []
+
+    def sh(cmd, timeout, env=None):
+        calls.append((list(cmd), dict(env or {})))
+        if len(calls) == 1:
+            return 1, f"RuntimeError: d2_refine: _C.abi3.so {device_check.STATIC_RUNTIME_MARK} (it needs only [...])", 3.0
+        return 0, "copying build/lib/d2_refine/_C.abi3.so -> d2_refine", 2.0
+
+    monkeypatch.setattr(check, "sh", sh)
+    monkeypatch.setattr(check, "_kernels", lambda: (dict(has_ops=True), None))
+    assert check.step_build() is True
+    assert len(calls) == 2
+    (first, first_env), (second, second_env) = calls
+    assert "CXX" not in first_env and second_env["CXX"] == shutil.which("g++") and second[-1] == "--force"
+    step = check.results["steps"]["build"]
+    assert step["compiler"] == shutil.which("g++") and step["first_attempt"]["compiler"] == "/opt/elsewhere/bin/g++"
+    assert step["compile_seconds"] == 5.0
