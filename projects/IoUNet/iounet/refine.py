@@ -64,13 +64,20 @@ def refine_boxes(boxes: torch.Tensor, iou_fn: IoUFn, steps: int = 5, step_size: 
         init_q = q.detach().clone()
         out_q = init_q.clone()
         act = torch.ones(n, dtype=torch.bool, device=boxes.device)
-        for _ in range(steps):
+        for step in range(steps):
+            # the positions of the boxes still moving, found once per step: on a GPU each boolean-mask index
+            # is a host synchronisation of its own
+            idx = torch.arange(len(act), device=act.device) if step == 0 else torch.nonzero(act)[:, 0]
+            if step and len(idx) == 0:
+                break
             if q.requires_grad:
-                (g,) = torch.autograd.grad(q[act].sum(), cur, allow_unused=True, materialize_grads=True)
-                g = torch.nan_to_num(g[act], nan=0.0, posinf=0.0, neginf=0.0)
+                (g,) = torch.autograd.grad(q.index_select(0, idx).sum(), cur, allow_unused=True,
+                                           materialize_grads=True)
+                g = torch.nan_to_num(g.index_select(0, idx), nan=0.0, posinf=0.0, neginf=0.0)
             else:  # the predictor does not depend on the boxes: nothing to ascend
-                g = torch.zeros_like(cur[act])
-            rows, old, q_old = rows[act], cur.detach()[act], q.detach()[act]
+                g = torch.zeros_like(cur.detach().index_select(0, idx))
+            rows, old = rows.index_select(0, idx), cur.detach().index_select(0, idx)
+            q_old = q.detach().index_select(0, idx)
             wh = (old[:, 2:] - old[:, :2]).clamp(min=0).repeat(1, 2)
             cur = (old + step_size * g * wh).requires_grad_(True)
             q = iou_fn(cur, rows)
@@ -84,8 +91,6 @@ def refine_boxes(boxes: torch.Tensor, iou_fn: IoUFn, steps: int = 5, step_size: 
             out_q[rows] = upd_q
             taken[rows] += 1
             act = ~((gain.abs() < early_stop) | (gain < degrade_tol))
-            if not bool(act.any()):
-                break
     if image_size is not None:
         clipped = _clip(out_boxes, image_size)
         moved = torch.nonzero((clipped != out_boxes).any(dim=1))[:, 0]
