@@ -11,8 +11,8 @@ Steps, in order (each one a subprocess with its own time limit; a failed step do
   env          GPU, driver, torch / CUDA / nvcc versions, which optional libraries import
   build        ``FORCE_CUDA=1 python setup.py build_ext --inplace`` for this card's architecture only, all cores;
                then a fresh process must find the CUDA kernels of every op registered (fails loudly if not) in a
-               library linking the C++ runtime as a shared library (if $CXX linked it statically, setup.py refuses
-               and the build is done again with the system's gcc/g++)
+               library linking the C++ runtime as a shared library (a $CXX that links it statically, found by a
+               probe or by setup.py refusing the library, is replaced by the system's gcc/g++)
   (tests, train, iounet and ops first check that the CUDA kernels are registered: a machine holds no build from
    an earlier call, and the ops would otherwise fall back to their pure-PyTorch references unnoticed)
   tests        every test whose id names CUDA (``pytest -k cuda``): CUDA vs CPU for the ops, opcheck and
@@ -154,12 +154,18 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
         else:
             cap = self.results.get("env", {}).get("capability", "")
             env = dict(FORCE_CUDA="1", MAX_JOBS=str(os.cpu_count() or 1), TORCH_CUDA_ARCH_LIST=cap)
+            system = dict(CC=shutil.which("gcc") or "gcc", CXX=shutil.which("g++") or "g++")
+            cxx = os.environ.get("CXX")
+            if cxx and cxx != system["CXX"] and _links_static_cxx_runtime(cxx, self.work):
+                # a one-second probe instead of a refused build (setup.py would refuse the library): use the
+                # system's compilers from the start
+                info["compiler_probe"] = f"{cxx} links the C++ runtime statically: built with {system['CXX']}"
+                env.update(system)
             cmd = [self.python, "setup.py", "build_ext", "--inplace"]
             rc, text, secs = self.sh(cmd, self.args.build_timeout, env=env)
             info.update(command=" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd),
-                        compiler=os.environ.get("CXX") or "c++", compile_seconds=round(secs, 1), rc=rc)
-            system = dict(CC=shutil.which("gcc") or "gcc", CXX=shutil.which("g++") or "g++")
-            if rc != 0 and STATIC_RUNTIME_MARK in text and os.environ.get("CXX") not in (None, system["CXX"]):
+                        compiler=env.get("CXX") or cxx or "c++", compile_seconds=round(secs, 1), rc=rc)
+            if rc != 0 and STATIC_RUNTIME_MARK in text and info["compiler"] != system["CXX"]:
                 # setup.py refused a library linked with a static C++ runtime (an op's error would crash the
                 # process): the compiler named by $CXX does that; build again with the system's
                 info["first_attempt"] = dict(compiler=info["compiler"], error=_last_error(text))
@@ -511,6 +517,21 @@ def _needed_libraries(path):
         return None
     out = subprocess.run([readelf, "-d", path], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+def _links_static_cxx_runtime(cxx, work):
+    """Whether the compiler ``cxx`` leaves libstdc++ (libc++) out of a shared library's dependencies, i.e. links
+    the C++ runtime statically; False where that cannot be told (no readelf, the probe does not compile)."""
+    src, lib = os.path.join(work, "cxx_probe.cpp"), os.path.join(work, "cxx_probe.so")
+    with open(src, "w") as f:
+        f.write('#include <stdexcept>\n#include <string>\nvoid probe(const std::string& s) { throw std::runtime_error(s); }\n')
+    try:
+        p = subprocess.run(shlex.split(cxx) + ["-shared", "-fPIC", src, "-o", lib], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    needed = _needed_libraries(lib) if p.returncode == 0 else None
+    return needed is not None and not any(n.startswith(("libstdc++", "libc++")) for n in needed)
 
 
 def _count_by(items):

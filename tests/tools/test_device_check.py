@@ -174,3 +174,22 @@ def test_build_is_done_again_with_the_system_compiler_when_setup_refuses_a_stati
     step = check.results["steps"]["build"]
     assert step["compiler"] == shutil.which("g++") and step["first_attempt"]["compiler"] == "/opt/elsewhere/bin/g++"
     assert step["compile_seconds"] == 5.0
+
+
+def test_a_compiler_that_links_the_cxx_runtime_statically_is_found_by_a_probe(tmp_path, monkeypatch):
+    """A one-second probe tells a $CXX that links the C++ runtime statically, and the build step then uses the
+    system's compilers from the start (no refused build to wait for)."""
+    if shutil.which("g++") is None or shutil.which("readelf") is None:
+        pytest.skip("needs g++ and readelf")
+    device_check, check = _check(tmp_path, "--only", "build")
+    assert device_check._links_static_cxx_runtime("g++ -static-libstdc++", str(tmp_path)) is True
+    assert device_check._links_static_cxx_runtime("g++", str(tmp_path)) is False
+    assert device_check._links_static_cxx_runtime("/no/such/g++", str(tmp_path)) is False
+
+    monkeypatch.setenv("CXX", "g++ -static-libstdc++")
+    calls = []
+    monkeypatch.setattr(check, "sh", lambda cmd, timeout, env=None: calls.append(dict(env)) or (0, "", 1.0))
+    monkeypatch.setattr(check, "_kernels", lambda: (dict(has_ops=True), None))
+    assert check.step_build() is True
+    assert len(calls) == 1 and calls[0]["CXX"] == shutil.which("g++")
+    assert "links the C++ runtime statically" in check.results["steps"]["build"]["compiler_probe"]
