@@ -57,19 +57,14 @@ def refine_boxes(boxes: torch.Tensor, iou_fn: IoUFn, steps: int = 5, step_size: 
         return RefineResult(out_boxes, empty, empty.clone(), taken)
     with torch.enable_grad():
         # ``cur`` (leaf) and ``q`` are the last evaluated boxes and their IoUs; ``rows`` their indices and
-        # ``act`` which of them still move. Every forward is on active boxes only.
+        # ``idx`` the positions (in ``cur``) of those still moving. Every forward is on active boxes only.
         rows = torch.arange(n, device=boxes.device)
         cur = boxes.clone().requires_grad_(True)
         q = iou_fn(cur, rows)
         init_q = q.detach().clone()
         out_q = init_q.clone()
-        act = torch.ones(n, dtype=torch.bool, device=boxes.device)
-        for step in range(steps):
-            # the positions of the boxes still moving, found once per step: on a GPU each boolean-mask index
-            # is a host synchronisation of its own
-            idx = torch.arange(len(act), device=act.device) if step == 0 else torch.nonzero(act)[:, 0]
-            if step and len(idx) == 0:
-                break
+        idx = torch.arange(n, device=boxes.device)
+        for _ in range(steps):
             if q.requires_grad:
                 (g,) = torch.autograd.grad(q.index_select(0, idx).sum(), cur, allow_unused=True,
                                            materialize_grads=True)
@@ -90,7 +85,10 @@ def refine_boxes(boxes: torch.Tensor, iou_fn: IoUFn, steps: int = 5, step_size: 
             out_boxes[rows] = upd_boxes
             out_q[rows] = upd_q
             taken[rows] += 1
-            act = ~((gain.abs() < early_stop) | (gain < degrade_tol))
+            # found once per step (one nonzero): on a GPU each boolean-mask index is a host synchronisation
+            idx = torch.nonzero(~((gain.abs() < early_stop) | (gain < degrade_tol)))[:, 0]
+            if len(idx) == 0:
+                break
     if image_size is not None:
         clipped = _clip(out_boxes, image_size)
         moved = torch.nonzero((clipped != out_boxes).any(dim=1))[:, 0]
