@@ -85,8 +85,8 @@ def _check_cxx_runtime(path):
     """torch raises its errors (TORCH_CHECK) as C++ exceptions that cross from the op library into libtorch.
     A compiler that links its own C++ runtime statically (some toolchains do by default) gives the library a
     second copy of that runtime; where the copy comes from another GCC than torch's, every error an op raises --
-    a bad batch index, a wrong shape -- kills the process (SIGSEGV: seen on a GPU machine whose $CXX was not the system's GCC)
-    instead of reaching Python as a RuntimeError. Refuse such a build unless told otherwise."""
+    a bad batch index, a wrong shape -- kills the process (SIGSEGV: seen on a GPU machine whose $CXX was not the
+    system's GCC) instead of reaching Python as a RuntimeError. Refuse such a build unless told otherwise."""
     needed = _needed_libraries(path)
     if needed is None or any(lib.startswith(("libstdc++", "libc++")) for lib in needed):
         return

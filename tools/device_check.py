@@ -162,17 +162,18 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
                 info["compiler_probe"] = f"{cxx} links the C++ runtime statically: built with {system['CXX']}"
                 env.update(system)
             cmd = [self.python, "setup.py", "build_ext", "--inplace"]
-            rc, text, secs = self.sh(cmd, self.args.build_timeout, env=env)
-            info.update(command=" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd),
-                        compiler=env.get("CXX") or cxx or "c++", compile_seconds=round(secs, 1), rc=rc)
-            if rc != 0 and STATIC_RUNTIME_MARK in text and info["compiler"] != system["CXX"]:
+            rc, text, seconds = self.sh(cmd, self.args.build_timeout, env=env)
+            compiler = env.get("CXX") or cxx or "c++"
+            if rc != 0 and STATIC_RUNTIME_MARK in text and compiler != system["CXX"]:
                 # setup.py refused a library linked with a static C++ runtime (an op's error would crash the
                 # process): the compiler named by $CXX does that; build again with the system's
-                info["first_attempt"] = dict(compiler=info["compiler"], error=_last_error(text))
+                info["first_attempt"] = dict(compiler=compiler, error=_last_error(text))
                 env.update(system)
-                rc, text, secs = self.sh(cmd + ["--force"], self.args.build_timeout, env=env)
-                info.update(command=" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd + ["--force"]),
-                            compiler=system["CXX"], compile_seconds=round(info["compile_seconds"] + secs, 1), rc=rc)
+                compiler, cmd = system["CXX"], cmd + ["--force"]
+                rc, text, secs = self.sh(cmd, self.args.build_timeout, env=env)
+                seconds += secs
+            info.update(command=" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(cmd),
+                        compiler=compiler, compile_seconds=round(seconds, 1), rc=rc)
             if rc != 0:
                 self.record("build", "fail", time.time() - t0, error=_last_error(text), **info)
                 return False
@@ -201,7 +202,7 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
         if rc != 0 or not found.get("has_ops") or missing:
             return found, f"kernels not registered: {missing or 'd2_refine._C did not load'}"
         needed = found.get("needed")
-        if needed is not None and not any(lib.startswith(("libstdc++", "libc++")) for lib in needed):
+        if needed is not None and not _names_shared_cxx_runtime(needed):
             return found, (f"d2_refine._C links no shared C++ runtime ({needed}): an error raised by an op would "
                            "crash the process; rebuild with the system compiler (CC=gcc CXX=g++)")
         return found, None
@@ -450,12 +451,12 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
                                                      for f in steps["tests"]["failures"]]
         if steps.get("train", {}).get("runs"):
             amp = "AMP" if any(r.get("amp") for r in steps["train"]["runs"].values()) else "float32"
-            lines += ["", f"## Training (shapes, {amp})", "", "| config | iterations | s | final total_loss | losses finite "
-                      "| box AP | AP50 | AP75 | mask AP |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += ["", f"## Training (shapes, {amp})", "", "| config | iterations | s | final total_loss | "
+                      "losses finite | box AP | AP50 | AP75 | mask AP |", "|---|---|---|---|---|---|---|---|---|"]
             for name, r in steps["train"]["runs"].items():
                 b, m = r.get("bbox") or {}, r.get("segm") or {}
-                lines.append(f"| {name} | {r.get('iters')}/{r.get('max_iter', r.get('iters'))} | {r['seconds']:.0f} | {_f(r.get('final_total_loss'), 3)} | "
-                             f"{r.get('losses_finite')} | {_f(b.get('AP'))} | {_f(b.get('AP50'))} | "
+                lines.append(f"| {name} | {r.get('iters')}/{r.get('max_iter', r.get('iters'))} | {r['seconds']:.0f} | "
+                             f"{_f(r.get('final_total_loss'), 3)} | {r.get('losses_finite')} | {_f(b.get('AP'))} | {_f(b.get('AP50'))} | "
                              f"{_f(b.get('AP75'))} | {_f(m.get('AP'))} |")
         for name, title in (("ops", "Op benchmark (benchmarks/ops.py)"), ("fpt", "FPT (benchmarks/fpt.py)"),
                             ("iounet", "IoU-Net latency (benchmarks/iounet_latency.py)"),
@@ -524,14 +525,20 @@ def _links_static_cxx_runtime(cxx, work):
     the C++ runtime statically; False where that cannot be told (no readelf, the probe does not compile)."""
     src, lib = os.path.join(work, "cxx_probe.cpp"), os.path.join(work, "cxx_probe.so")
     with open(src, "w") as f:
-        f.write('#include <stdexcept>\n#include <string>\nvoid probe(const std::string& s) { throw std::runtime_error(s); }\n')
+        f.write("#include <stdexcept>\n#include <string>\n"
+                "void probe(const std::string& s) { throw std::runtime_error(s); }\n")
     try:
         p = subprocess.run(shlex.split(cxx) + ["-shared", "-fPIC", src, "-o", lib], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return False
     needed = _needed_libraries(lib) if p.returncode == 0 else None
-    return needed is not None and not any(n.startswith(("libstdc++", "libc++")) for n in needed)
+    return needed is not None and not _names_shared_cxx_runtime(needed)
+
+
+def _names_shared_cxx_runtime(needed):
+    """Whether a list of ELF dependencies holds a shared C++ runtime (libstdc++ or libc++)."""
+    return any(lib.startswith(("libstdc++", "libc++")) for lib in needed)
 
 
 def _count_by(items):

@@ -162,7 +162,7 @@ def test_build_is_done_again_with_the_system_compiler_when_setup_refuses_a_stati
     def sh(cmd, timeout, env=None):
         calls.append((list(cmd), dict(env or {})))
         if len(calls) == 1:
-            return 1, f"RuntimeError: d2_refine: _C.abi3.so {device_check.STATIC_RUNTIME_MARK} (it needs only [...])", 3.0
+            return 1, f"RuntimeError: d2_refine: _C.abi3.so {device_check.STATIC_RUNTIME_MARK} (needs [...])", 3.0
         return 0, "copying build/lib/d2_refine/_C.abi3.so -> d2_refine", 2.0
 
     monkeypatch.setattr(check, "sh", sh)
