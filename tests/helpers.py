@@ -33,7 +33,11 @@ def load_script(path):
 
 
 def load_tool(name):
-    """The script ``tools/<name>.py`` of the repository imported as a module (tools/ is not a package)."""
+    """The script ``tools/<name>.py`` of the repository imported as a module (tools/ is not a package). tools/ is
+    put on sys.path, as Python does for a script it runs, so that the tools import their siblings plainly."""
+    tools = os.path.join(ROOT, "tools")
+    if tools not in sys.path:
+        sys.path.append(tools)
     return load_script(os.path.join("tools", f"{name}.py"))
 
 

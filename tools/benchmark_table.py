@@ -648,20 +648,12 @@ def write_outputs(doc: dict, args, source: str, command: str) -> List[dict]:
     if args.readme:
         embed(args.readme, table)
     if args.figure:
-        _load_tool("plots").plot_delta(doc, args.figure)
+        import plots  # a sibling script: tools/ is on sys.path when a script of it runs
+
+        plots.plot_delta(doc, args.figure)
         print(f"wrote {args.figure}")
     print(table)
     return table_json(rows, doc)["rows"]
-
-
-def _load_tool(name: str):
-    """A sibling script of tools/ imported as a module (tools/ is not a package)."""
-    import importlib
-
-    tools = os.path.dirname(os.path.abspath(__file__))
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    return importlib.import_module(name)
 
 
 # ------------------------------------------------------------------------------------------------- runs

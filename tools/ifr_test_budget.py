@@ -99,16 +99,6 @@ def score(cfg, model, dataset, out_dir, warmup=3):
                 solve=solve)
 
 
-def _git_commit():
-    """The commit of the code here and whether it is dirty, as benchmark_table records it for a run."""
-    tools = os.path.dirname(os.path.abspath(__file__))
-    if tools not in sys.path:  # tools/ is not a package
-        sys.path.insert(0, tools)
-    from benchmark_table import git_commit
-
-    return git_commit()
-
-
 def choose(rows, within):
     """The cheapest (lowest ms/img) row whose mask AP is within ``within`` of the best mask AP."""
     best = max(r["segm"] for r in rows)
@@ -134,6 +124,7 @@ def markdown(doc):
 def main(argv=None):
     args = parse_args(argv)
     import torch
+    from benchmark_table import git_commit  # a sibling script (the run record's commit): tools/ is on sys.path
 
     torch.set_num_threads(args.num_threads)
     sizes = ["DATASETS.SHAPES.NUM_TUNE", str(args.tune_images)]
@@ -168,7 +159,7 @@ def main(argv=None):
         print(json.dumps(val[-1]), flush=True)
         base = val[-1]["ms_per_img"]
         ratio = {f"{r['solver']} {r['budget']}": round(r["ms_per_img"] / base, 2) for r in val if r["model"] == "ifr"}
-    doc = dict(weights=args.weights, baseline_weights=args.baseline_weights, code=_git_commit(),
+    doc = dict(weights=args.weights, baseline_weights=args.baseline_weights, code=git_commit(),
                within=args.within, tune=tune, chosen=dict(solver=chosen["solver"], budget=chosen["budget"]),
                best_tune_segm=best, val=val, ratio_vs_mask_rcnn=ratio,
                machine=dict(host=platform.node(), threads=args.num_threads, torch=torch.__version__,

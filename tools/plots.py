@@ -68,16 +68,6 @@ def _longest(pattern: str, schedule_of) -> Optional[str]:
     return max(found)[1] if found else None
 
 
-def _benchmark_table():
-    """tools/benchmark_table.py as a module: its aggregation over seeds (tools/ is not a package)."""
-    import importlib
-
-    tools = os.path.dirname(os.path.abspath(__file__))
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    return importlib.import_module("benchmark_table")
-
-
 # ------------------------------------------------------------------------------------------ AP vs IoU
 def iou_thresholds(bbox: Dict[str, float]) -> List[int]:
     """The single-threshold AP keys of a results dict ("AP50" -> 50), sorted."""
@@ -188,7 +178,8 @@ def plot_ops_ratios(data: dict, out: str) -> str:
 def plot_delta(results: dict, out: str) -> str:
     """Per method (a row with a baseline that has runs), Δ box AP and Δ mask AP to the baseline with the same
     seed: mean with ± one standard deviation over the seeds as error bars (a hollow marker: one seed, no bar)."""
-    bt = _benchmark_table()
+    import benchmark_table as bt  # a sibling script (its aggregation over seeds): tools/ is on sys.path
+
     rows = [r for r in bt.summarize(results["records"]) if r["delta"].get("bbox")]
     if not rows:
         raise ValueError("the results record has no method with a baseline run of the same seed")
