@@ -69,6 +69,7 @@ CONFIGS = {
     "cascade_ifr": "configs/IFR/ifr_cascade_mask_rcnn_R_18_FPN_shapes.yaml",
     "internet_l2": "configs/InterNet/internet_l2_R_18_FPN_shapes.yaml",
     "internet_ot": "configs/InterNet/internet_ot_R_18_FPN_shapes.yaml",
+    "internet_makeup": "configs/InterNet/internet_makeup_only_R_18_FPN_shapes.yaml",
     "rdsnet": "configs/RDSNet/rdsnet_R_18_FPN_shapes.yaml",
 }
 
@@ -104,6 +105,9 @@ ENTRIES = [
           opts=_ifr_warm_up),
     Entry("internet_l2", "Mask R-CNN + InterNet (l2)", CONFIGS["internet_l2"], "mask_rcnn"),
     Entry("internet_ot", "Mask R-CNN + InterNet (ot)", CONFIGS["internet_ot"], "mask_rcnn"),
+    # ablation: InterNet (l2) without its loss, to tell the intertwiner loss from the make-up layer's extra convs
+    Entry("internet_makeup", "Mask R-CNN + InterNet make-up layer only (l2, loss weight 0; ablation)",
+          CONFIGS["internet_makeup"], "mask_rcnn"),
     Entry("rdsnet", "RDSNet", CONFIGS["rdsnet"], "retinanet",
           variants={"rdsnet_mbrm": ("RDSNet + MBRM (same weights)", ["MODEL.RDSNET.MBRM.ENABLED", "True"])}),
 ]

@@ -29,7 +29,7 @@ def test_every_entry_config_exists_and_baselines_are_entries():
         assert os.path.isfile(os.path.join(REPO, e.config)), e.config
         assert e.baseline is None or e.baseline in bt.ENTRY_BY_NAME
         assert e.config == bt.CONFIGS[e.name]
-    assert {"ifr_ws", "cascade_ifr", "internet_ot"} <= set(bt.ENTRY_BY_NAME)
+    assert {"ifr_ws", "cascade_ifr", "internet_ot", "internet_makeup"} <= set(bt.ENTRY_BY_NAME)
     assert bt.ROW_ORDER[-2:] == ["rdsnet", "rdsnet_mbrm"] and bt.VARIANT_OF == {"rdsnet_mbrm": "rdsnet"}
 
 

@@ -80,6 +80,27 @@ def test_one_training_step(loss):
         assert heads.ot.generator.weight.grad.abs().sum() > 0
 
 
+def test_loss_weight_zero_is_the_makeup_layer_alone():
+    # the ablation config: InterNet (l2) with LOSS_WEIGHT 0 and nothing else changed
+    l2, ablation = (setup_cfg(os.path.join(CONFIGS, f"internet_{name}_R_18_FPN_shapes.yaml"))
+                    for name in ("l2", "makeup_only"))
+    assert ablation.MODEL.INTERNET.LOSS_WEIGHT == 0.0 and l2.MODEL.INTERNET.LOSS_WEIGHT > 0
+    ablation.defrost()
+    ablation.MODEL.INTERNET.LOSS_WEIGHT, ablation.OUTPUT_DIR = l2.MODEL.INTERNET.LOSS_WEIGHT, l2.OUTPUT_DIR
+    assert ablation.dump() == l2.dump()
+    # trained with it, the buffer still fills but the critic gets no gradient; the make-up layer learns from the
+    # detection losses alone
+    torch.manual_seed(0)
+    model = build_model(_cfg("MODEL.INTERNET.LOSS_WEIGHT", "0.0"))
+    heads = model.roi_heads
+    with EventStorage(0) as storage:
+        losses = _train_step(model, _batch(), storage)
+    assert losses["loss_intertwiner"].item() == 0.0 and heads.class_buffer.occupancy == 2
+    assert all(p.grad is None or not p.grad.any() for p in heads.critic.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in heads.makeup.parameters())
+    assert sum(p.grad.abs().sum() for p in heads.makeup.parameters()) > 0
+
+
 def test_empty_and_missing_levels_are_finite():
     model = build_model(_cfg())
     # only small objects (no reliable set), then an image without annotations
