@@ -318,11 +318,38 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def inference_parameters(model, batches) -> int:
+    """The number of parameters that take part in inference on ``batches`` (an iterable of model inputs): those
+    held directly by a module whose ``forward`` ran on one of them. Training-only parts (InterNet's critic, a
+    loss's generator) are left out; a parameter is counted once however often its module runs. Heads that run
+    only on detections (masks, refinement) count where the batches give some."""
+    import torch
+
+    ran = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, _args: ran.add(id(mod))) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            for inputs in batches:
+                model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    seen, n = set(), 0
+    for m in model.modules():
+        if id(m) in ran:
+            for p in m.parameters(recurse=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    n += p.numel()
+    return n
+
+
 def evaluate(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str], timing_images: int,
              score: bool, eval_dir: Optional[str] = None):
-    """Load ``model_final.pth``; return (COCO results or None, inference ms/img, parameters in millions). The
-    evaluator writes its files under ``eval_dir`` (default ``out_dir``): a variant scored with the same weights
-    gets its own, so the run's ``inference/`` keeps the detections of the model itself."""
+    """Load ``model_final.pth``; return (COCO results or None, inference ms/img, parameters in millions: a dict
+    with ``total`` and ``inference``, see :func:`inference_parameters`). The evaluator writes its files under
+    ``eval_dir`` (default ``out_dir``): a variant scored with the same weights gets its own, so the run's
+    ``inference/`` keeps the detections of the model itself."""
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
 
@@ -337,12 +364,12 @@ def evaluate(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[
     model = Trainer.build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     model.eval()
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+    params = dict(total=sum(p.numel() for p in model.parameters()) / 1e6)
     results = None
     if score:
         results = {k: dict(v) for k, v in Trainer.test(cfg, model).items()}
-    loader = Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0])
-    times = []
+    times, warm_up = [], []
+    loader = Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0]) if timing_images > 0 else []
     cuda = cfg.MODEL.DEVICE.startswith("cuda")  # kernels run asynchronously: wait for them around the timer
     with torch.no_grad():
         for i, inputs in enumerate(loader):
@@ -356,6 +383,10 @@ def evaluate(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[
                 torch.cuda.synchronize()
             if i >= 3:  # warm-up
                 times.append(time.perf_counter() - t0)
+            else:
+                warm_up.append(inputs)
+    if warm_up:
+        params["inference"] = inference_parameters(model, warm_up) / 1e6
     ms = 1000 * sorted(times)[len(times) // 2] if times else float("nan")
     return results, ms, params
 
@@ -621,7 +652,8 @@ def table_json(rows: List[dict], doc: dict) -> dict:
                         std={task: {m: s["std"] for m, s in ms.items()} for task, ms in r["stats"].items()},
                         delta=r["delta"], verdict=r["verdict"], s_per_iter=r["s_per_iter"],
                         train_min=r.get("train_min"), load=r.get("load"),
-                        ms_per_img=t.get("ms_per_img"), params_m=t.get("params_m")))
+                        ms_per_img=t.get("ms_per_img"), params_m=t.get("params_m"),
+                        params_inference_m=t.get("params_inference_m")))
     return dict(iters=doc["iters"], seeds=sorted({x for r in rows for x in r["seeds"]}), rule=VERDICT_RULE,
                 rows=out)
 
@@ -788,8 +820,11 @@ def time_rows(entries: Sequence[Entry], args) -> dict:
         for name, vopts in [(e.name, []), *((v, o) for v, (_, o) in e.variants.items())]:
             _, ms, params = evaluate(e, out_dir, args.iters, args.timing_seed, [*args.opts, *vopts],
                                      args.timing_images, False)
-            rows[name] = dict(ms_per_img=round(ms, 1), params_m=round(params, 3), **{"pass": pass_id})
-            print(f"timing: {name} {ms:.1f} ms/img, {params:.1f} M parameters", flush=True)
+            used = params.get("inference", float("nan"))  # nan: no val image to run
+            rows[name] = dict(ms_per_img=round(ms, 1), params_m=round(params["total"], 3),
+                              params_inference_m=round(used, 3), **{"pass": pass_id})
+            print(f"timing: {name} {ms:.1f} ms/img, {params['total']:.1f} M parameters "
+                  f"({used:.1f} M at inference)", flush=True)
     info["load_after"] = loadavg()
 
     def change(doc):

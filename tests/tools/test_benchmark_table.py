@@ -202,6 +202,28 @@ def test_concurrent_writers_keep_every_record(tmp_path):
             assert again is False  # a second holder (another open file) is refused while the first holds it
 
 
+def test_inference_parameters_leave_out_what_inference_does_not_run():
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Model(nn.Module):  # a shared layer run twice, a training-only critic, a scale held by the model itself
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(4, 4)  # 20
+            self.head = nn.Linear(4, 2)  # 10
+            self.critic = nn.Sequential(nn.Linear(4, 100), nn.Linear(100, 1))  # 601, training only
+            self.scale = nn.Parameter(torch.ones(1))  # 1
+
+        def forward(self, x):
+            x = self.shared(self.shared(x)) * self.scale
+            return self.head(x) if not self.training else self.critic(x).sum() + self.head(x).sum()
+
+    model = Model().eval()
+    total = sum(p.numel() for p in model.parameters())
+    assert total == 632 and bt.inference_parameters(model, [torch.zeros(1, 4)] * 2) == 31
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the hooks are gone afterwards
+
+
 def test_from_json_writes_table_readme_and_json_without_detectron2(tmp_path):
     path = str(tmp_path / "shapes_100it.json")
     bt.record_runs(path, 100, _records())
@@ -264,6 +286,7 @@ def test_tool_trains_a_method_and_its_baseline_records_them_and_writes_the_table
     for r in rows:
         assert r["results"]["bbox"]["AP"] == r["results"]["bbox"]["AP"]  # finite, not NaN
         assert r["n"] == 1 and r["s_per_iter"][0] > 0 and r["ms_per_img"] > 0 and r["params_m"] > 1
+        assert 1 < r["params_inference_m"] <= r["params_m"]
     assert "segm" in rows[1]["results"] and "| RDSNet + MBRM (same weights) | RetinaNet (FPN) | 1 |" in out.read_text()
     for name in ("retinanet", "rdsnet"):  # the new layout, finished: checkpoint + the last iteration's evaluation
         run = tmp_path / "10it" / "seed1" / name
