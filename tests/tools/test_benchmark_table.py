@@ -30,6 +30,9 @@ def test_every_entry_config_exists_and_baselines_are_entries():
         assert e.baseline is None or e.baseline in bt.ENTRY_BY_NAME
         assert e.config == bt.CONFIGS[e.name]
     assert {"ifr_ws", "cascade_ifr", "internet_ot", "internet_makeup"} <= set(bt.ENTRY_BY_NAME)
+    # Cascade + IFR is paired with the cascade alone, which is paired with Mask R-CNN
+    assert bt.ENTRY_BY_NAME["cascade_ifr"].baseline == "cascade_mask_rcnn"
+    assert bt.ENTRY_BY_NAME["cascade_mask_rcnn"].baseline == "mask_rcnn"
     assert bt.ROW_ORDER[-2:] == ["rdsnet", "rdsnet_mbrm"] and bt.VARIANT_OF == {"rdsnet_mbrm": "rdsnet"}
 
 
@@ -159,7 +162,7 @@ def test_markdown_states_the_spread_the_pairs_and_the_rule():
     assert "not measured yet" in md
     missing = md.split("Not in the record yet (no run at this schedule): ")[1].splitlines()[0]
     assert "RetinaNet (FPN)" in missing and "RDSNet + MBRM (same weights)" in missing and "(ot)" in missing
-    assert "IoU-Net" not in missing and "Mask R-CNN (FPN)" not in missing
+    assert "IoU-Net" not in missing and "Mask R-CNN (FPN)" not in missing.split(", ")
 
 
 def test_records_merge_and_replace_per_model_and_seed(tmp_path):
@@ -357,3 +360,17 @@ def test_two_jobs_train_two_seeds_side_by_side_and_both_are_recorded(tmp_path):
     for r in doc["records"]:  # each trained by its own worker, with one thread, in its own folder
         assert r["machine"]["omp_num_threads"] == 1 and r["run_dir"].endswith(f"seed{r['seed']}/retinanet")
     assert doc["timing"]["retinanet"]["ms_per_img"] > 0 and " ± " in (tmp_path / "t.md").read_text()
+
+
+def test_pairing_follows_the_entry_not_the_baseline_a_record_was_written_with():
+    def rec(model, seed, ap, baseline=None):
+        return dict(model=model, seed=seed, iters=100, baseline=baseline, metrics={"bbox": {"AP": ap}})
+
+    records = [rec("mask_rcnn", 1, 50.0), rec("cascade_mask_rcnn", 1, 60.0, "mask_rcnn"),
+               rec("cascade_ifr", 1, 61.0, "mask_rcnn")]  # recorded before the cascade baseline existed
+    rows = {r["name"]: r for r in bt.summarize(records)}
+    assert rows["cascade_ifr"]["baseline"] == "cascade_mask_rcnn"
+    assert rows["cascade_ifr"]["delta"]["bbox"]["mean"] == pytest.approx(1.0)
+    assert rows["cascade_mask_rcnn"]["delta"]["bbox"]["mean"] == pytest.approx(10.0)
+    rows = {r["name"]: r for r in bt.summarize(records[:1] + records[2:])}
+    assert rows["cascade_ifr"]["verdict"] == "no baseline run"
