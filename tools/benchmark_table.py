@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -370,25 +371,21 @@ def evaluate(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[
     results = None
     if score:
         results = {k: dict(v) for k, v in Trainer.test(cfg, model).items()}
-    times, warm_up = [], []
-    loader = Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0]) if timing_images > 0 else []
+    times = []
+    images = iter(Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0]) if timing_images > 0 else [])
+    warm_up = list(itertools.islice(images, 3))
+    if warm_up:  # the warm-up images, untimed, are also those the parameters at inference are counted on
+        params["inference"] = inference_parameters(model, warm_up) / 1e6
     cuda = cfg.MODEL.DEVICE.startswith("cuda")  # kernels run asynchronously: wait for them around the timer
     with torch.no_grad():
-        for i, inputs in enumerate(loader):
-            if i >= timing_images + 3:
-                break
+        for inputs in itertools.islice(images, timing_images):
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             model(inputs)
             if cuda:
                 torch.cuda.synchronize()
-            if i >= 3:  # warm-up
-                times.append(time.perf_counter() - t0)
-            else:
-                warm_up.append(inputs)
-    if warm_up:
-        params["inference"] = inference_parameters(model, warm_up) / 1e6
+            times.append(time.perf_counter() - t0)
     ms = 1000 * sorted(times)[len(times) // 2] if times else float("nan")
     return results, ms, params
 
