@@ -126,10 +126,11 @@ def test_delta_figure_draws_each_method_against_its_baseline_with_the_spread(tmp
     drawn = {}
     for c in ax.containers:
         segments = c.lines[2][0].get_segments()
-        drawn[c.get_label()] = [(float(seg[0][0] + seg[1][0]) / 2, float(seg[1][0] - seg[0][0]) / 2)
-                                for seg in segments]
-    assert drawn["Δ box AP"] == pytest.approx([(2.5, 0.0), (4.0, 1.0)])  # IoU-Net: one seed, Δ 2.5
-    assert drawn["Δ mask AP"] == pytest.approx([(1.0, 0.0)])  # IoU-Net has no masks
+        # (centre, half-width) of each error bar, flattened: pytest.approx compares flat sequences only
+        drawn[c.get_label()] = [v for seg in segments
+                                for v in (float(seg[0][0] + seg[1][0]) / 2, float(seg[1][0] - seg[0][0]) / 2)]
+    assert drawn["Δ box AP"] == pytest.approx([2.5, 0.0, 4.0, 1.0])  # IoU-Net: one seed, Δ 2.5
+    assert drawn["Δ mask AP"] == pytest.approx([1.0, 0.0])  # IoU-Net has no masks
     texts = [t.get_text() for t in ax.texts]
     assert "gain (n=3)" in texts and "1 seed: no verdict (n=1)" in texts  # 4 > 2 x 1
     assert any(line.get_xdata()[0] == 0.0 for line in ax.lines)  # the zero line
