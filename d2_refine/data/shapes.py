@@ -16,10 +16,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["SHAPES_CLASSES", "ShapesParams", "generate_shapes_split", "shapes_split_dir", "shapes_split_files",
+__all__ = ["SHAPES_CLASSES", "SOURCE_CLASSES", "ShapesParams", "render_image", "generate_shapes_split", "shapes_split_dir", "shapes_split_files",
            "default_shapes_root"]
 
 SHAPES_CLASSES = ("circle", "triangle", "square", "star", "hexagon", "cross")
+# The source set of the pretrained trunk (tools/pretrain_trunk.py): other shape families, none of the six above,
+# rendered the same way, so that what transfers is what ImageNet gives COCO: edges, corners, textures and scale,
+# not the target classes.
+SOURCE_CLASSES = ("pentagon", "octagon", "ellipse", "rhombus", "arrow", "ell", "tee", "crescent")
 
 # Object size classes (fraction of the image side of the object's bounding square) and their sampling weights:
 # tiny objects (< 16 px at the default 192 px), medium, and large ones covering > 40 % of the image area.
@@ -85,10 +89,38 @@ def _shape_polygon(cls: str, cx: float, cy: float, r: float, angle: float) -> np
         a, b = 1.0 / math.sqrt(1 + 0.35**2), 0.35 / math.sqrt(1 + 0.35**2)
         pts = np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b], [-a, b],
                         [-a, -b], [-b, -b]])
+    elif cls in _SOURCE_POLYGONS:
+        pts = _SOURCE_POLYGONS[cls]
     else:
         raise ValueError(f"unknown shape class {cls!r}")
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     return pts @ rot.T * r + np.array([cx, cy])
+
+
+def _regular(n: int, phase: float = 0.0) -> np.ndarray:
+    t = np.arange(n) * 2 * math.pi / n + phase
+    return np.stack([np.cos(t), np.sin(t)], 1)
+
+
+def _crescent() -> np.ndarray:
+    """A disc minus a shifted disc: the outer arc, then the inner arc back (unit circumradius)."""
+    outer = np.linspace(0.35 * math.pi, 1.65 * math.pi, 32)
+    inner = np.linspace(1.45 * math.pi, 0.55 * math.pi, 24)
+    return np.concatenate([np.stack([np.cos(outer), np.sin(outer)], 1),
+                           np.stack([0.45 + 0.75 * np.cos(inner), 0.75 * np.sin(inner)], 1)])
+
+
+_SOURCE_POLYGONS = {  # unit-circumradius vertices of SOURCE_CLASSES
+    "pentagon": _regular(5, -math.pi / 2),
+    "octagon": _regular(8, math.pi / 8),
+    "ellipse": _regular(48) * np.array([1.0, 0.5]),
+    "rhombus": np.array([[0, -1], [0.55, 0], [0, 1], [-0.55, 0]], dtype=np.float64),
+    "arrow": np.array([[-1, -0.2], [0.2, -0.2], [0.2, -0.6], [1, 0], [0.2, 0.6], [0.2, 0.2], [-1, 0.2]]),
+    "ell": np.array([[-0.7, -0.7], [-0.3, -0.7], [-0.3, 0.3], [0.7, 0.3], [0.7, 0.7], [-0.7, 0.7]]),
+    "tee": np.array([[-0.7, -0.7], [0.7, -0.7], [0.7, -0.35], [0.18, -0.35], [0.18, 0.7], [-0.18, 0.7],
+                     [-0.18, -0.35], [-0.7, -0.35]]),
+    "crescent": _crescent(),
+}
 
 
 def _background(rng: np.random.Generator, size: int, difficulty: float) -> np.ndarray:
@@ -136,8 +168,9 @@ def _mask_to_polygons(mask: np.ndarray) -> List[List[float]]:
     return polys
 
 
-def _render_image(rng: np.random.Generator, p: ShapesParams):
-    """One image and its visible-object annotations (category index, polygons)."""
+def render_image(rng: np.random.Generator, p: ShapesParams, classes=SHAPES_CLASSES):
+    """One image (uint8 RGB) and its visible-object annotations (``category_id`` = 1 + index in ``classes``,
+    polygons, box, area), drawn from ``rng``."""
     size = p.image_size
     img = _background(rng, size, p.difficulty)
     n = int(rng.integers(p.min_objects, p.max_objects + 1))
@@ -148,8 +181,8 @@ def _render_image(rng: np.random.Generator, p: ShapesParams):
         side = rng.uniform(*_SIZE_BINS[b]) * size
         r = side / 2
         cx, cy = rng.uniform(0.1 * size, 0.9 * size, 2)  # may stick out of the image: truncated objects
-        cls = int(rng.integers(len(SHAPES_CLASSES)))
-        poly = _shape_polygon(SHAPES_CLASSES[cls], cx, cy, r, rng.uniform(0, 2 * math.pi))
+        cls = int(rng.integers(len(classes)))
+        poly = _shape_polygon(classes[cls], cx, cy, r, rng.uniform(0, 2 * math.pi))
         full = np.zeros((size, size), np.uint8)
         cv2.fillPoly(full, [np.round(poly * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
         if full.sum() < _MIN_AREA:
@@ -208,7 +241,7 @@ def generate_shapes_split(root: str, split: str, params: ShapesParams, progress:
     for i in tqdm(range(params.num_images), desc=f"generating shapes '{split}' in {where}", unit="image",
                   disable=not progress):
         rng = np.random.default_rng([split_seed, i])
-        img, annos = _render_image(rng, params)
+        img, annos = render_image(rng, params)
         fname = f"{i:06d}.png"
         cv2.imwrite(os.path.join(image_root, fname), img[:, :, ::-1])  # RGB -> BGR for OpenCV
         images.append({"id": i + 1, "file_name": fname, "width": params.image_size, "height": params.image_size})

@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""Make the pretrained R-18 trunk of the fine-tune configs: the stand-in for ImageNet weights.
+
+    python tools/pretrain_trunk.py --out d2_refine/pretrained/R-18-shapes-pretrain.pkl
+
+The source set: images rendered like `shapes` (same backgrounds, noise and occlusion) but of eight *other* shape
+families (``SOURCE_CLASSES``: pentagon, octagon, ellipse, rhombus, arrow, ell, tee, crescent), from a seed of its
+own, so that it shares no image and no class with `shapes_train` / `shapes_val` / `shapes_tune`. The pretext is
+multi-label classification (which families are in the image, one sigmoid each), the ImageNet recipe's
+counterpart: a classification trunk with batch statistics, whose BN statistics FrozenBN then keeps. Only the trunk
+(stem + res2-res5, built from the shapes configs' ``MODEL.RESNETS`` keys) is written, in detectron2's model-zoo
+format, so that the FPN and every head of a fine-tuned model start fresh.
+
+Written: the weights (fp16, detectron2's ``.pkl`` format with ``matching_heuristics``), ``<out>.sha256``, and
+the record (``--record``): source set, schedule, seed, time, held-out source-set mAP, sha256, command, commit.
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import pickle
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRUNK_CONFIG = "configs/Base-RCNN-FPN-Shapes.yaml"  # the MODEL.RESNETS keys of every shapes model
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(REPO, "d2_refine", "pretrained", "R-18-shapes-pretrain.pkl"))
+    p.add_argument("--record", default=os.path.join(REPO, "docs", "results", "pretrain_trunk.json"))
+    p.add_argument("--num-images", type=int, default=24000, help="source-set training images")
+    p.add_argument("--num-val", type=int, default=1000, help="held-out source-set images (mAP in the record)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--iters", type=int, default=2500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-period", type=int, default=1000)
+    p.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return p
+
+
+def render_source_set(num_images, image_size, seed, split):
+    """(N, H, W, 3) uint8 RGB images and (N, C) multi-hot labels of the source set's ``split``."""
+    from d2_refine.data.shapes import SOURCE_CLASSES, ShapesParams, render_image
+
+    params = ShapesParams(num_images=num_images, image_size=image_size, seed=seed).validate()
+    split_seed = int.from_bytes(hashlib.sha1(f"source/{seed}/{split}".encode()).digest()[:4], "little")
+    images = np.empty((num_images, image_size, image_size, 3), np.uint8)
+    labels = np.zeros((num_images, len(SOURCE_CLASSES)), np.float32)
+    for i in tqdm(range(num_images), desc=f"rendering source set '{split}'", unit="image", mininterval=10):
+        img, annos = render_image(np.random.default_rng([split_seed, i]), params, SOURCE_CLASSES)
+        images[i] = img
+        for a in annos:
+            labels[i, a["category_id"] - 1] = 1.0
+    return images, labels
+
+
+class TrunkClassifier(nn.Module):
+    """detectron2's ResNet trunk (built from ``cfg``) + global average pooling + one linear layer."""
+
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        from detectron2.layers import ShapeSpec
+        from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+        self.trunk = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+        self.head = nn.Linear(self.trunk.output_shape()["res5"].channels, num_classes)
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(1, 3, 1, 1), False)
+        self.bgr = cfg.INPUT.FORMAT == "BGR"
+
+    def forward(self, images_uint8_rgb):
+        x = images_uint8_rgb.permute(0, 3, 1, 2).float()
+        if self.bgr:
+            x = x.flip(1)
+        x = (x - self.pixel_mean) / self.pixel_std  # the detector's own input normalisation
+        return self.head(self.trunk(x)["res5"].mean((2, 3)))
+
+
+def trunk_cfg():
+    from d2_refine.engine import setup_cfg
+
+    # the detector's trunk, trained with batch statistics; every stage trains
+    return setup_cfg(os.path.join(REPO, TRUNK_CONFIG), ["MODEL.RESNETS.OUT_FEATURES", "['res5']",
+                                                        "MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0"])
+
+
+def mean_average_precision(scores, labels):
+    """Mean over classes of the average precision of ranking the images by score (classes with a positive)."""
+    aps = []
+    for c in range(labels.shape[1]):
+        order = np.argsort(-scores[:, c], kind="stable")
+        hits = labels[order, c] > 0
+        if not hits.any():
+            continue
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.append(float(precision[hits].mean()))
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, batch=200):
+    model.eval()
+    scores = np.concatenate([torch.sigmoid(model(torch.from_numpy(images[i:i + batch]))).numpy()
+                             for i in range(0, len(images), batch)])
+    model.train()
+    return {"mAP": 100 * mean_average_precision(scores, labels),
+            "exact_match": 100 * float(((scores > 0.5) == (labels > 0)).all(1).mean())}
+
+
+def trunk_state_dict(model):
+    """The trunk's parameters and BN statistics as numpy fp16, under detectron2's ResNet names (``stem.conv1.*``,
+    ``res2.0.conv1.*``, ...): the classifier head is not part of it."""
+    return {k: v.detach().cpu().numpy().astype(np.float16)
+            for k, v in model.trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _commit():
+    try:
+        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    from d2_refine.data.shapes import SOURCE_CLASSES
+
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    start = time.time()
+    train_x, train_y = render_source_set(args.num_images, args.image_size, args.seed, "train")
+    val_x, val_y = render_source_set(args.num_val, args.image_size, args.seed, "val")
+    render_s = time.time() - start
+
+    cfg = trunk_cfg()
+    model = TrunkClassifier(cfg, len(SOURCE_CLASSES))
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, momentum=0.9, nesterov=True)
+    warmup = max(1, args.iters // 20)
+
+    def lr_at(it):  # linear warm-up, then cosine to zero
+        if it < warmup:
+            return args.lr * (it + 1) / warmup
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, args.iters - warmup)))
+
+    history, order, pos = [], rng.permutation(len(train_x)), 0
+    t0, loss_avg = time.time(), None
+    bar = tqdm(range(args.iters), desc="pretraining the trunk", unit="it", mininterval=30)
+    for it in bar:
+        if pos + args.batch > len(order):
+            order, pos = rng.permutation(len(train_x)), 0
+        idx = np.sort(order[pos:pos + args.batch])
+        pos += args.batch
+        x = torch.from_numpy(train_x[idx])
+        flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(2), x)  # horizontal flip: every family is mirror-labelled
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it)
+        loss = F.binary_cross_entropy_with_logits(model(x), torch.from_numpy(train_y[idx]))
+        if not torch.isfinite(loss):
+            sys.exit(f"error: the pretraining loss is {loss.item()} at iteration {it}: lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr_at(it):.4f}", refresh=False)
+        if (it + 1) % args.eval_period == 0 or it + 1 == args.iters:
+            history.append({"iteration": it + 1, "train_loss": loss_avg, **evaluate(model, val_x, val_y)})
+            print(json.dumps(history[-1]), flush=True)
+    train_s = time.time() - t0
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "wb") as f:
+        pickle.dump({"model": trunk_state_dict(model), "__author__": "d2_refine tools/pretrain_trunk.py",
+                     "matching_heuristics": True}, f)
+    digest = sha256(args.out)
+    with open(args.out + ".sha256", "w") as f:
+        f.write(f"{digest}  {os.path.basename(args.out)}\n")
+    record = {
+        "what": "R-18 trunk (stem + res2-res5) pretrained by multi-label classification of the source set",
+        "weights": os.path.relpath(os.path.abspath(args.out), REPO), "sha256": digest,
+        "size_bytes": os.path.getsize(args.out), "trunk_config": TRUNK_CONFIG,
+        "source_set": {"classes": list(SOURCE_CLASSES), "num_train": args.num_images, "num_val": args.num_val,
+                       "image_size": args.image_size, "renderer": "d2_refine.data.shapes.render_image",
+                       "seed_namespace": "source/<seed>/<split>"},
+        "schedule": {"iters": args.iters, "batch": args.batch, "lr": args.lr, "warmup": warmup,
+                     "lr_schedule": "linear warm-up, cosine to 0", "optimizer": "SGD momentum 0.9 nesterov",
+                     "weight_decay": args.weight_decay, "augmentation": "horizontal flip"},
+        "seed": args.seed, "history": history, "render_s": round(render_s, 1), "train_s": round(train_s, 1),
+        "s_per_it": round(train_s / args.iters, 4), "threads": torch.get_num_threads(),
+        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "command": "python tools/pretrain_trunk.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": _commit(), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if args.record:
+        os.makedirs(os.path.dirname(os.path.abspath(args.record)), exist_ok=True)
+        with open(args.record, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+    print(f"wrote {args.out} (sha256 {digest}), {record['size_bytes'] / 2**20:.1f} MiB; record {args.record}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
