@@ -43,13 +43,13 @@ def get_parser():
     p.add_argument("--record", default=os.path.join(REPO, "docs", "results", "pretrain_trunk.json"))
     p.add_argument("--num-images", type=int, default=24000, help="source-set training images")
     p.add_argument("--num-val", type=int, default=1000, help="held-out source-set images (mAP in the record)")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--iters", type=int, default=2500)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--iters", type=int, default=1600)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=0.025, help="0.1 x batch / 256 (the linear scaling rule)")
     p.add_argument("--weight-decay", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-period", type=int, default=1000)
+    p.add_argument("--eval-period", type=int, default=400)
     p.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p
 
