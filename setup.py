@@ -167,6 +167,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=packages,
     package_dir=package_dir,
+    package_data={"d2_refine.pretrained": ["*.pkl", "*.sha256"]},  # the shipped trunk (d2_refine://pretrained/...)
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},

@@ -13,3 +13,4 @@ from .config import add_d2_refine_config  # noqa: E402,F401
 if has_detectron2():
     from . import data  # noqa: F401,E402  (registers shapes_train / shapes_val)
     from . import projects  # noqa: F401,E402  (registers each method's components)
+    from . import pretrained  # noqa: F401,E402  (d2_refine://pretrained/... for MODEL.WEIGHTS)
