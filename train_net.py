@@ -33,21 +33,6 @@ def get_parser():
     return p
 
 
-def check_weights(cfg, args):
-    """One clear line, before anything starts, for weights that cannot be loaded: --eval-only without trained
-    weights would score a randomly initialised model, a missing local file would fail deep inside the loader."""
-    from d2_refine.engine import ConfigError
-
-    if args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")):
-        return  # resumes from OUTPUT_DIR; MODEL.WEIGHTS is not used
-    weights = cfg.MODEL.WEIGHTS
-    if args.eval_only and not weights:
-        raise ConfigError("--eval-only needs trained weights but MODEL.WEIGHTS is empty: pass a checkpoint, e.g. "
-                          f"MODEL.WEIGHTS {os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}")
-    if weights and "://" not in weights and not os.path.isfile(weights):
-        raise ConfigError(f"MODEL.WEIGHTS not found: {weights}")
-
-
 def setup(args):
     from detectron2.engine import default_setup
 
@@ -69,15 +54,15 @@ def main(args):
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
-        return Trainer.test(cfg, model)
+        return Trainer.evaluate(cfg, model)  # + TEST.AUG (keys "<task>_TTA"), checked against TEST.EXPECTED_RESULTS
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
 def cli(argv=None):
-    """Parse, check the config, weights and datasets (one line for each usual mistake, before any worker starts),
-    then launch :func:`main` on every process."""
+    """Parse, check the config, weights, test-time augmentation and datasets (one line for each usual mistake,
+    before any worker starts), then launch :func:`main` on every process."""
     args = get_parser().parse_args(argv)
     try:
         require_detectron2("train_net.py")
@@ -87,11 +72,12 @@ def cli(argv=None):
 
     import d2_refine  # noqa: F401  (registers every component)
     from d2_refine.data import DatasetError, check_datasets
-    from d2_refine.engine import ConfigError, setup_cfg
+    from d2_refine.engine import ConfigError, check_test_aug, check_weights, setup_cfg
 
     try:
         cfg = setup_cfg(args.config_file, args.opts)
-        check_weights(cfg, args)
+        check_weights(cfg, eval_only=args.eval_only, resume=args.resume)
+        check_test_aug(cfg)
         check_datasets(cfg, train=not args.eval_only)
     except (ConfigError, DatasetError) as e:
         sys.exit(f"error: {e}")

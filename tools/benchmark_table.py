@@ -396,7 +396,9 @@ def default_results_path(iters: int) -> str:
 
 
 def empty_results(iters: int) -> dict:
-    return dict(schema=SCHEMA, dataset="shapes", iters=iters, records=[], timing={}, timing_passes={})
+    return dict(command=f"python tools/benchmark_table.py --iters {iters} ... (each record: one (model, seed) it "
+                        "trained and scored; code: the commit it trained from)",
+                schema=SCHEMA, dataset="shapes", iters=iters, records=[], timing={}, timing_passes={})
 
 
 def load_results(path: str) -> dict:

@@ -1,8 +1,11 @@
 """Registration of ``shapes_train`` / ``shapes_val`` / ``shapes_tune`` and of the config's ``DATASETS.COCO_FORMAT`` datasets with
 detectron2's COCO loader and metadata, so that COCOEvaluator scores them like COCO; and the check, before training,
-that every dataset of the config is registered and its files are there."""
+that every dataset of the config is registered, its files are there and its categories fit the model's classes."""
+import json
+import logging
+import mmap
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json, register_coco_instances
@@ -15,6 +18,8 @@ from .shapes import SHAPES_CLASSES, ShapesParams, default_shapes_root, generate_
 SPLITS = {"shapes_train": "train", "shapes_val": "val", "shapes_tune": "tune"}
 _registered = {}  # dataset name -> (root, ShapesParams)
 _coco_format = {}  # dataset name -> (json file, image folder) registered from DATASETS.COCO_FORMAT
+_categories = {}  # (json file, size, mtime) -> number of categories (None: no top-level "categories" list)
+logger = logging.getLogger(__name__)
 
 
 class DatasetError(ValueError):
@@ -100,6 +105,77 @@ def check_datasets(cfg, train: bool = True):
                          "detectron2 reads its datasets under $DETECTRON2_DATASETS, "
                          f"now {os.environ.get('DETECTRON2_DATASETS') or 'unset: ./datasets'}")
                 raise DatasetError(f"dataset {name!r}: {what} not found: {path} ({where})")
+        _check_num_classes(cfg, name, meta)
+
+
+def count_categories(json_file: str) -> Optional[int]:
+    """Number of entries of the top-level ``"categories"`` list of a COCO-format json, read without parsing the
+    rest (COCO writes it last, after hundreds of MB of images and annotations); None when there is none. Each file
+    is read once per process (until it changes)."""
+    st = os.stat(json_file)
+    key = (os.path.abspath(json_file), st.st_size, st.st_mtime_ns)
+    if key not in _categories:
+        _categories[key] = _scan_categories(json_file)
+    return _categories[key]
+
+
+def _scan_categories(json_file: str) -> Optional[int]:
+    decoder, key = json.JSONDecoder(), b'"categories"'
+    with open(json_file, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return None
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            pos = mm.rfind(key)  # from the end: COCO writes the top-level "categories" last
+            while pos >= 0:
+                start = pos + len(key)
+                while mm[start:start + 1].isspace():
+                    start += 1
+                window = 1 << 16  # decode a growing window: the list is small, the file may be huge
+                while mm[start:start + 1] == b":":
+                    try:
+                        value, _ = decoder.raw_decode(mm[start + 1:start + window].decode("utf-8", "ignore").lstrip())
+                    except ValueError:
+                        if start + window >= len(mm):
+                            break
+                        window *= 4
+                        continue
+                    if isinstance(value, list) and all(isinstance(c, dict) and "id" in c for c in value):
+                        return len(value)
+                    break
+                pos = mm.rfind(key, 0, pos)
+    return None
+
+
+def num_classes_key(cfg) -> Optional[Tuple[str, int]]:
+    """The config key that sets the model's number of classes and its value, by MODEL.META_ARCHITECTURE: a RetinaNet
+    (RDSNet included) reads MODEL.RETINANET.NUM_CLASSES, an R-CNN (GeneralizedRCNN) MODEL.ROI_HEADS.NUM_CLASSES;
+    None for other meta-architectures."""
+    from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
+
+    name = cfg.MODEL.META_ARCHITECTURE
+    arch = META_ARCH_REGISTRY.get(name) if name in META_ARCH_REGISTRY else None
+    for base, key in ((RetinaNet, "RETINANET"), (GeneralizedRCNN, "ROI_HEADS")):
+        if arch is not None and issubclass(arch, base):
+            return f"MODEL.{key}.NUM_CLASSES", cfg.MODEL[key].NUM_CLASSES
+    return None
+
+
+def _check_num_classes(cfg, name: str, meta) -> None:
+    """More categories in a COCO-format dataset's json than the model has classes: a :class:`DatasetError` (the
+    loss would fail on the first out-of-range label); fewer: one warning (classes that never occur)."""
+    key_value = num_classes_key(cfg)
+    json_file = meta.get("json_file", None)
+    if key_value is None or not json_file or "://" in json_file or not os.path.isfile(json_file):
+        return
+    n = count_categories(json_file)
+    key, classes = key_value
+    if n is None or n == classes:
+        return
+    if n > classes:
+        raise DatasetError(f"dataset {name!r}: {json_file} has {n} categories but {key} is {classes}: set {key} {n} "
+                           f"(or use a json with {classes} categories)")
+    logger.warning("dataset %r: %s has %d categories, fewer than %s %d: %d classes of the model never occur in it",
+                   name, json_file, n, key, classes, classes - n)
 
 
 def prepare_datasets(cfg):

@@ -16,7 +16,10 @@ class ConfigError(ValueError):
 
 
 def _describe(exc: Exception) -> str:
-    msg = str(exc).strip().strip("'\"")
+    # a KeyError's str() is the repr of its message (yacs raises KeyErrors): take the message itself, so that no
+    # quote of the message is stripped with the repr's
+    single = len(exc.args) == 1 and isinstance(exc.args[0], str)
+    msg = (exc.args[0] if isinstance(exc, KeyError) and single else str(exc)).strip()
     msg = msg.splitlines()[0] if msg else type(exc).__name__
     return re.sub(r"Non-existent (config )?key: (\S+)", r"unknown config key \2 (not defined by detectron2 or d2_refine)",
                   msg)

@@ -1,11 +1,15 @@
-"""The trainer used by train_net.py for every method: detectron2's DefaultTrainer + COCO evaluation, exact resume,
-and several CPU processes (gloo)."""
+"""The trainer used by train_net.py for every method: detectron2's DefaultTrainer + COCO evaluation, test-time
+augmentation (TEST.AUG), exact resume, and several CPU processes (gloo)."""
 import logging
 import os
 import weakref
+from collections import OrderedDict
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.evaluation import verify_results
+from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -32,8 +36,7 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        model = create_ddp_model(model, broadcast_buffers=False,
-                                 **({"device_ids": None} if cfg.MODEL.DEVICE == "cpu" else {}))
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_device_kwargs(cfg))
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
@@ -43,10 +46,45 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def build_hooks(self):
-        """detectron2's hooks + :class:`ExactResumeHook` when SOLVER.EXACT_RESUME (generator states in checkpoints,
-        fast-forward of the data on resume)."""
-        hooks = super().build_hooks()
-        return hooks + [ExactResumeHook()] if self.cfg.SOLVER.EXACT_RESUME else hooks
+        """detectron2's hooks + an evaluation with test-time augmentation after the last iteration when
+        TEST.AUG.ENABLED (after the plain one, before the writers, as detectron2's tools/train_net.py adds it) +
+        :class:`ExactResumeHook` when SOLVER.EXACT_RESUME (generator states in checkpoints, fast-forward of the
+        data on resume)."""
+        ret = super().build_hooks()
+        if self.cfg.TEST.AUG.ENABLED:
+            writers = [i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicWriter)]
+            ret.insert(writers[0] if writers else len(ret), hooks.EvalHook(0, self._test_with_TTA_and_save))
+        return ret + [ExactResumeHook()] if self.cfg.SOLVER.EXACT_RESUME else ret
+
+    def _test_with_TTA_and_save(self):
+        res = self.test_with_TTA(self.cfg, self.model)
+        # DefaultTrainer.train checks _last_eval_results against TEST.EXPECTED_RESULTS: the TTA results with the rest
+        self._last_eval_results = OrderedDict(getattr(self, "_last_eval_results", None) or {}, **res)
+        return res
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate ``model`` (a GeneralizedRCNN, see :func:`~d2_refine.engine.check_test_aug`) wrapped in
+        detectron2's GeneralizedRCNNWithTTA (TEST.AUG: MIN_SIZES x FLIP, boxes merged by NMS, masks averaged) on
+        DATASETS.TEST; results are keyed "<task>_TTA" and written to OUTPUT_DIR/inference_TTA."""
+        logging.getLogger("detectron2.trainer").info("Running inference with test-time augmentation ...")
+        model = GeneralizedRCNNWithTTA(cfg, model)
+        evaluators = [cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA",
+                                                                                name))
+                      for name in cfg.DATASETS.TEST]
+        res = cls.test(cfg, model, evaluators)
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
+
+    @classmethod
+    def evaluate(cls, cfg, model):
+        """What ``--eval-only`` runs, as detectron2's tools/train_net.py: :meth:`test`, then :meth:`test_with_TTA`
+        when TEST.AUG.ENABLED, then (main process) ``verify_results`` against TEST.EXPECTED_RESULTS."""
+        res = cls.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            res.update(cls.test_with_TTA(cfg, model))
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -60,3 +98,10 @@ class Trainer(DefaultTrainer):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         return D2RefineCOCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder)
+
+
+def ddp_device_kwargs(cfg) -> dict:
+    """Extra arguments of ``create_ddp_model`` for the model's device: ``device_ids=None`` on the CPU (any spelling,
+    "cpu" or "cpu:0"; DistributedDataParallel refuses device ids for a CPU model), none otherwise (detectron2 then
+    passes the local rank)."""
+    return {"device_ids": None} if torch.device(cfg.MODEL.DEVICE).type == "cpu" else {}

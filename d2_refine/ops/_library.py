@@ -67,6 +67,19 @@ def has_kernel(op: str, device: torch.device) -> bool:
     return _KERNELS.get(device.type, {}).get(op, False)
 
 
+def require_kernels(ops, device, user: str, why: str) -> None:
+    """Raise one RuntimeError line when the compiled library has no kernel for ``device`` of one of ``ops``: for
+    ``user``s (e.g. a model built for CUDA) for which the pure-PyTorch fallback is no option (``why``)."""
+    device = torch.device(device)
+    missing = [op for op in ops if not has_kernel(op, device)]
+    if missing:
+        reason = f"it failed to load ({_LOAD_ERROR})" if not _HAS_OPS else f"it was built without {device.type} kernels"
+        raise RuntimeError(
+            f"{user} needs the {device.type} kernels of d2_refine._C ({', '.join(missing)}) but {reason}; {why}. "
+            f"Rebuild it with FORCE_CUDA=1 (and nvcc) as in the README's install: FORCE_CUDA=1 pip install "
+            f"--no-build-isolation -e .")
+
+
 def warn_fallback(op: str, device: torch.device) -> None:
     """Warn once per (op, device type) that the slow pure-PyTorch reference is used instead of the kernel."""
     if (op, device.type) in _WARNED:

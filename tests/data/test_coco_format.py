@@ -99,3 +99,62 @@ def test_bad_entries_refused_in_one_line(tmp_path, entry, message):
                         "DATASETS.COCO_FORMAT", entry], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: DATASETS.COCO_FORMAT") and message in r.stderr
+
+
+def _with_categories(folder, n, name="cats.json"):
+    """A copy of the tiny set's json with ``n`` categories (the annotations use the first two), the categories last
+    as in COCO's files, and the word "categories" inside an earlier value."""
+    coco = json.loads((folder / "train.json").read_text())
+    coco = {"info": {"description": "no \"categories\": [here]"}, "images": coco["images"],
+            "annotations": coco["annotations"], "categories": [{"id": k + 1, "name": f"c{k}"} for k in range(n)]}
+    (folder / name).write_text(json.dumps(coco, indent=1))
+    return str(folder / name)
+
+
+@pytest.mark.parametrize("config, key", [
+    (CONFIG, "MODEL.ROI_HEADS.NUM_CLASSES"),
+    (os.path.join(ROOT, "configs", "Baselines", "retinanet_R_18_FPN_shapes.yaml"), "MODEL.RETINANET.NUM_CLASSES"),
+    (os.path.join(ROOT, "configs", "RDSNet", "rdsnet_R_18_FPN_shapes.yaml"), "MODEL.RETINANET.NUM_CLASSES"),
+])
+def test_more_categories_than_classes_refused_in_one_line(tmp_path, config, key):
+    """8 categories with 6 classes died deep in the loss (IndexError: Target 7 is out of bounds)."""
+    from d2_refine.data import DatasetError, check_datasets
+    from d2_refine.engine import setup_cfg
+
+    data = _write_coco(tmp_path / "mine", num_images=2)
+    json_file = _with_categories(data, 8)
+    opts = ["DATASETS.COCO_FORMAT", repr([("eight_train", json_file, str(data / "images"))]),
+            "DATASETS.TRAIN", "('eight_train',)", "DATASETS.TEST", "()"]
+    with pytest.raises(DatasetError) as e:
+        check_datasets(setup_cfg(config, opts))
+    assert str(e.value) == (f"dataset 'eight_train': {json_file} has 8 categories but {key} is 6: set {key} 8 "
+                            "(or use a json with 6 categories)")
+    check_datasets(setup_cfg(config, opts + [key, "8"]))
+    check_datasets(setup_cfg(config, opts), train=False)  # --eval-only on DATASETS.TEST only: not used
+
+
+def test_fewer_categories_than_classes_warn_once(tmp_path, caplog):
+    from detectron2.data.datasets import register_coco_instances
+
+    from d2_refine.data import check_datasets
+    from d2_refine.engine import setup_cfg
+
+    data = _write_coco(tmp_path / "mine", num_images=2)
+    # a dataset registered with detectron2 directly (as its builtin COCO ones), not through DATASETS.COCO_FORMAT
+    register_coco_instances("four_cats_val", {}, _with_categories(data, 4), str(data / "images"))
+    with caplog.at_level("WARNING", logger="d2_refine.data"):
+        check_datasets(setup_cfg(CONFIG, ["DATASETS.TEST", "('four_cats_val', 'shapes_val')"]))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("d2_refine.data")]
+    assert len(lines) == 1 and "\n" not in lines[0], lines
+    assert "'four_cats_val'" in lines[0] and "4 categories" in lines[0] and "MODEL.ROI_HEADS.NUM_CLASSES 6" in lines[0]
+
+
+def test_shapes_configs_pass_the_class_count_check(caplog):
+    from d2_refine.data import check_datasets
+    from d2_refine.engine import setup_cfg
+
+    for config in ("Baselines/faster_rcnn_R_18_FPN_shapes.yaml", "Baselines/retinanet_R_18_FPN_shapes.yaml",
+                   "RDSNet/rdsnet_R_18_FPN_shapes.yaml"):
+        with caplog.at_level("WARNING", logger="d2_refine.data"):
+            check_datasets(setup_cfg(os.path.join(ROOT, "configs", config)))
+    assert not [r for r in caplog.records if r.name.startswith("d2_refine.data")]

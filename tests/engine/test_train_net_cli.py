@@ -68,3 +68,18 @@ def test_missing_coco_names_the_expected_path(tmp_path):
 def test_unregistered_dataset_refuses(tmp_path):
     line = _one_line_error(_train_net(tmp_path, "--config-file", CONFIG, "DATASETS.TEST", "('my_val',)"))
     assert "dataset 'my_val' is not registered" in line and "DATASETS.COCO_FORMAT" in line
+
+
+def test_eval_only_with_imagenet_backbone_weights_refuses(tmp_path):
+    """The COCO configs' MODEL.WEIGHTS is the ImageNet trunk: --eval-only must not download it and score random
+    heads (it died in a URLError traceback)."""
+    config = os.path.join(ROOT, "configs", "Baselines", "mask_rcnn_R_50_FPN_1x_coco.yaml")
+    line = _one_line_error(_train_net(tmp_path, "--config-file", config, "--eval-only"))
+    assert "--eval-only needs trained weights" in line and "detectron2://ImageNetPretrained/MSRA/R-50.pkl" in line
+    assert "backbone" in line and "model_final.pth" in line
+
+
+def test_test_time_augmentation_of_retinanet_refuses(tmp_path):
+    config = os.path.join(ROOT, "configs", "Baselines", "retinanet_R_18_FPN_shapes.yaml")
+    line = _one_line_error(_train_net(tmp_path, "--config-file", config, "TEST.AUG.ENABLED", "True"))
+    assert "TEST.AUG.ENABLED" in line and "RetinaNet" in line and "GeneralizedRCNN" in line

@@ -26,3 +26,15 @@ def test_share_of_the_iou_loss_and_the_clipping_counts(tmp_path):
         lg.main(["--config-file", CONFIG, "--loss", "loss_nope", "--batches", "1", *tiny_shapes_opts(tmp_path)])
     with pytest.raises(SystemExit, match="no trainable parameter"):
         lg.main(["--config-file", CONFIG, "--loss", "loss_iou", "--prefix", "nothing", *tiny_shapes_opts(tmp_path)])
+
+
+def test_full_model_clipping_is_reported(tmp_path):
+    """``CLIP_TYPE "full_model"`` clips the norm of all the model's gradients together (d2_refine/solver/build.py):
+    the tool counts the batches whose total norm exceeds it, with and without the loss (it reported no clipping)."""
+    opts = ["SOLVER.CLIP_GRADIENTS.ENABLED", "True", "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
+            "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "1e-6"]
+    out = lg.main(["--config-file", CONFIG, "--loss", "loss_iou", "--batches", "2", *tiny_shapes_opts(tmp_path), *opts])
+    assert out["clip_type"] == "full_model" and out["clip_norm"] == 1e-6
+    assert out["over_clip_without"] == 2 and out["over_clip_with"] == 2  # every batch's total norm is over 1e-6
+    assert len(out["total_norm_without"]) == len(out["total_norm_with"]) == 2
+    assert all(w > 0 for w in out["total_norm_with"])

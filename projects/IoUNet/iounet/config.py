@@ -6,8 +6,12 @@ from d2_refine.config import node_class
 
 from d2_refine.config.renamed import register_renamed_keys
 
+#: what became of NMS_GUIDE "none" (the candidates of IoU-guided NMS, ranked by the cls score, scores kept)
+NMS_NONE_NOTE = ('NMS_GUIDE "none" (IoU-guided candidates, each proposal\'s box of its argmax class, ranked by the '
+                 'cls score) was removed: the nearest is "plain", detectron2\'s class-wise NMS on the cls score with '
+                 'class-specific boxes')
 _NMS_NOTE = ('one key for the NMS now: IOU_NMS True + NMS_GUIDE "rank" -> "iou_guided", NMS_GUIDE "weight" -> '
-             '"iou_guided_score_x_iou", IOU_NMS False -> "plain"')
+             f'"iou_guided_score_x_iou", IOU_NMS False -> "plain"; {NMS_NONE_NOTE}')
 
 #: old key -> new key (see d2_refine/config/renamed.py): merging an old one raises one line naming the new one
 RENAMED_KEYS = {

@@ -11,8 +11,10 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
+from d2_refine.ops._library import require_kernels
 from d2_refine.utils.tracing import is_tracing_or_exporting
 
+from .config import NMS_NONE_NOTE
 from .inference import NMS_MODES, iounet_inference_single_image
 from .iou_head import IoUHead
 from .jitter import IoUBalancedJitter
@@ -64,7 +66,8 @@ class IoUNetROIHeads(StandardROIHeads):
                  **kwargs):
         super().__init__(**kwargs)
         if nms not in NMS_MODES:
-            raise ValueError(f"MODEL.IOU_NET.NMS_TEST must be one of {tuple(NMS_MODES)}, got {nms!r}")
+            raise ValueError(f"MODEL.IOU_NET.NMS_TEST must be one of {tuple(NMS_MODES)}, got {nms!r}"
+                             + (f" ({NMS_NONE_NOTE})" if nms == "none" else ""))
         self.iou_pooler = iou_pooler
         self.iou_head = iou_head
         self.jitter = jitter
@@ -81,6 +84,10 @@ class IoUNetROIHeads(StandardROIHeads):
         if "IOU_NET" not in cfg.MODEL:
             raise KeyError("MODEL.IOU_NET is missing: call d2_refine.add_d2_refine_config(cfg) (or "
                            "add_iounet_config) before merging an IoU-Net config")
+        if torch.device(cfg.MODEL.DEVICE).type == "cuda":
+            require_kernels(("prroi_pool", "_prroi_pool_backward"), cfg.MODEL.DEVICE, "IoU-Net on CUDA",
+                            "the pure-PyTorch PrRoIPool it would fall back to needs memory in RoIs x channels x "
+                            "height x bins (out of memory, or a crawl, at COCO scale)")
         ret = super().from_config(cfg, input_shape)
         c = cfg.MODEL.IOU_NET
         in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES

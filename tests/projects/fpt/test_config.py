@@ -113,3 +113,14 @@ def test_yaml_value_equal_to_the_default_wins(tmp_path):
     kw = _built_kwargs(str(f))
     assert kw["fuse_kernel"] == 3 and kw["grounding_transformer"]["mode"] == "euclidean"
     assert kw["st_levels"] == ["p4", "p5"]  # the rest of the lite setting stays
+
+
+def test_paper_preset_says_which_order_is_the_release_s():
+    """Base-FPT-paper.yaml renders in the release's order (conv then weight): its comment must not call it the
+    paper's, and the order is spelled out in it."""
+    import yaml
+
+    path = os.path.join(ROOT, "configs", "FPT", "Base-FPT-paper.yaml")
+    text = open(path).read()
+    assert yaml.safe_load(text)["MODEL"]["FPT"]["RENDERING"]["ORDER"] == "conv_then_weight"
+    assert "as in the paper" not in text and "release" in text and "weight_then_conv" in text

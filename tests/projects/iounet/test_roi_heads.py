@@ -1,4 +1,5 @@
 import copy
+import os
 
 import pytest
 import torch
@@ -229,3 +230,39 @@ def test_one_training_step_under_autocast(model):
     sum(losses.values()).backward()
     g = m.roi_heads.iou_head.predictor.weight.grad
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_cuda_build_without_cuda_kernels_refused(monkeypatch):
+    """On a GPU whose d2_refine._C lacks the CUDA kernels, PrRoIPool's pure-PyTorch fallback (memory RoIs x channels
+    x height x bins) runs out of memory at COCO scale: building IoU-Net for CUDA is an error naming the fix. Tested
+    on the CPU: the kernel table says no CUDA kernel, and MODEL.DEVICE is set to cuda after the config's check."""
+    from detectron2.modeling import build_roi_heads
+    from detectron2.layers import ShapeSpec
+
+    from d2_refine.ops import _library
+
+    monkeypatch.setitem(_library._KERNELS, "cuda", {op: False for op in _library._KERNELS["cuda"]})
+    shapes = {f"p{i}": ShapeSpec(channels=32, stride=2 ** i) for i in range(2, 7)}
+    cfg = _cfg()
+    cfg.MODEL.DEVICE = "cuda:0"
+    with pytest.raises(RuntimeError) as e:
+        build_roi_heads(cfg, shapes)
+    msg = str(e.value)
+    assert "\n" not in msg and "IoU-Net" in msg and "prroi_pool" in msg and "FORCE_CUDA=1" in msg, msg
+    monkeypatch.setitem(_library._KERNELS, "cuda", {op: True for op in _library._KERNELS["cuda"]})
+    assert isinstance(build_roi_heads(cfg, shapes), IoUNetROIHeads)  # with the kernels: built
+    cfg.MODEL.DEVICE = "cpu"
+    monkeypatch.setitem(_library._KERNELS, "cpu", {op: False for op in _library._KERNELS["cpu"]})
+    assert isinstance(build_roi_heads(cfg, shapes), IoUNetROIHeads)  # the CPU fallback stays (tests, small runs)
+
+
+def test_nms_mode_none_names_what_became_of_it():
+    """NMS_GUIDE "none" (IoU-guided candidates ranked by the cls score) was removed with the move to NMS_TEST."""
+    from d2_refine.engine import ConfigError, setup_cfg
+
+    with pytest.raises(ConfigError) as e:  # the old key, in a config file or on the command line
+        setup_cfg(os.path.join(ROOT, CONFIG), ["MODEL.IOU_NET.NMS_GUIDE", "none"])
+    assert 'NMS_GUIDE "none"' in str(e.value) and "removed" in str(e.value) and '"plain"' in str(e.value)
+    with pytest.raises(ValueError) as e:  # the old value under the new key
+        build_model(_cfg("MODEL.IOU_NET.NMS_TEST", "none"))
+    assert '"none"' in str(e.value) and "removed" in str(e.value) and '"plain"' in str(e.value)
