@@ -52,7 +52,8 @@ def test_tests_step_records_a_crashing_test_and_runs_the_rest(tmp_path):
     repo = tmp_path / "repo"
     (repo / "tests").mkdir(parents=True)
     (repo / "tools").mkdir()
-    shutil.copy(ROOT / "tools" / "device_check.py", repo / "tools")
+    for script in ("device_check.py", "device_check_steps.py"):
+        shutil.copy(ROOT / "tools" / script, repo / "tools")
     (repo / "tests" / "test_kernels_cuda.py").write_text(
         "import os, signal\n"
         "import pytest\n"
