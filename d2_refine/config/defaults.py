@@ -59,9 +59,11 @@ def add_coco_format_config(cfg):
 
 
 def add_d2_refine_config(cfg):
-    """Add the shared keys and every available method's config node to ``cfg`` (in place)."""
-    from ..projects import import_config_functions
+    """Add the shared keys and every available method's config node to ``cfg`` (in place). Each method's package
+    is imported on the way, which (with detectron2) registers its components for a model built from ``cfg``."""
+    from ..projects import import_config_functions, register_all
 
+    register_all()
     add_shapes_config(cfg)
     add_trainer_config(cfg)
     add_coco_format_config(cfg)
