@@ -2,6 +2,7 @@
 import textwrap
 
 import pytest
+
 from helpers import run_python
 
 

@@ -44,8 +44,7 @@ import subprocess
 import sys
 import time
 
-from device_check_steps import (OPS, REPO, STATIC_RUNTIME_MARK, STEPS, Steps, _json_line, _last_error)
-
+from device_check_steps import OPS, REPO, STATIC_RUNTIME_MARK, STEPS, Steps, _json_line, _last_error
 
 
 class Check(Steps):
@@ -120,7 +119,7 @@ if torch.cuda.is_available():
     info.update(gpu=torch.cuda.get_device_name(0), capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                 gpu_memory_gib=round(p.total_memory / 2**30, 1), multiprocessors=p.multi_processor_count)
 print("DEVICE_CHECK_JSON " + json.dumps(info))
-"""
+"""  # noqa: E501
         t0 = time.time()
         rc, text = self.py(code)
         info = _json_line(text)

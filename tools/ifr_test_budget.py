@@ -112,7 +112,7 @@ def markdown(doc):
     for r in doc["tune"] + doc["val"]:
         s = r.get("solve") or {}
         fe = f"{s['f_evals_mean']:.2f}" if s.get("f_evals_mean") is not None else "–"
-        lines.append(f"| {r.get('model', 'ifr')} | {r.get('solver', '–')} | {r.get('budget', '–')} | {r['split']} | {r['bbox']:.2f} | "
+        lines.append(f"| {r.get('model', 'ifr')} | {r.get('solver', '–')} | {r.get('budget', '–')} | {r['split']} | {r['bbox']:.2f} | "  # noqa: E501
                      f"{r['segm']:.2f} | {r['ms_per_img']:.1f} | {fe} | {s.get('fallbacks', '–')} |")
     c = doc["chosen"]
     lines.append("")
@@ -124,6 +124,7 @@ def markdown(doc):
 def main(argv=None):
     args = parse_args(argv)
     import torch
+
     from d2_refine.benchmark.record import git_commit
 
     torch.set_num_threads(args.num_threads)

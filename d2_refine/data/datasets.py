@@ -1,6 +1,6 @@
 """Registration of ``shapes_train`` / ``shapes_val`` / ``shapes_tune`` and of the config's ``DATASETS.COCO_FORMAT`` datasets with
 detectron2's COCO loader and metadata, so that COCOEvaluator scores them like COCO; and the check, before training,
-that every dataset of the config is registered and its files are there."""
+that every dataset of the config is registered and its files are there."""  # noqa: E501
 import os
 from typing import Optional
 

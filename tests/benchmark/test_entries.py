@@ -2,9 +2,9 @@
 import os
 
 import pytest
-from helpers import ROOT
 
 from d2_refine.benchmark import entries
+from helpers import ROOT
 
 
 def test_schedule_scales_the_default_one():

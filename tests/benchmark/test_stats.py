@@ -1,9 +1,9 @@
 """d2_refine.benchmark.stats: mean ± std over seeds, the paired Δ and the verdict."""
 
 import pytest
-from helpers import benchmark_records
 
 from d2_refine.benchmark import stats
+from helpers import benchmark_records
 
 
 def test_mean_std_and_the_verdict_rule():

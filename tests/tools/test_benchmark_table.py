@@ -1,6 +1,7 @@
 """tools/benchmark_table.py, the command line over d2_refine.benchmark: its options (seeds, regimes), the table
 from the JSON alone (without detectron2), and tiny real runs: train, record, resume, two jobs at a time."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def test_seed_options():
     tuned = bt.parse_args(["--regime", "finetune"])
     assert tuned.results == os.path.join(ROOT, "docs", "results", "shapes_finetune.json")
     assert bt.parse_args([]).regime == "scratch"
-    for bad in (["--regime", "finetune", "--only", "fpt_paper"], ["--seed", "1", "--seeds", "2"], ["--seeds", "1", "1"], ["--jobs", "0"], ["--iters", "5"]):
+    for bad in (["--regime", "finetune", "--only", "fpt_paper"], ["--seed", "1", "--seeds", "2"], ["--seeds", "1", "1"], ["--jobs", "0"], ["--iters", "5"]):  # noqa: E501
         with pytest.raises((SystemExit, ValueError)):
             bt.parse_args(bad)
 
@@ -90,10 +91,10 @@ def test_tool_trains_a_method_and_its_baseline_records_them_and_writes_the_table
     rows = bt.main([*common, "--only", "rdsnet", "--timing-images", "2", "--opts", *tiny])
     assert [r["name"] for r in rows] == ["retinanet", "rdsnet", "rdsnet_mbrm"]
     for r in rows:
-        assert r["results"]["bbox"]["AP"] == r["results"]["bbox"]["AP"]  # finite, not NaN
+        assert math.isfinite(r["results"]["bbox"]["AP"]) and r["results"]["bbox"]["AP"] >= 0  # not NaN
         assert r["n"] == 1 and r["s_per_iter"][0] > 0 and r["ms_per_img"] > 0 and r["params_m"] > 1
         assert 1 < r["params_inference_m"] <= r["params_m"]
-    assert "segm" in rows[1]["results"] and "| RDSNet + MBRM (same weights) | RetinaNet (FPN) | 1 |" in table_lines(out.read_text())
+    assert "segm" in rows[1]["results"] and "| RDSNet + MBRM (same weights) | RetinaNet (FPN) | 1 |" in table_lines(out.read_text())  # noqa: E501
     for name in ("retinanet", "rdsnet"):  # the new layout, finished: checkpoint + the last iteration's evaluation
         run = tmp_path / "10it" / "seed1" / name
         assert (run / "model_final.pth").is_file() and logs.final_results(str(run / "metrics.json"), 10)
@@ -119,7 +120,7 @@ def test_tool_trains_a_method_and_its_baseline_records_them_and_writes_the_table
     assert rescored[0]["results"]["bbox"]["AP"] == pytest.approx(rows[0]["results"]["bbox"]["AP"], abs=1e-6)
     assert len(record.load_results(str(results))["records"]) == 3 and before
     rec = next(r for r in record.load_results(str(results))["records"] if r["model"] == "retinanet")
-    assert rec["scored_again"]["at"] and "commit" in rec["scored_again"]["code"]  # who scored it, apart from who trained it
+    assert rec["scored_again"]["at"] and "commit" in rec["scored_again"]["code"]  # who scored it, apart from who trained it  # noqa: E501
     assert "scored_again" not in recs["retinanet"]  # a run scored right after its training has no such field
 
 

@@ -3,7 +3,6 @@
 Only adds keys, so it imports and runs without detectron2.
 """
 from d2_refine.config import node_class
-
 from d2_refine.config.renamed import register_renamed_keys
 
 _NMS_NOTE = ('one key for the NMS now: IOU_NMS True + NMS_GUIDE "rank" -> "iou_guided", NMS_GUIDE "weight" -> '

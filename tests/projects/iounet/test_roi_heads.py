@@ -11,8 +11,8 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import d2_refine  # noqa: E402
-from helpers import ROOT  # noqa: E402
 from d2_refine.projects.iounet import IoUNetROIHeads, PrRoIPooler  # noqa: E402
+from helpers import ROOT  # noqa: E402
 
 CONFIG = "configs/IoUNet/iounet_R_18_FPN_shapes.yaml"
 SIZE = 96
