@@ -92,7 +92,8 @@ def markdown(rows: List[dict], doc: dict, command: str, source: str = "", short:
              "```bash", command, "```", ""]
     if short:
         lines += [f"Mean ± std over the seeds; Δ: paired with the baseline of the same seed; {VERDICT_RULE}. "
-                  f"{_timing_caption(doc, [r['name'] for r in rows])}", ""]
+                  "inference ms/img: batch 1, the median over val images of one timing pass in one process (its "
+                  "machine, threads and load are in the record).", ""]
         headers = ["model", "seeds", "box AP", "mask AP", "Δ box AP", "Δ mask AP", "verdict", "inference ms/img"]
     else:
         lines += ["Each cell: mean ± sample standard deviation (n − 1) over the row's n seeds (`seeds`). Δ: the "
