@@ -29,6 +29,12 @@ PAPER = {
 }
 
 
+#: the folder of each method's README (relative to the repository root)
+FOLDER = {"iounet": "IoUNet", "fpt_lite": "FPT", "fpt_paper": "FPT", "ifr": "IFR", "ifr_ws": "IFR",
+          "cascade_ifr": "IFR", "internet_l2": "InterNet", "internet_ot": "InterNet", "internet_makeup": "InterNet",
+          "rdsnet": "RDSNet", "rdsnet_mbrm": "RDSNet"}
+
+
 def fmt(x, digits=1):
     return "–" if x is None or x != x else f"{x:.{digits}f}"
 
@@ -167,7 +173,8 @@ def verdict_markdown(scratch: List[dict], finetune: List[dict], command: str,
         entry = ENTRY_BY_NAME.get(name) or ENTRY_BY_NAME[VARIANT_OF[name]]
         if entry.baseline is None:
             continue
-        body.append([row_title(name), row_title(entry.baseline), verdict_cell(by["scratch"].get(name), "scratch", name),
+        title = f"[{row_title(name)}](projects/{FOLDER[name]})" if name in FOLDER else row_title(name)
+        body.append([title, row_title(entry.baseline), verdict_cell(by["scratch"].get(name), "scratch", name),
                      verdict_cell(by["finetune"].get(name), "finetune", name), PAPER.get(name, "–")])
     lines = [f"Written from {', '.join(f'`{p}`' for p in sources.values())} by:", "", "```bash", command, "```", "",
              f"Δ box / Δ mask AP against the baseline trained with the same seed, mean ± std over the seeds; "

@@ -1,5 +1,5 @@
 """d2_refine.benchmark.report: the per-model table and the two-regime verdict table."""
-
+import re
 
 from d2_refine.benchmark import record, report, stats
 from helpers import benchmark_records, table_lines
@@ -28,7 +28,8 @@ def test_verdict_table_puts_both_regimes_and_the_paper_side_by_side():
     scratch = stats.summarize(benchmark_records())
     finetune = stats.summarize([r for r in benchmark_records() if r["model"] in ("mask_rcnn", "ifr")][:4])
     md = report.verdict_markdown(scratch, finetune, "python tools/verdict_table.py", {"scratch": "a.json"})
-    rows = {cells[0]: cells[1:] for line in md.splitlines() if line.startswith("| ")
+    rows = {re.sub(r"\[(.*)\]\(projects/\w+\)", r"\1", cells[0]): cells[1:]
+            for line in md.splitlines() if line.startswith("| ")
             for cells in [[c.strip() for c in line.strip("|").split("|")]]}
     assert rows["Mask R-CNN + IFR (implicit)"][1] == "gain: +3.2 ± 0.3 / +1.0 ± 0.0 (3 seeds)"
     assert rows["Mask R-CNN + IFR (implicit)"][2] == "no verdict: +3.0 / +1.0 (1 seed)"  # one paired seed in the finetune record  # noqa: E501
@@ -36,4 +37,5 @@ def test_verdict_table_puts_both_regimes_and_the_paper_side_by_side():
     assert rows["Mask R-CNN + InterNet (l2)"][2] == "not run"  # a finetune model without records
     assert rows["Mask R-CNN + FPT `fpt_paper`"][2] == "not in this regime"
     assert rows["RDSNet"][1] == "not run"  # its baseline has no record: no Δ to show
+    assert "[Mask R-CNN + IFR (implicit)](projects/IFR)" in md  # each method links its README
     assert "Mask R-CNN (FPN)" not in rows  # baselines have no row of their own
