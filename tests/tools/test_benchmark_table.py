@@ -83,6 +83,7 @@ def _tiny_opts(tmp_path):
     return tiny + ["DATASETS.SHAPES.ROOT", str(tmp_path / "shapes")]
 
 
+@pytest.mark.slow  # trains and scores real runs
 def test_tool_trains_a_method_and_its_baseline_records_them_and_writes_the_table(tmp_path):
     pytest.importorskip("detectron2")  # training and COCO evaluation
     tiny = _tiny_opts(tmp_path)
@@ -124,6 +125,7 @@ def test_tool_trains_a_method_and_its_baseline_records_them_and_writes_the_table
     assert "scored_again" not in recs["retinanet"]  # a run scored right after its training has no such field
 
 
+@pytest.mark.slow  # trains and scores real runs
 def test_a_run_cut_off_resumes_from_its_last_checkpoint(tmp_path):
     pytest.importorskip("detectron2")  # training and COCO evaluation
     tiny = _tiny_opts(tmp_path)
