@@ -4,6 +4,7 @@ The extension is compiled from csrc/**/*.cpp (CPU, always) and csrc/**/*.cu (whe
 FORCE_CUDA=1). Without a C++ compiler the package still installs and the ops fall back to their pure-PyTorch
 references (with a warning at first use).
 """
+import ast
 import glob
 import os
 import re
@@ -15,14 +16,21 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+
+
+def _project_map():
+    """d2_refine.projects.PROJECTS (package -> method folder), read from its source: the one map of the methods."""
+    with open(os.path.join(ROOT, "d2_refine", "projects", "__init__.py")) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == "PROJECTS":
+            return ast.literal_eval(node.value)
+    raise RuntimeError("d2_refine/projects/__init__.py defines no PROJECTS map")
+
+
 # projects/<Method>/<pkg>  ->  d2_refine.projects.<pkg>
-PROJECTS = {
-    "iounet": "projects/IoUNet/iounet",
-    "fpt": "projects/FPT/fpt",
-    "ifr": "projects/IFR/ifr",
-    "internet": "projects/InterNet/internet",
-    "rdsnet": "projects/RDSNet/rdsnet",
-}
+PROJECTS = {name: f"projects/{folder}/{name}" for name, folder in _project_map().items()}
 
 
 def _packages():

@@ -5,13 +5,15 @@ dispatch keys have a kernel of each op (CPU, CUDA, and the Autocast kernels that
 mixed precision), and the versions of the libraries d2_refine works with. A library that is installed but fails
 to import is reported with its import error (a detectron2 built against another torch shows up here).
 """
+import contextlib
 import importlib
 import importlib.util
+import os
 import platform
 import sys
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
-__all__ = ["collect_env_info"]
+__all__ = ["collect_env_info", "machine_info"]
 
 #: dispatch keys listed for each op of d2_refine._C
 DISPATCH_KEYS = ("CPU", "CUDA", "AutocastCPU", "AutocastCUDA")
@@ -74,6 +76,24 @@ def _ops_rows() -> List[Tuple[str, str]]:
         rows.append(("  note", "CUDA is available but d2_refine._C has no CUDA kernels: the ops fall back to their "
                      "slow references on GPU; rebuild with FORCE_CUDA=1 pip install -e ."))
     return rows
+
+
+def machine_info(num_threads: Optional[int] = None) -> dict:
+    """The machine a run or a timing pass used, as the benchmark records keep it: host, CPU model, cores,
+    OMP_NUM_THREADS (``num_threads`` where given), Python, torch and the GPU (None without CUDA)."""
+    cpu = platform.processor() or None
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    info = dict(host=platform.node(), cpu=cpu, cpu_count=os.cpu_count(),
+                omp_num_threads=num_threads or (int(omp) if omp.isdigit() else None),
+                python=platform.python_version())
+    with contextlib.suppress(ImportError):
+        import torch
+
+        info.update(torch=torch.__version__, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    return info
 
 
 def collect_env_info() -> str:

@@ -79,3 +79,35 @@ def bare_model_cfg(*add_config_fns):
     for add in add_config_fns:
         add(cfg)
     return cfg
+
+
+def benchmark_record(model, seed, box, mask=None, baseline=None, s_it=1.0, iters=100, train_s=None, load=None, resumed=False):  # noqa: E501
+    """A made-up results record of tools/benchmark_table.py: ``box`` AP and the other box metrics around it."""
+    bbox = {"AP": box, "AP50": box + 20, "AP75": box + 5, "AP90": box - 20, "APs": box - 1}
+    metrics = {"bbox": bbox, **({"segm": {"AP": mask}} if mask is not None else {})}
+    train = {"s_per_iter": s_it, "train_s": train_s, **({"resumed": True} if resumed else {})}
+    return dict(model=model, seed=seed, iters=iters, title=model.upper(), baseline=baseline, metrics=metrics,
+                train=train, load={"mean_1min": load} if load else None)
+
+
+def benchmark_records():
+    """Made-up records: three seeds, a missing seed, a seed the baseline lacks, one seed, a baseline without runs."""
+    return [
+        *(benchmark_record("mask_rcnn", s, box, mask, s_it=1.0 + s / 10, train_s=1200.0 + 300 * s, load=2.0 + s / 10,
+               resumed=s == 3)  # a resumed run's time is that of its second part: left out of the range
+          for s, box, mask in ((1, 50.0, 45.0), (2, 52.0, 46.0), (3, 54.0, 47.0))),
+        *(benchmark_record("ifr", s, box, mask, "mask_rcnn")
+          for s, box, mask in ((1, 53.0, 46.0), (2, 55.0, 47.0), (3, 57.5, 48.0))),
+        benchmark_record("fpt_lite", 1, 49.0, 45.0, "mask_rcnn"), benchmark_record("fpt_lite", 2, 53.0, 46.0, "mask_rcnn"),  # seed 3 missing  # noqa: E501
+        *(benchmark_record("internet_l2", s, box, None, "mask_rcnn") for s, box in ((1, 48.0), (2, 49.5), (3, 51.0))),
+        *(benchmark_record("fpt_paper", s, box, None, "mask_rcnn") for s, box in ((2, 50.0), (3, 50.0), (4, 60.0))),
+        benchmark_record("faster_rcnn", 1, 40.0), benchmark_record("faster_rcnn", 2, 41.0),
+        benchmark_record("iounet", 1, 42.0, None, "faster_rcnn"),
+        benchmark_record("rdsnet", 1, 12.0, 10.0, "retinanet"),  # its baseline has no record
+    ]
+
+
+def table_lines(markdown):
+    """The table lines of a Markdown text with the cells' padding removed ('| a | b |'), joined by newlines."""
+    return "\n".join("| " + " | ".join(c.strip() for c in line.strip().strip("|").split("|")) + " |"
+                     for line in markdown.splitlines() if line.startswith("|"))

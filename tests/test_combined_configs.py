@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("detectron2")
 
 from helpers import ROOT  # noqa: E402
+
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "Combined", "*.yaml")))
 # CPU budget of the smoke run: fewer IoU-Net RoIs and test proposals; IFR leaves its explicit warm-up after one
 # iteration so the implicit (DEQ) path trains too

@@ -2,6 +2,7 @@
 import textwrap
 
 import pytest
+
 from helpers import run_python
 
 
@@ -148,3 +149,24 @@ def test_broken_detectron2_is_reported_with_its_import_error(error):
         assert f"installed but fails to import: {error}: {message}" in out, out
         assert "not installed" not in out and "pip install" not in out
     assert f"WARNED ['detectron2 is installed but fails to import ({error}: {message})" in r.stdout
+
+
+def test_methods_load_lazily_and_a_config_registers_them():
+    """``import d2_refine`` imports no method package; adding the config (train_net.py, d2_refine.engine) imports
+    each one from this checkout's projects/ folder, which registers its components for build_model."""
+    pytest.importorskip("detectron2")
+    r = run_python("""
+        import os, sys
+        import d2_refine
+        assert not [m for m in sys.modules if m.startswith("d2_refine.projects.")], "a method imported eagerly"
+        from detectron2.config import get_cfg
+        from detectron2.modeling import ROI_HEADS_REGISTRY
+        assert "IoUNetROIHeads" not in ROI_HEADS_REGISTRY
+        cfg = d2_refine.add_d2_refine_config(get_cfg())
+        assert "IoUNetROIHeads" in ROI_HEADS_REGISTRY and "IOU_NET" in cfg.MODEL
+        import d2_refine.projects.iounet.roi_heads as m
+        assert m.__file__ == os.path.join(os.getcwd(), "projects", "IoUNet", "iounet", "roi_heads.py"), m.__file__
+        print("OK")
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout

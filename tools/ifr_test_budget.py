@@ -70,6 +70,7 @@ def score(cfg, model, dataset, out_dir, warmup=3):
     the IFR head's test-time solver statistics where it has one."""
     import torch
 
+    from d2_refine.benchmark.timer import time_call
     from d2_refine.engine import Trainer
 
     loader = Trainer.build_test_loader(cfg, dataset)
@@ -82,9 +83,8 @@ def score(cfg, model, dataset, out_dir, warmup=3):
     times = []
     with torch.no_grad():
         for inputs in loader:
-            t0 = time.perf_counter()
-            outputs = model(inputs)
-            times.append(time.perf_counter() - t0)
+            outputs, seconds = time_call(model, inputs, device=cfg.MODEL.DEVICE)
+            times.append(seconds)
             evaluator.process(inputs, outputs)
     res = evaluator.evaluate()
     solve = None
@@ -112,7 +112,7 @@ def markdown(doc):
     for r in doc["tune"] + doc["val"]:
         s = r.get("solve") or {}
         fe = f"{s['f_evals_mean']:.2f}" if s.get("f_evals_mean") is not None else "–"
-        lines.append(f"| {r.get('model', 'ifr')} | {r.get('solver', '–')} | {r.get('budget', '–')} | {r['split']} | {r['bbox']:.2f} | "
+        lines.append(f"| {r.get('model', 'ifr')} | {r.get('solver', '–')} | {r.get('budget', '–')} | {r['split']} | {r['bbox']:.2f} | "  # noqa: E501
                      f"{r['segm']:.2f} | {r['ms_per_img']:.1f} | {fe} | {s.get('fallbacks', '–')} |")
     c = doc["chosen"]
     lines.append("")
@@ -124,7 +124,8 @@ def markdown(doc):
 def main(argv=None):
     args = parse_args(argv)
     import torch
-    from benchmark_table import git_commit  # a sibling script (the run record's commit): tools/ is on sys.path
+
+    from d2_refine.benchmark.record import git_commit
 
     torch.set_num_threads(args.num_threads)
     sizes = ["DATASETS.SHAPES.NUM_TUNE", str(args.tune_images)]

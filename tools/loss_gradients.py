@@ -42,7 +42,6 @@ def main(argv=None):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import EventStorage
-
     from torch.nn.utils import get_total_norm
 
     from d2_refine.data import prepare_datasets

@@ -14,7 +14,7 @@ Figures and their inputs (a figure whose JSON is missing is skipped with a messa
 - ``ops_ratios.png``: time ratio ours / baseline of each op benchmark case, from ``benchmarks/ops.py --json``.
 - ``delta_vs_baseline.png``: per method, the paired Δ box AP and Δ mask AP to its baseline (same seed), mean ±
   std over the seeds, from the results record of ``tools/benchmark_table.py`` (default: the longest schedule
-  in ``docs/results/shapes_<iters>it.json``); the aggregation is benchmark_table's own.
+  in ``docs/results/shapes_<iters>it.json``); the aggregation is d2_refine.benchmark.stats's.
 """
 import argparse
 import glob
@@ -178,9 +178,9 @@ def plot_ops_ratios(data: dict, out: str) -> str:
 def plot_delta(results: dict, out: str) -> str:
     """Per method (a row with a baseline that has runs), Δ box AP and Δ mask AP to the baseline with the same
     seed: mean with ± one standard deviation over the seeds as error bars (a hollow marker: one seed, no bar)."""
-    import benchmark_table as bt  # a sibling script (its aggregation over seeds): tools/ is on sys.path
+    from d2_refine.benchmark.stats import summarize
 
-    rows = [r for r in bt.summarize(results["records"]) if r["delta"].get("bbox")]
+    rows = [r for r in summarize(results["records"]) if r["delta"].get("bbox")]
     if not rows:
         raise ValueError("the results record has no method with a baseline run of the same seed")
     plt = _pyplot()

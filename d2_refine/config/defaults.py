@@ -49,7 +49,7 @@ def add_trainer_config(cfg):
 
 
 def add_coco_format_config(cfg):
-    """``DATASETS.COCO_FORMAT``: the user's own COCO-format datasets, registered by name (d2_refine/data/datasets.py)."""
+    """``DATASETS.COCO_FORMAT``: the user's own COCO-format datasets, registered by name (d2_refine/data/datasets.py)."""  # noqa: E501
     if "COCO_FORMAT" in cfg.DATASETS:
         return
     # A list of (name, json file, image folder): each is registered with detectron2's register_coco_instances
@@ -59,9 +59,11 @@ def add_coco_format_config(cfg):
 
 
 def add_d2_refine_config(cfg):
-    """Add the shared keys and every available method's config node to ``cfg`` (in place)."""
-    from ..projects import import_config_functions
+    """Add the shared keys and every available method's config node to ``cfg`` (in place). Each method's package
+    is imported on the way, which (with detectron2) registers its components for a model built from ``cfg``."""
+    from ..projects import import_config_functions, register_all
 
+    register_all()
     add_shapes_config(cfg)
     add_trainer_config(cfg)
     add_coco_format_config(cfg)

@@ -5,7 +5,13 @@ from ..utils.env import has_detectron2
 from .shapes import SHAPES_CLASSES, ShapesParams, generate_shapes_split  # noqa: F401
 
 if has_detectron2():
-    from .datasets import (DatasetError, check_datasets, configure_shapes, prepare_datasets,  # noqa: F401
-                           register_coco_format, register_shapes)
+    from .datasets import (  # noqa: F401
+        DatasetError,
+        check_datasets,
+        configure_shapes,
+        prepare_datasets,
+        register_coco_format,
+        register_shapes,
+    )
 
     register_shapes()

@@ -1,6 +1,7 @@
-"""Registration of ``shapes_train`` / ``shapes_val`` / ``shapes_tune`` and of the config's ``DATASETS.COCO_FORMAT`` datasets with
-detectron2's COCO loader and metadata, so that COCOEvaluator scores them like COCO; and the check, before training,
-that every dataset of the config is registered, its files are there and its categories fit the model's classes."""
+"""Registration of ``shapes_train`` / ``shapes_val`` / ``shapes_tune`` and of the config's ``DATASETS.COCO_FORMAT``
+datasets with detectron2's COCO loader and metadata, so that COCOEvaluator scores them like COCO; and the check,
+before training, that every dataset of the config is registered, its files are there and its categories fit the
+model's classes."""
 import json
 import logging
 import mmap

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["SHAPES_CLASSES", "SOURCE_CLASSES", "ShapesParams", "render_image", "generate_shapes_split", "shapes_split_dir", "shapes_split_files",
+__all__ = ["SHAPES_CLASSES", "SOURCE_CLASSES", "ShapesParams", "render_image", "generate_shapes_split", "shapes_split_dir", "shapes_split_files",  # noqa: E501
            "default_shapes_root"]
 
 SHAPES_CLASSES = ("circle", "triangle", "square", "star", "hexagon", "cross")

@@ -9,9 +9,9 @@ Both accept mixed dtypes and run under ``torch.autocast`` (computing in float32)
 the compiled library loaded; ``python -m d2_refine.collect_env`` shows which kernels it registered. See README.md
 in this folder.
 """
-from ._library import has_ops
 from . import _registrations  # noqa: F401  (fake kernels + autograd, when the library loaded)
-from .iou_guided_nms import _iou_guided_nms_reference, iou_guided_nms
-from .prroi_pool import PrRoIPool2D, PrRoIPool2d, _prroi_pool_reference, prroi_pool
+from ._library import has_ops
+from .iou_guided_nms import _iou_guided_nms_reference, iou_guided_nms  # noqa: F401
+from .prroi_pool import PrRoIPool2D, PrRoIPool2d, _prroi_pool_reference, prroi_pool  # noqa: F401
 
 __all__ = ["has_ops", "prroi_pool", "PrRoIPool2d", "PrRoIPool2D", "iou_guided_nms"]

@@ -1,1 +1,1 @@
-from .env import has_detectron2, require_detectron2, DETECTRON2_INSTALL_HINT  # noqa: F401
+from .env import DETECTRON2_INSTALL_HINT, has_detectron2, require_detectron2  # noqa: F401

@@ -3,6 +3,7 @@ without looking at ``shapes_val``), generated only when a config uses it."""
 import os
 
 import pytest
+
 from helpers import ROOT
 
 pytest.importorskip("detectron2")

@@ -35,6 +35,7 @@ def _train_worker(output_dir, out_file):
                f"{out_file}.{comm.get_rank()}")
 
 
+@pytest.mark.slow  # two training processes
 def test_two_gloo_processes_keep_weights_and_class_buffer_equal(tmp_path, monkeypatch):
     import torch
     import torch.distributed as dist

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import ROOT, load_script
 
 pytest.importorskip("detectron2")

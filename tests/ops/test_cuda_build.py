@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT as _ROOT
 
 ROOT = Path(_ROOT)

@@ -3,6 +3,7 @@ on a ground truth and detections written here."""
 import json
 
 import pytest
+
 from helpers import load_tool
 
 pytest.importorskip("pycocotools")

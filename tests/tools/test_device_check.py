@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import ROOT
 
 ROOT = Path(ROOT)
@@ -17,7 +18,7 @@ ROOT = Path(ROOT)
 def test_dry_run_passes_and_writes_results(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(ROOT / "tools" / "device_check.sh"), "--dry-run", "--deps", str(tmp_path / "none"),
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "device_check.sh"), "--dry-run", "--deps", str(tmp_path / "none"),  # noqa: E501
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
@@ -52,7 +53,8 @@ def test_tests_step_records_a_crashing_test_and_runs_the_rest(tmp_path):
     repo = tmp_path / "repo"
     (repo / "tests").mkdir(parents=True)
     (repo / "tools").mkdir()
-    shutil.copy(ROOT / "tools" / "device_check.py", repo / "tools")
+    for script in ("device_check.py", "device_check_steps.py"):
+        shutil.copy(ROOT / "tools" / script, repo / "tools")
     (repo / "tests" / "test_kernels_cuda.py").write_text(
         "import os, signal\n"
         "import pytest\n"

@@ -1,12 +1,11 @@
 """tools/ifr_test_budget.py: IFR's test-time solve scored at several (solver, budget) settings on shapes_tune, the
 cheapest level setting chosen, then scored on shapes_val next to the paper's setting and Mask R-CNN."""
 import json
-import os
 
 import pytest
-from helpers import ROOT, load_tool
 
 from d2_refine.utils.testing import tiny_shapes_opts
+from helpers import load_tool
 
 tb = load_tool("ifr_test_budget")
 

@@ -14,5 +14,9 @@ from .rendering_transformer import RenderingTransformer  # noqa: F401
 from .self_transformer import SelfTransformer  # noqa: F401
 
 if has_detectron2():
-    from .backbone import (FPTBackbone, build_fpt_backbone, build_resnet_fpt_backbone,  # noqa: F401
-                           build_retinanet_resnet_fpt_backbone)
+    from .backbone import (  # noqa: F401
+        FPTBackbone,
+        build_fpt_backbone,
+        build_resnet_fpt_backbone,
+        build_retinanet_resnet_fpt_backbone,
+    )

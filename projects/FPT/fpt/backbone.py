@@ -5,8 +5,7 @@ from typing import List, Optional, Sequence
 import torch
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone.fpn import (FPN, build_resnet_fpn_backbone,
-                                              build_retinanet_resnet_fpn_backbone)
+from detectron2.modeling.backbone.fpn import FPN, build_resnet_fpn_backbone, build_retinanet_resnet_fpn_backbone
 
 from .pyramid import FeaturePyramidTransformer
 
@@ -138,7 +137,7 @@ def fpt_kwargs_from_cfg(cfg) -> dict:
         self_transformer=dict(mixtures=c.SELF.MIXTURES, pool_kv=c.SELF.POOL_KV, share_qk=c.SELF.SHARE_QK,
                               dropout=c.SELF.DROPOUT, scale=c.SELF.SCALE, attn_impl=c.ATTN_IMPL,
                               query_chunk=c.QUERY_CHUNK) if c.SELF.ENABLED else None,
-        grounding_transformer=dict(inter_channels=c.GROUNDING.INTER_CHANNELS, mode=c.GROUNDING.MODE, mixtures=c.GROUNDING.MIXTURES,
+        grounding_transformer=dict(inter_channels=c.GROUNDING.INTER_CHANNELS, mode=c.GROUNDING.MODE, mixtures=c.GROUNDING.MIXTURES,  # noqa: E501
                                    temperature=c.GROUNDING.TEMPERATURE, attn_impl=c.ATTN_IMPL,
                                    query_chunk=c.QUERY_CHUNK) if c.GROUNDING.ENABLED else None,
         rendering_transformer=dict(order=c.RENDERING.ORDER) if c.RENDERING.ENABLED else None,

@@ -5,8 +5,14 @@ import torch
 import torch.nn as nn
 from fvcore.nn.weight_init import c2_xavier_fill
 
-from .attention import (ATTN_IMPLS, euclidean_mixture_attention, flatten_hw, linear_mixture_attention,
-                        mixture_attention, split_mixtures)
+from .attention import (
+    ATTN_IMPLS,
+    euclidean_mixture_attention,
+    flatten_hw,
+    linear_mixture_attention,
+    mixture_attention,
+    split_mixtures,
+)
 from .norm import NormSpec, conv_norm, zero_init_norm
 
 __all__ = ["GroundingTransformer", "GT_MODES"]

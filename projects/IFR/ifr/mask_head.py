@@ -9,12 +9,11 @@ from typing import Optional
 
 import fvcore.nn.weight_init as weight_init
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.layers import ConvTranspose2d, ShapeSpec
 from detectron2.modeling.roi_heads.mask_head import ROI_MASK_HEAD_REGISTRY, BaseMaskRCNNHead
 from detectron2.utils.events import get_event_storage
+from torch import nn
 
 from d2_refine.layers.deq import DEQFixedPoint, DEQStats, cached_parametrizations
 from d2_refine.utils.tracing import is_tracing_or_exporting

@@ -10,7 +10,6 @@ detection for those RoIs instead of an assertion. Finite boxes give exactly dete
 from typing import List
 
 import torch
-
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 

@@ -1,6 +1,5 @@
 """``add_internet_config``: the ``MODEL.INTERNET`` node (Feature Intertwiner, Li et al., ICLR 2019)."""
 from d2_refine.config import node_class
-
 from d2_refine.config.renamed import register_renamed_keys
 
 #: old key -> new key (see d2_refine/config/renamed.py): merging an old one raises one line naming the new one

@@ -8,13 +8,12 @@ import logging
 from typing import Dict, List, Optional
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.modeling.poolers import convert_boxes_to_pooler_format
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import ImageList, Instances
 from detectron2.utils.events import get_event_storage
+from torch import nn
 
 from .assignment import level_sets
 from .buffer import ClassBuffer

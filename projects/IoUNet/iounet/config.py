@@ -3,7 +3,6 @@
 Only adds keys, so it imports and runs without detectron2.
 """
 from d2_refine.config import node_class
-
 from d2_refine.config.renamed import register_renamed_keys
 
 #: what became of NMS_GUIDE "none" (the candidates of IoU-guided NMS, ranked by the cls score, scores kept)

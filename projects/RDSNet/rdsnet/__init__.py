@@ -6,9 +6,9 @@ detectron2 glue (pixel head, RDSNet head, the ``RDSNet`` meta-architecture) regi
 from d2_refine.utils.env import has_detectron2
 
 from .config import add_rdsnet_config  # noqa: F401
-from .mbrm import MBRM, mbrm_refine_boxes  # noqa: F401
 from .mask_loss import ohem_mask_loss  # noqa: F401
 from .masks import correlate, crop_region, decode_soft_masks  # noqa: F401
+from .mbrm import MBRM, mbrm_refine_boxes  # noqa: F401
 
 if has_detectron2():
     from .head import RDSNetHead  # noqa: F401

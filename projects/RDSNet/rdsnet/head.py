@@ -2,11 +2,10 @@
 from typing import List
 
 import torch
-from torch import nn
-
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+from torch import nn
 
 __all__ = ["RDSNetHead"]
 

@@ -4,13 +4,12 @@ import math
 from typing import Dict, List, Tuple
 
 import torch
-from torch import Tensor, nn
-
 from detectron2.config import configurable
 from detectron2.layers import batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.structures import BitMasks, Boxes, ImageList, Instances, PolygonMasks, pairwise_iou
 from detectron2.utils.events import get_event_storage
+from torch import Tensor, nn
 
 from .head import RDSNetHead
 from .mask_loss import ohem_mask_loss, reduce_instance_losses

@@ -1,12 +1,10 @@
 """RDSNet's pixel stream: fuses P3-P5 into per-pixel representations U at stride 4 (detectron2 layers)."""
 from typing import Dict, List
 
-import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 __all__ = ["RDSNetPixelHead"]
 

@@ -4,8 +4,12 @@ import math
 import pytest
 import torch
 
-from d2_refine.projects.fpt.attention import (euclidean_mixture_attention, euclidean_qk, linear_mixture_attention,
-                                              mixture_attention)
+from d2_refine.projects.fpt.attention import (
+    euclidean_mixture_attention,
+    euclidean_qk,
+    linear_mixture_attention,
+    mixture_attention,
+)
 from helpers import cpu_and_cuda
 
 

@@ -17,17 +17,6 @@ def _cfg():
     return cfg
 
 
-def test_defaults_follow_the_paper_and_release():
-    c = _cfg().MODEL.FPT
-    assert (c.WRAPPED_BACKBONE, c.IN_FEATURES, c.INPUT, c.NORM) == ("build_resnet_fpn_backbone", [], "fpn", "GN")
-    assert (c.FUSE_KERNEL, c.FUSE_NORM, c.CROSS_RANGE, c.ATTN_IMPL, c.QUERY_CHUNK) == (3, "", "all", "auto", 4096)
-    s, g, r = c.SELF, c.GROUNDING, c.RENDERING
-    assert (s.ENABLED, s.LEVELS, s.MIXTURES, s.POOL_KV, s.SHARE_QK, s.DROPOUT, s.SCALE) == \
-        (True, [], 2, True, True, 0.1, 0.0)
-    assert (g.ENABLED, g.MODE, g.INTER_CHANNELS, g.MIXTURES, g.TEMPERATURE) == (True, "euclidean", 0, 1, 0.0)
-    assert (r.ENABLED, r.ORDER) == (True, "conv_then_weight")
-
-
 def test_add_twice_is_a_noop():
     cfg = _cfg()
     cfg.MODEL.FPT.NORM = "BN"

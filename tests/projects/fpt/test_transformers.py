@@ -6,8 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2_refine.projects.fpt import (FeaturePyramidTransformer, GroundingTransformer, RenderingTransformer,
-                                    SelfTransformer)
+from d2_refine.projects.fpt import (
+    FeaturePyramidTransformer,
+    GroundingTransformer,
+    RenderingTransformer,
+    SelfTransformer,
+)
 from helpers import cpu_and_cuda
 
 C = 32

@@ -1,8 +1,8 @@
 """MODEL.IFR: torchdeq's solver names, test-time values in ``_TEST``, and the earlier names refused in one line."""
 import pytest
-from helpers import bare_model_cfg
 
 from d2_refine.projects.ifr.config import RENAMED_KEYS, add_ifr_config
+from helpers import bare_model_cfg
 
 
 def _cfg():

@@ -2,8 +2,13 @@
 import pytest
 import torch
 
-from d2_refine.projects.internet.assignment import (assign_levels, fpn_round_levels, level_sets, pooling_levels,
-                                                     roi_size_levels)
+from d2_refine.projects.internet.assignment import (
+    assign_levels,
+    fpn_round_levels,
+    level_sets,
+    pooling_levels,
+    roi_size_levels,
+)
 
 STRIDES = [4, 8, 16, 32]
 

@@ -1,9 +1,9 @@
 """ClassBuffer: running mean, FIFO window, checkpoint state (detectron2-free)."""
 import pytest
 import torch
-from helpers import ROOT
 
 from d2_refine.projects.internet.buffer import ClassBuffer
+from helpers import ROOT
 
 
 def _steps(seed, num_steps=12, num_classes=5, dim=8):

@@ -1,23 +1,11 @@
 import pytest
-from helpers import bare_model_cfg
 
 from d2_refine.projects.iounet.config import add_iounet_config
+from helpers import bare_model_cfg
 
 
 def _cfg():
     return bare_model_cfg()
-
-
-def test_adds_paper_defaults():
-    cfg = add_iounet_config(_cfg())
-    c = cfg.MODEL.IOU_NET
-    assert (c.POOLER_RESOLUTION, c.NUM_FC, c.FC_DIM, c.CLS_AGNOSTIC) == (7, 2, 1024, False)
-    assert (c.LOSS, c.LOSS_WEIGHT, c.SMOOTH_L1_BETA) == ("smooth_l1", 5.0, 1.0)
-    assert (c.NUM_ROIS, c.FG_IOU, c.BIN_POOL, c.XY_STEPS, c.WH_STEPS) == (1000, 0.5, 4000, 16, 16)
-    assert (c.NMS_TEST, c.NMS_THRESH_TEST, c.REFINE_TEST, c.REFINE_TOPK_TEST) == ("iou_guided", 0.5, True, 100)
-    assert (c.REFINE_STEPS_TEST, c.REFINE_STEP_SIZE_TEST, c.REFINE_EARLY_STOP_TEST, c.REFINE_DEGRADE_TOL_TEST) == \
-        (5, 0.5, 0.001, -0.01)
-    assert (c.REFINE_REVERT_ON_DEGRADE_TEST, c.SCORE_TIMES_IOU_TEST) == (False, True)
 
 
 def test_second_call_keeps_values():

@@ -21,12 +21,12 @@ def test_smoke_train_evaluate_and_ablate_shapes_config(tmp_path):
     assert all(math.isfinite(v) for v in read_losses(tmp_path, "loss_iou"))
     assert len(read_losses(tmp_path, "loss_iou")) > 0
 
-    # projects/IoUNet/ablation.py on the trained checkpoint: every row scored on the same images, the
+    # tools/iounet_ablation.py on the trained checkpoint: every row scored on the same images, the
     # Faster R-CNN baseline row included (its config, the same weights loaded where the names match).
     weights = os.path.join(tmp_path, "model_final.pth")
     out = os.path.join(tmp_path, "ablation")
     opts = tiny_shapes_opts(tmp_path) + OPTS
-    subprocess.run([sys.executable, os.path.join(ROOT, "projects/IoUNet/ablation.py"), "--config-file", CONFIG,
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools/iounet_ablation.py"), "--config-file", CONFIG,
                     "--weights", weights, "--baseline-weights", weights, "--max-images", "2", "--output", out,
                     *opts], check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     report = json.load(open(os.path.join(out, "ablation.json")))

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from d2_refine.projects.iounet.jitter import (IoUBalancedJitter, apply_deltas, delta_ious, make_delta_pool,
-                                              pairwise_iou)
+from d2_refine.projects.iounet.jitter import IoUBalancedJitter, apply_deltas, delta_ious, make_delta_pool, pairwise_iou
 
 
 def test_delta_pool_size_and_bins():

@@ -12,8 +12,8 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 import d2_refine  # noqa: E402
-from helpers import ROOT  # noqa: E402
 from d2_refine.projects.iounet import IoUNetROIHeads, PrRoIPooler  # noqa: E402
+from helpers import ROOT  # noqa: E402
 
 CONFIG = "configs/IoUNet/iounet_R_18_FPN_shapes.yaml"
 SIZE = 96
@@ -236,8 +236,8 @@ def test_cuda_build_without_cuda_kernels_refused(monkeypatch):
     """On a GPU whose d2_refine._C lacks the CUDA kernels, PrRoIPool's pure-PyTorch fallback (memory RoIs x channels
     x height x bins) runs out of memory at COCO scale: building IoU-Net for CUDA is an error naming the fix. Tested
     on the CPU: the kernel table says no CUDA kernel, and MODEL.DEVICE is set to cuda after the config's check."""
-    from detectron2.modeling import build_roi_heads
     from detectron2.layers import ShapeSpec
+    from detectron2.modeling import build_roi_heads
 
     from d2_refine.ops import _library
 

@@ -6,14 +6,13 @@ The backbone, RPN and box head run once per image; the ROI-heads post-processing
 and its own timer. A Faster R-CNN baseline (its own config and weights) is evaluated on the same images in the
 same run when ``--baseline-weights`` is given. ms/img = shared part + the row's ROI-heads part.
 
-    python projects/IoUNet/ablation.py --config-file configs/IoUNet/iounet_R_18_FPN_shapes.yaml \
-        --weights /tmp/iounet/model_final.pth [--baseline-weights /tmp/frcnn/model_final.pth] [KEY VALUE ...]
+    python tools/iounet_ablation.py --weights output/benchmark_table/2000it/seed1/iounet/model_final.pth \
+        [--baseline-weights output/benchmark_table/2000it/seed1/faster_rcnn/model_final.pth] [KEY VALUE ...]
 """
 import argparse
 import json
 import os
 import sys
-import time
 from collections import OrderedDict
 
 import torch
@@ -29,19 +28,6 @@ ROWS = OrderedDict([
 ])
 
 
-def _clock(device: str):
-    """``time.perf_counter`` that first waits for the queued CUDA work where ``device`` is a GPU: kernels run
-    asynchronously, so without it a timer reads when they were launched, not when they finished."""
-    cuda = str(device).startswith("cuda") and torch.cuda.is_available()
-
-    def now():
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    return now
-
-
 def _evaluate(evaluator):
     res = evaluator.evaluate() or {}
     return res.get("bbox", {})
@@ -53,7 +39,8 @@ def main():
     ap.add_argument("--weights", required=True)
     ap.add_argument("--baseline-config", default="configs/Baselines/faster_rcnn_R_18_FPN_shapes.yaml")
     ap.add_argument("--baseline-weights", default="")
-    ap.add_argument("--output", default="/tmp/iounet_ablation")
+    ap.add_argument("--output", default=os.path.join("output", "iounet_ablation"),
+                    help="folder of ablation.json and the evaluators' files (default: output/iounet_ablation)")
     ap.add_argument("--max-images", type=int, default=0, help="0: the whole test set")
     ap.add_argument("opts", nargs=argparse.REMAINDER)
     args = ap.parse_args()
@@ -65,6 +52,7 @@ def main():
     from detectron2.utils.logger import setup_logger
 
     import d2_refine  # noqa: F401
+    from d2_refine.benchmark.timer import clock
     from d2_refine.data import prepare_datasets
     from d2_refine.engine import setup_cfg
     from d2_refine.engine.evaluator import D2RefineCOCOEvaluator
@@ -90,7 +78,7 @@ def main():
     refine_stats = {}
     loader = build_detection_test_loader(cfg, dataset)
     heads = model.roi_heads
-    now = _clock(cfg.MODEL.DEVICE)
+    now = clock(cfg.MODEL.DEVICE)
     with torch.no_grad():
         for inputs in loader:
             if args.max_images and count >= args.max_images:

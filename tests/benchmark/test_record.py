@@ -1,0 +1,48 @@
+"""d2_refine.benchmark.record: merge, replace and lock the results record."""
+import json
+import os
+
+import pytest
+
+from d2_refine.benchmark import record
+from helpers import benchmark_record
+
+
+def test_records_merge_and_replace_per_model_and_seed(tmp_path):
+    path = str(tmp_path / "results" / "shapes_100it.json")
+    record.record_runs(path, 100, [benchmark_record("ifr", 1, 50.0, 40.0, "mask_rcnn"), benchmark_record("mask_rcnn", 2, 49.0, 40.0)])  # noqa: E501
+    record.record_runs(path, 100, [benchmark_record("mask_rcnn", 1, 48.0, 40.0)])
+    doc = record.record_runs(path, 100, [benchmark_record("ifr", 1, 51.5, 41.0, "mask_rcnn")])  # recorded again: replaced  # noqa: E501
+    assert [(r["model"], r["seed"]) for r in doc["records"]] == [("mask_rcnn", 1), ("mask_rcnn", 2), ("ifr", 1)]
+    assert record.load_results(path) == doc and doc["records"][2]["metrics"]["bbox"]["AP"] == 51.5
+    assert not [f for f in os.listdir(tmp_path / "results") if ".tmp" in f]
+    with pytest.raises(ValueError, match="100-iteration"):
+        record.record_runs(path, 200, [benchmark_record("ifr", 2, 1.0, iters=200)])
+    with pytest.raises(ValueError, match="of 300 iterations"):
+        record.record_runs(path, 100, [benchmark_record("ifr", 2, 1.0, iters=300)])
+    (tmp_path / "bad.json").write_text(json.dumps({"iters": 100, "records": [{"model": "ifr", "seed": "1"}]}))
+    with pytest.raises(ValueError, match="record 0 needs"):
+        record.load_results(str(tmp_path / "bad.json"))
+
+
+def _record_many(path, worker):
+    for i in range(20):
+        record.record_runs(path, 100, [benchmark_record(f"m{worker}", i, float(i))])
+
+
+def test_concurrent_writers_keep_every_record(tmp_path):
+    import multiprocessing
+
+    path = str(tmp_path / "r.json")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_record_many, args=(path, w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert len(record.load_results(path)["records"]) == 80
+    with record.file_lock(path + ".lock") as held:
+        assert held
+        with record.file_lock(path + ".lock", blocking=False) as again:
+            assert again is False  # a second holder (another open file) is refused while the first holds it
