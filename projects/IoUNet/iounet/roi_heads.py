@@ -157,7 +157,8 @@ class IoUNetROIHeads(StandardROIHeads):
         last reset."""
         n = max(self._refine_totals["boxes"], 1)
         return {"images": self._refine_totals["images"], "boxes": self._refine_totals["boxes"],
-                "mean_steps": self._refine_totals["steps"] / n, "mean_iou_gain": self._refine_totals["gain"] / n}
+                "mean_steps": float(self._refine_totals["steps"]) / n,
+                "mean_iou_gain": float(self._refine_totals["gain"]) / n}
 
     def log_refine_stats(self) -> None:
         """Log the refinement statistics gathered since the last reset (if any image was seen), then reset."""
@@ -213,9 +214,9 @@ class IoUNetROIHeads(StandardROIHeads):
             if out["ious"] is not None:
                 inst.pred_ious = out["ious"]
             results.append(inst)
-            n = len(out["refine_steps"])
+            # summed on the device (read when the statistics are)
             self._refine_totals["images"] += 1
-            self._refine_totals["boxes"] += n
-            self._refine_totals["steps"] += float(out["refine_steps"].sum())
-            self._refine_totals["gain"] += float(out["refine_gain"].sum())
+            self._refine_totals["boxes"] += len(out["refine_steps"])
+            self._refine_totals["steps"] = self._refine_totals["steps"] + out["refine_steps"].sum()
+            self._refine_totals["gain"] = self._refine_totals["gain"] + out["refine_gain"].sum()
         return results
