@@ -70,7 +70,9 @@ def _register():
         need_maps = any(need[0]) if isinstance(need[0], (list, tuple)) else bool(need[0])
         grad_maps, grad_boxes = torch.ops.d2_refine._multilevel_prroi_pool_backward(
             grad, maps, boxes, *ctx.args, need_maps, bool(need[1]))
-        return (list(grad_maps) if need_maps else None, grad_boxes if need[1] else None) + (None,) * len(ctx.args)
+        # the gradient of the list of maps is a list, of Nones when not needed (autograd checks the structure)
+        grad_maps = list(grad_maps) if need_maps else [None] * len(maps)
+        return (grad_maps, grad_boxes if need[1] else None) + (None,) * len(ctx.args)
 
     torch.library.register_autograd(
         f"{lib}::multilevel_prroi_pool", _multilevel_backward, setup_context=_multilevel_setup_context

@@ -13,7 +13,7 @@ needs_ops = pytest.mark.skipif(not has_ops(), reason="the compiled op library d2
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 
 
-def _case(device="cpu", dtype=torch.float64, counts=(7, 0, 5), channels=3, size=128, seed=0):
+def _case(device="cpu", dtype=torch.float64, counts=(7, 0, 5), channels=3, size=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     maps = [torch.randn(len(counts), channels, int(size * s), int(size * s), generator=g, dtype=dtype).to(device)
             for s in SCALES]
