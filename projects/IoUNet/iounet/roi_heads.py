@@ -185,8 +185,8 @@ class IoUNetROIHeads(StandardROIHeads):
         if self.training or not (self.nms != "plain" or self.refine or self.score_times_iou):
             return super()._forward_box(features, proposals)
         if self.refine and is_tracing_or_exporting():
-            raise RuntimeError("IoU-Net's box refinement (gradient ascent through torch.autograd.grad, a "
-                               "value-dependent number of steps) cannot be traced or exported; set "
+            raise RuntimeError("IoU-Net's box refinement (gradient ascent through torch.autograd.grad) cannot "
+                               "be traced or exported; set "
                                "MODEL.IOU_NET.REFINE_TEST False to export the rest of IoU-Net's inference "
                                "(see docs/EXPORT.md)")
         feats = [features[f] for f in self.box_in_features]
