@@ -14,10 +14,13 @@ Usage::
 
     OMP_NUM_THREADS=2 python benchmarks/iounet_latency.py [--shapes-weights PATH] [--device cuda]
 
-Prints a device/torch header, then ``case | base ms | ours ms | ratio`` rows (ours / base). ``--profile`` adds one
-profiled call (torch.profiler) of the full IoU-Net variant and of its baseline: the ops with the most self time
-(device time on CUDA, CPU time on the CPU) and the count of host synchronisations, written into the JSON, so that a
-ratio can be explained where it was measured.
+Prints a device/torch header, then ``case | base ms | ours ms | ratio`` rows (ours / base): wall-clock medians of
+torch.utils.benchmark.Timer, which synchronises the device around each timed block, the baseline and the variants
+in one process on the same inputs. ``--profile`` adds one profiled call (torch.profiler) of the full IoU-Net variant
+and of its baseline: the ops with the most self time (device time on CUDA, CPU time on the CPU), the kernel time
+(each kernel once), and the host synchronisations per image (the profiler's cudaStreamSynchronize & co. on CUDA; the
+ops that would wait for a device, counted on any device), written into the JSON, so that a ratio can be explained
+where it was measured.
 """
 import argparse
 import copy
@@ -67,16 +70,24 @@ def _run(model, inputs):
         return [model([x]) for x in inputs]
 
 
-#: host-side CUDA runtime calls that can wait for the device: the synchronisations, and the copies (a copy to the host
-#: waits for the stream; cudaMemcpyAsync also counts host-to-device copies, which need not wait)
-_SYNC_KEYS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaMemcpy",
-              "cudaEventSynchronize")
+#: host-side CUDA runtime calls that wait for the device
+_SYNC_KEYS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+#: copies (cudaMemcpyAsync: a copy to the host is followed by a cudaStreamSynchronize, one to the device need not wait)
+_COPY_KEYS = ("cudaMemcpyAsync",)
 
 
-def profile_call(fn, device: str, top: int = 25, warmup: bool = True) -> dict:
-    """One profiled call of ``fn`` (after a warm-up call unless ``warmup=False``): the ``top`` ops by self time on
-    the device (on CUDA) or on the CPU, the totals, and the host synchronisations counted by their runtime calls."""
+def profile_call(fn, device: str, top: int = 25, warmup: bool = True, images: int = 1) -> dict:
+    """One profiled call of ``fn`` (after a warm-up call unless ``warmup=False``) on ``images`` images: the ``top``
+    ops by self time on the device (on CUDA: the device time of the kernels each op launched) or on the CPU, the
+    totals, and the host synchronisations, counted twice: by their CUDA runtime calls in the profile (CUDA only)
+    and by the ops that would wait for a device as dispatched from Python (:class:`HostSyncCounter`, any device).
+
+    The device total sums the kernel rows only: key_averages() also has a row per launching op that holds the same
+    kernel time, and summing both rows counts every kernel twice."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
+    from d2_refine.utils.host_sync import HostSyncCounter
 
     cuda = device.startswith("cuda")
     if warmup:
@@ -86,14 +97,24 @@ def profile_call(fn, device: str, top: int = 25, warmup: bool = True) -> dict:
         fn()
         if cuda:
             torch.cuda.synchronize()
+    with HostSyncCounter() as counter:
+        fn()
     events = prof.key_averages()
+    ops = [e for e in events if e.device_type == DeviceType.CPU]
+    kernels = [e for e in events if e.device_type != DeviceType.CPU]
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = sorted((e for e in events if getattr(e, key) > 0), key=lambda e: -getattr(e, key))[:top]
+    rows = sorted((e for e in ops if getattr(e, key) > 0), key=lambda e: -getattr(e, key))[:top]
+    syncs = {e.key: e.count for e in ops if e.key in _SYNC_KEYS}
     return dict(
         sort_by=key,
-        total_self_cpu_ms=sum(e.self_cpu_time_total for e in events) / 1e3,
-        total_self_device_ms=sum(e.self_device_time_total for e in events) / 1e3 if cuda else None,
-        host_syncs={e.key: e.count for e in events if e.key in _SYNC_KEYS},
+        images=images,
+        total_self_cpu_ms=sum(e.self_cpu_time_total for e in ops) / 1e3,
+        total_self_device_ms=sum(e.self_device_time_total for e in kernels) / 1e3 if cuda else None,
+        host_syncs=syncs,
+        host_syncs_per_image=sum(syncs.values()) / images if cuda else None,
+        copies={e.key: e.count for e in ops if e.key in _COPY_KEYS},
+        dispatch_syncs_per_image=counter.total / images,
+        dispatch_syncs=counter.counts,
         ops=[dict(name=e.key, calls=e.count, self_cpu_ms=e.self_cpu_time_total / 1e3,
                   self_device_ms=(e.self_device_time_total / 1e3) if cuda else None) for e in rows],
     )
@@ -102,14 +123,18 @@ def profile_call(fn, device: str, top: int = 25, warmup: bool = True) -> dict:
 def profile_pair(profiles: dict, case: str, base_name: str, base, full, inputs, device: str) -> None:
     """Profile one call of the baseline and of the full IoU-Net on ``inputs`` into ``profiles`` (keys
     ``"<case>: <base_name>"`` and ``"<case>: full IoU-Net"``); both models were just timed, so no warm-up call."""
-    profiles[f"{case}: {base_name}"] = profile_call(lambda: _run(base, inputs), device, warmup=False)
-    profiles[f"{case}: full IoU-Net"] = profile_call(lambda: _run(full, inputs), device, warmup=False)
+    n = len(inputs)
+    profiles[f"{case}: {base_name}"] = profile_call(lambda: _run(base, inputs), device, warmup=False, images=n)
+    profiles[f"{case}: full IoU-Net"] = profile_call(lambda: _run(full, inputs), device, warmup=False, images=n)
 
 
 def print_profile(title: str, prof: dict, top: int = 12) -> None:
     print(f"# profile: {title} (sorted by {prof['sort_by']}; self CPU {prof['total_self_cpu_ms']:.1f} ms"
-          + (f", self device {prof['total_self_device_ms']:.1f} ms" if prof["total_self_device_ms"] is not None
-             else "") + f"; host syncs {prof['host_syncs'] or 'none counted'})")
+          + (f", self device {prof['total_self_device_ms']:.1f} ms (kernels)" if prof["total_self_device_ms"]
+             is not None else "")
+          + (f"; host syncs per image {prof['host_syncs_per_image']:.1f} (profiler: {prof['host_syncs']})"
+             if prof["host_syncs_per_image"] is not None else "")
+          + f"; ops waiting for a device per image {prof['dispatch_syncs_per_image']:.1f})")
     print("op | calls | self CPU ms | self device ms")
     for o in prof["ops"][:top]:
         dev = "-" if o["self_device_ms"] is None else f"{o['self_device_ms']:.2f}"

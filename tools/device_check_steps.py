@@ -344,7 +344,8 @@ class Steps:
                 lines += [f"| {r['case']} | {r['base_ms']:.3g} | {r['ours_ms']:.3g} | {r['ratio']:.2f}x |" for r in rows]  # noqa: E501
             for title, prof in (data.get("profiles") or {}).items():
                 lines += ["", f"Profile, one call: {title} (sorted by {prof['sort_by']}; host syncs: "
-                          f"{prof['host_syncs'] or 'none counted'})", "",
+                          f"{prof['host_syncs'] or 'none counted'}; per image {prof.get('host_syncs_per_image')} "
+                          f"by the profiler, {prof.get('dispatch_syncs_per_image')} by the ops)", "",
                           "| op | calls | self CPU ms | self device ms |", "|---|---|---|---|"]
                 lines += [f"| `{o['name'][:60]}` | {o['calls']} | {o['self_cpu_ms']:.2f} | {_f(o['self_device_ms'], 2)} |"  # noqa: E501
                           for o in prof["ops"][:12]]

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from ._library import compute_dtype, has_kernel, warn_fallback
 
-__all__ = ["iou_guided_nms"]
+__all__ = ["iou_guided_nms", "iou_guided_nms_padded"]
 
 _GUIDES = ("rank", "weight", "none")
 
@@ -60,6 +60,41 @@ def iou_guided_nms(
         warn_fallback("iou_guided_nms", boxes.device)
         keep, kept_scores = _iou_guided_nms_reference(boxes, scores, ious, idxs, iou_threshold, guide)
     return keep, kept_scores.to(out_dtype or kept_scores.dtype)
+
+
+def iou_guided_nms_padded(
+    boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float, guide: str = "rank"
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`iou_guided_nms` with a result of fixed size N, for callers on a GPU: nothing in it waits for the
+    device (on CUDA; :func:`iou_guided_nms` reads two sizes on the host), so work after it can be queued at once.
+
+    Returns:
+        keep (Tensor[N], int64): the indices of :func:`iou_guided_nms`, then -1.
+        kept_scores (Tensor[N]): their updated scores, then 0.
+        num_kept (Tensor[], int64): how many are kept, on the device of ``boxes``.
+    """
+    _check(boxes, scores, ious, idxs, guide)
+    out_dtype = scores.dtype if scores.is_floating_point() else None
+    dtype = compute_dtype(boxes, scores, ious)
+    boxes, scores, ious = boxes.detach().to(dtype), scores.detach().to(dtype), ious.detach().to(dtype)
+    if has_kernel("iou_guided_nms_padded", boxes.device):
+        keep, kept_scores, num_kept = torch.ops.d2_refine.iou_guided_nms_padded(
+            boxes, scores, ious, idxs, float(iou_threshold), guide)
+    else:
+        warn_fallback("iou_guided_nms_padded", boxes.device)
+        keep, kept_scores, num_kept = _iou_guided_nms_padded_reference(boxes, scores, ious, idxs, iou_threshold, guide)
+    return keep, kept_scores.to(out_dtype or kept_scores.dtype), num_kept
+
+
+def _iou_guided_nms_padded_reference(
+    boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float, guide: str = "rank"
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`_iou_guided_nms_reference`, padded as :func:`iou_guided_nms_padded` returns it."""
+    keep, kept_scores = _iou_guided_nms_reference(boxes, scores, ious, idxs, iou_threshold, guide)
+    n, k = boxes.size(0), keep.numel()
+    keep = torch.cat([keep, keep.new_full((n - k,), -1)])
+    kept_scores = torch.cat([kept_scores, kept_scores.new_zeros((n - k,))])
+    return keep, kept_scores, torch.tensor(k, dtype=torch.int64, device=boxes.device)
 
 
 def _iou_guided_nms_reference(

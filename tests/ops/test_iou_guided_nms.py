@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import batched_nms, box_iou
 
-from d2_refine.ops import _iou_guided_nms_reference, has_ops, iou_guided_nms
+from d2_refine.ops import (_iou_guided_nms_padded_reference, _iou_guided_nms_reference, has_ops, iou_guided_nms,
+                           iou_guided_nms_padded)
 from helpers import cpu_and_cuda
 
 nms_module = importlib.import_module("d2_refine.ops.iou_guided_nms")  # the module, not the function
@@ -270,3 +271,40 @@ def test_mixed_dtypes_run_in_float32_and_return_scores_dtype():
     expected_keep, expected_scores = iou_guided_nms(boxes.half().float(), p, q.bfloat16().float(), cls, 0.5)
     assert torch.equal(keep, expected_keep) and torch.equal(scores, expected_scores)
     assert scores.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("padded", [iou_guided_nms_padded, _iou_guided_nms_padded_reference])
+def test_padded_is_the_compact_result_then_padding(device, padded):
+    """iou_guided_nms_padded: the kept indices and scores of iou_guided_nms, then -1 and 0 up to N, and their count
+    as a device tensor (on CUDA its kernel finds the class segments and the order without a host read)."""
+    if padded is iou_guided_nms_padded and not has_ops():
+        pytest.skip("the compiled op library d2_refine._C is not built")
+    g = torch.Generator().manual_seed(30)
+    boxes, p, q, cls = (t.to(device) for t in _clustered_candidates(300, 4, g))
+    for guide in GUIDES:
+        keep, scores = iou_guided_nms(boxes, p, q, cls, 0.5, guide)
+        pkeep, pscores, num = padded(boxes, p, q, cls, 0.5, guide)
+        k = len(keep)
+        assert pkeep.shape == (300,) and pscores.shape == (300,) and pscores.dtype == p.dtype
+        assert num.shape == () and num.dtype == torch.int64 and num.device == boxes.device and int(num) == k
+        assert torch.equal(pkeep[:k], keep) and torch.equal(pscores[:k], scores)
+        assert (pkeep[k:] == -1).all() and (pscores[k:] == 0).all()
+    empty = padded(boxes[:0], p[:0], q[:0], cls[:0], 0.5, "rank")
+    assert empty[0].shape == (0,) and int(empty[2]) == 0
+
+
+@needs_ops
+def test_padded_opcheck_and_compile_fullgraph_with_static_shapes():
+    g = torch.Generator().manual_seed(31)
+    boxes, p, q, cls = _clustered_candidates(60, 3, g, dtype=torch.float32)
+    for guide in GUIDES:
+        torch.library.opcheck(torch.ops.d2_refine.iou_guided_nms_padded.default, (boxes, p, q, cls, 0.5, guide))
+
+    def fn(b, s, i, c):
+        keep, scores, num = iou_guided_nms_padded(b, s, i, c, 0.5, "rank")
+        return b[keep.clamp(min=0)], scores, num
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for a, b in zip(compiled(boxes, p, q, cls), fn(boxes, p, q, cls)):
+        torch.testing.assert_close(a, b)

@@ -127,10 +127,27 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_nms_kernel(const at::Tensor& boxes
   return std::make_tuple(keep_t, scores_t);
 }
 
+// The compact result padded to N rows (keep -1, kept_scores 0) with its count: on the CPU padding costs nothing.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> iou_guided_nms_padded_kernel(const at::Tensor& boxes,
+                                                                            const at::Tensor& scores,
+                                                                            const at::Tensor& ious,
+                                                                            const at::Tensor& idxs,
+                                                                            double iou_threshold,
+                                                                            c10::string_view guide) {
+  auto [keep, kept_scores] = iou_guided_nms_kernel(boxes, scores, ious, idxs, iou_threshold, guide);
+  const int64_t n = boxes.size(0), k = keep.size(0);
+  at::Tensor keep_padded = at::full({n}, -1, keep.options());
+  at::Tensor scores_padded = at::zeros({n}, scores.options());
+  keep_padded.narrow(0, 0, k).copy_(keep);
+  scores_padded.narrow(0, 0, k).copy_(kept_scores);
+  return std::make_tuple(keep_padded, scores_padded, at::scalar_tensor(k, keep.options()));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(d2_refine, CPU, m) {
   m.impl("iou_guided_nms", TORCH_FN(iou_guided_nms_kernel));
+  m.impl("iou_guided_nms_padded", TORCH_FN(iou_guided_nms_padded_kernel));
 }
 
 }  // namespace d2_refine

@@ -4,7 +4,8 @@
 // segment is then scanned greedily by one thread block (a class rarely holds more than a few thousand candidates):
 // the block visits the candidates in ranking order, and when one is not yet owned (kept) its threads test every
 // later unowned candidate of the segment in parallel and claim those above the threshold. The new scores
-// (scatter-max of p over owners) and the final order come from ATen ops, all on the device.
+// (scatter-max of p over owners) and the final order come from ATen ops, all on the device. iou_guided_nms reads
+// two sizes on the host (the number of classes, the number kept); iou_guided_nms_padded reads none.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -60,6 +61,67 @@ __global__ void iou_guided_nms_owner_cuda(const scalar_t* boxes, const int64_t* 
   }
 }
 
+// The greedy scan on the device: candidates sorted by (class, key descending, index) and the owner of each (its
+// position in that order). With `sync_free`, the class segments are found without reading their number on the host:
+// one block per candidate, the blocks of candidates that do not start a segment returning at once.
+struct SortedOwners {
+  at::Tensor order;          // original index of each sorted position
+  at::Tensor sorted_scores;  // p in sorted order
+  at::Tensor owner;          // sorted position of the kept box owning each sorted position
+};
+
+SortedOwners sorted_owners(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious,
+                           const at::Tensor& idxs, double iou_threshold, int guide_id, bool sync_free) {
+  const int64_t n = boxes.size(0);
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  at::Tensor key = guide_id == 0 ? ious : (guide_id == 1 ? scores * ious : scores);
+  key = at::nan_to_num(key, neg_inf);
+  // (class, key descending, index): stable sort by key, then stable sort by class
+  const at::Tensor by_key = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
+  const auto by_class = idxs.to(at::kLong).index_select(0, by_key).sort(/*stable=*/true, 0, /*descending=*/false);
+  const at::Tensor classes = std::get<0>(by_class);
+  SortedOwners r;
+  r.order = by_key.index_select(0, std::get<1>(by_class));
+  const at::Tensor sorted_boxes = boxes.index_select(0, r.order).contiguous();
+  r.sorted_scores = scores.index_select(0, r.order);
+  at::Tensor segment_start, segment_end;
+  if (sync_free) {
+    const at::Tensor positions = at::arange(n, classes.options());
+    const at::Tensor starts = at::ones({n}, classes.options().dtype(at::kBool));
+    if (n > 1) {
+      starts.narrow(0, 1, n - 1).copy_(classes.narrow(0, 1, n - 1) != classes.narrow(0, 0, n - 1));
+    }
+    const at::Tensor ends = at::searchsorted(classes, classes, /*out_int32=*/false, /*right=*/true);
+    segment_start = at::where(starts, positions, at::zeros_like(positions)).contiguous();
+    segment_end = at::where(starts, ends, at::zeros_like(ends)).contiguous();
+  } else {
+    const at::Tensor counts = std::get<2>(at::unique_consecutive(classes, false, /*return_counts=*/true));
+    segment_end = counts.cumsum(0);
+    segment_start = segment_end - counts;
+  }
+  const int64_t num_blocks = segment_start.size(0);
+  r.owner = at::full({n}, -1, boxes.options().dtype(at::kLong));
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "iou_guided_nms_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    iou_guided_nms_owner_cuda<scalar_t, acc_t><<<static_cast<unsigned int>(num_blocks), kThreads, 0, stream>>>(
+        sorted_boxes.data_ptr<scalar_t>(), segment_start.data_ptr<int64_t>(), segment_end.data_ptr<int64_t>(),
+        static_cast<acc_t>(iou_threshold), r.owner.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return r;
+}
+
+// new score of each sorted position: the max p over the members of a kept box (p itself for guide "none")
+at::Tensor updated_scores(const SortedOwners& r, int guide_id) {
+  if (guide_id == 2) {
+    return r.sorted_scores;
+  }
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  return at::full({r.owner.size(0)}, neg_inf, r.sorted_scores.options())
+      .scatter_reduce(0, r.owner, r.sorted_scores, "amax", /*include_self=*/true);
+}
+
 std::tuple<at::Tensor, at::Tensor> iou_guided_nms_kernel(const at::Tensor& boxes, const at::Tensor& scores,
                                                          const at::Tensor& ious, const at::Tensor& idxs,
                                                          double iou_threshold, c10::string_view guide) {
@@ -72,37 +134,12 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_nms_kernel(const at::Tensor& boxes
     return std::make_tuple(at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options()));
   }
   const double neg_inf = -std::numeric_limits<double>::infinity();
-  at::Tensor key = guide_id == 0 ? ious : (guide_id == 1 ? scores * ious : scores);
-  key = at::nan_to_num(key, neg_inf);
-  // (class, key descending, index): stable sort by key, then stable sort by class
-  const at::Tensor by_key = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
-  const auto by_class = idxs.to(at::kLong).index_select(0, by_key).sort(/*stable=*/true, 0, /*descending=*/false);
-  const at::Tensor classes = std::get<0>(by_class);
-  const at::Tensor order = by_key.index_select(0, std::get<1>(by_class));
-  const at::Tensor sorted_boxes = boxes.index_select(0, order).contiguous();
-  const at::Tensor sorted_scores = scores.index_select(0, order);
-  const at::Tensor counts = std::get<2>(at::unique_consecutive(classes, false, /*return_counts=*/true));
-  const at::Tensor segment_end = counts.cumsum(0);
-  const at::Tensor segment_start = segment_end - counts;
-  const int64_t num_segments = counts.size(0);
-  at::Tensor owner = at::full({n}, -1, boxes.options().dtype(at::kLong));
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, boxes.scalar_type(), "iou_guided_nms_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    iou_guided_nms_owner_cuda<scalar_t, acc_t><<<static_cast<unsigned int>(num_segments), kThreads, 0, stream>>>(
-        sorted_boxes.data_ptr<scalar_t>(), segment_start.data_ptr<int64_t>(), segment_end.data_ptr<int64_t>(),
-        static_cast<acc_t>(iou_threshold), owner.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  const at::Tensor positions = at::arange(n, owner.options());
-  at::Tensor new_scores = sorted_scores;
-  if (guide_id != 2) {
-    new_scores = at::full({n}, neg_inf, sorted_scores.options())
-                     .scatter_reduce(0, owner, sorted_scores, "amax", /*include_self=*/true);
-  }
-  const at::Tensor kept = at::nonzero(owner == positions).select(1, 0);
+  const SortedOwners r = sorted_owners(boxes, scores, ious, idxs, iou_threshold, guide_id, /*sync_free=*/false);
+  const at::Tensor new_scores = updated_scores(r, guide_id);
+  const at::Tensor positions = at::arange(n, r.owner.options());
+  const at::Tensor kept = at::nonzero(r.owner == positions).select(1, 0);
   // by original index, then stably by updated score descending
-  const auto by_index = order.index_select(0, kept).sort(/*stable=*/true, 0, false);
+  const auto by_index = r.order.index_select(0, kept).sort(/*stable=*/true, 0, false);
   const at::Tensor keep = std::get<0>(by_index);
   const at::Tensor kept_scores = new_scores.index_select(0, kept.index_select(0, std::get<1>(by_index)));
   const at::Tensor final_order =
@@ -110,10 +147,45 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_nms_kernel(const at::Tensor& boxes
   return std::make_tuple(keep.index_select(0, final_order), kept_scores.index_select(0, final_order));
 }
 
+// The same order as iou_guided_nms_kernel, on N rows: three stable sorts (original index; updated score
+// descending; kept before suppressed) instead of compacting the kept boxes, and the count as a device tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> iou_guided_nms_padded_kernel(const at::Tensor& boxes,
+                                                                            const at::Tensor& scores,
+                                                                            const at::Tensor& ious,
+                                                                            const at::Tensor& idxs,
+                                                                            double iou_threshold,
+                                                                            c10::string_view guide) {
+  iou_nms::check_args(boxes, scores, ious, idxs);
+  const int guide_id = iou_nms::guide_code(std::string(guide));
+  TORCH_CHECK(boxes.is_cuda(), "iou_guided_nms_padded: boxes must be a CUDA tensor for the CUDA kernel");
+  at::cuda::CUDAGuard device_guard(boxes.device());
+  const int64_t n = boxes.size(0);
+  const at::TensorOptions long_options = boxes.options().dtype(at::kLong);
+  if (n == 0) {
+    return std::make_tuple(at::empty({0}, long_options), at::empty({0}, scores.options()),
+                           at::zeros({}, long_options));
+  }
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  const SortedOwners r = sorted_owners(boxes, scores, ious, idxs, iou_threshold, guide_id, /*sync_free=*/true);
+  const at::Tensor new_scores = updated_scores(r, guide_id);
+  const at::Tensor positions = at::arange(n, long_options);
+  const at::Tensor kept = r.owner == positions;
+  at::Tensor perm = std::get<1>(r.order.sort(/*stable=*/true, 0, false));
+  perm = perm.index_select(
+      0, std::get<1>(at::nan_to_num(new_scores.index_select(0, perm), neg_inf).sort(true, 0, /*descending=*/true)));
+  perm = perm.index_select(0, std::get<1>(kept.index_select(0, perm).to(at::kByte).sort(true, 0, /*descending=*/true)));
+  const at::Tensor num_kept = kept.sum(at::kLong);
+  const at::Tensor valid = positions < num_kept;
+  const at::Tensor keep = at::where(valid, r.order.index_select(0, perm), at::full({}, -1, long_options));
+  const at::Tensor kept_scores = at::where(valid, new_scores.index_select(0, perm), at::zeros({}, scores.options()));
+  return std::make_tuple(keep, kept_scores, num_kept);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(d2_refine, CUDA, m) {
   m.impl("iou_guided_nms", TORCH_FN(iou_guided_nms_kernel));
+  m.impl("iou_guided_nms_padded", TORCH_FN(iou_guided_nms_padded_kernel));
 }
 
 }  // namespace d2_refine

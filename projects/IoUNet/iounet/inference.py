@@ -74,37 +74,39 @@ def iounet_inference_single_image(
     """
     if nms not in NMS_MODES:
         raise ValueError(f"MODEL.IOU_NET.NMS_TEST must be one of {tuple(NMS_MODES)}, got {nms!r}")
-    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
-    if not bool(valid.all()):
-        boxes, scores = boxes[valid], scores[valid]
-    scores = scores[:, :-1]
+    # Laid out for the GPU: one nonzero to find the candidates and one read of the number of detections at the end
+    # are the only host synchronisations (plus torchvision's NMS on the "plain" path); the rest has sizes known on
+    # the host (IoU-guided NMS padded to the candidates, refinement on a fixed set of boxes).
+    valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)  # the others are no candidate
+    boxes = boxes.masked_fill(~valid[:, None], 0.0)
+    scores = scores[:, :-1].masked_fill(~valid[:, None], float("-inf"))
     num_classes = scores.shape[1]
     # R x (K or 1) x 4; the row count from the tensor, not len(), so that a torch.jit.trace does not freeze it
     boxes = _clip(boxes.reshape(boxes.shape[0], boxes.shape[1] // 4, 4), image_size)
     ious: Optional[torch.Tensor] = None
     empty = boxes.new_zeros((0,))
+    num: Optional[torch.Tensor] = None  # number of real rows (on the device) when the rows are padded
 
     if NMS_MODES[nms] is not None:
-        from d2_refine.ops import iou_guided_nms
+        from d2_refine.ops import iou_guided_nms_padded
 
-        fg_score, fg_cls = scores.max(dim=1)
-        prop = torch.nonzero(fg_score >= score_thresh)[:, 0]
-        prop_boxes = boxes[prop, fg_cls[prop]] if boxes.shape[1] > 1 else boxes[prop, 0]
-        with torch.no_grad():
-            prop_ious = iou_fn(prop_boxes) if len(prop) else boxes.new_zeros((0, num_classes))
-        cand = torch.nonzero(scores[prop] >= score_thresh)  # (row in prop, class)
+        cand = torch.nonzero(scores >= score_thresh)  # (proposal, class), the same rows as a per-proposal filter
         r, k = cand[:, 0], cand[:, 1]
-        cand_boxes, cand_scores = prop_boxes[r], scores[prop[r], k]
-        cand_ious = prop_ious[r, 0] if prop_ious.shape[1] == 1 else prop_ious[r, k]
-        keep, kept_scores = iou_guided_nms(cand_boxes, cand_scores, cand_ious, k, nms_thresh, guide=NMS_MODES[nms])
+        # a candidate's box is the one regressed for its proposal's argmax class
+        fg_cls = scores.max(dim=1).indices[r] if boxes.shape[1] > 1 else torch.zeros_like(r)
+        cand_boxes, cand_scores = boxes[r, fg_cls], scores[r, k]
+        with torch.no_grad():
+            cand_ious = iou_fn(cand_boxes) if len(r) else boxes.new_zeros((0, num_classes))
+        cand_ious = cand_ious[:, 0] if cand_ious.shape[1] == 1 else cand_ious.gather(1, k[:, None])[:, 0]
+        keep, kept_scores, num = iou_guided_nms_padded(cand_boxes, cand_scores, cand_ious, k, nms_thresh,
+                                                       guide=NMS_MODES[nms])
         limit = max(topk, pre_refine if refine else 0) if topk >= 0 else len(keep)
-        keep, kept_scores = keep[:limit], kept_scores[:limit]
-        boxes, scores, classes, ious = cand_boxes[keep], kept_scores, k[keep], cand_ious[keep]
+        keep, scores = keep[:limit].clamp(min=0), kept_scores[:limit]
+        boxes, classes, ious = cand_boxes[keep], k[keep], cand_ious[keep]
     else:
-        mask = scores > score_thresh  # detectron2's filter
-        inds = torch.nonzero(mask)
-        boxes = boxes[inds[:, 0], 0] if boxes.shape[1] == 1 else boxes[mask]
-        scores, classes = scores[mask], inds[:, 1]
+        inds = torch.nonzero(scores > score_thresh)  # detectron2's filter
+        boxes = boxes[inds[:, 0], 0 if boxes.shape[1] == 1 else inds[:, 1]]
+        scores, classes = scores[inds[:, 0], inds[:, 1]], inds[:, 1]
         keep = batched_nms(boxes, scores, classes, nms_thresh)
         if topk >= 0:
             keep = keep[: max(topk, pre_refine if refine else 0)]
@@ -114,24 +116,31 @@ def iounet_inference_single_image(
                 ious = _at_class(iou_fn(boxes), classes)
         elif refine or score_times_iou:
             ious = empty
+    rank = torch.arange(len(boxes), device=boxes.device)
+    real = None if num is None else rank < num
 
     steps, gain = empty.long(), empty
     if refine and len(boxes):
         n = min(pre_refine, len(boxes))
+        refined_classes = classes[:n]
 
         def fn(b, rows):
-            return _at_class(iou_fn(b), classes[:n][rows])
+            return _at_class(iou_fn(b), refined_classes[rows])
 
-        res = refine_boxes(boxes[:n], fn, image_size=image_size, **(refine_kwargs or {}))
+        res = refine_boxes(boxes[:n], fn, image_size=image_size, valid=None if real is None else real[:n],
+                           **(refine_kwargs or {}))
         boxes = torch.cat([res.boxes, boxes[n:]])
         ious = torch.cat([res.ious, ious[n:]])
         steps, gain = res.steps, res.ious - res.init_ious
     if score_times_iou and ious is not None:
         scores = scores * ious.clamp(0.0, 1.0)
-    order = torch.argsort(scores, descending=True)
-    if topk >= 0:
-        order = order[:topk]
+    if real is not None:
+        scores = scores.masked_fill(~real, float("-inf"))  # padding last
+    order = torch.argsort(scores, descending=True, stable=True)
+    real_count = len(order) if num is None else int(num)  # the one read of a device value per image
+    order = order[: real_count if topk < 0 else min(real_count, topk)]
+    refined = min(len(steps), real_count)
     out = {"boxes": boxes[order], "scores": scores[order], "classes": classes[order],
            "ious": None if ious is None else ious[order].clamp(0.0, 1.0),
-           "refine_steps": steps, "refine_gain": gain}
+           "refine_steps": steps[:refined], "refine_gain": gain[:refined]}
     return out

@@ -1,13 +1,17 @@
 """``ROIPooler`` whose level poolers are PrRoIPool: the multi-level pooler of the IoU head, and what
 ``MODEL.ROI_BOX_HEAD.POOLER_TYPE: "PrRoIPool"`` (or "PrRoIPoolV2", the half-pixel-aligned variant) builds.
 
-ROIPooler's level assignment and scatter are kept; PrRoIPool is differentiable w.r.t. the box coordinates,
-so the pooled features (and everything computed from them) can be differentiated w.r.t. the boxes. The level
-of each box is re-assigned at every call, so a box refined across a level boundary is pooled from its new level.
+ROIPooler's level assignment is kept, inside one call of :func:`d2_refine.ops.multilevel_prroi_pool` for all
+levels (ROIPooler's loop splits the boxes per level on the host: a GPU synchronisation per level). PrRoIPool is
+differentiable w.r.t. the box coordinates, so the pooled features (and everything computed from them) can be
+differentiated w.r.t. the boxes. The level of each box is re-assigned at every call, so a box refined across a
+level boundary is pooled from its new level.
 """
-from typing import Sequence
+from typing import List, Sequence
 
+import torch
 from detectron2.modeling.poolers import ROIPooler
+from detectron2.structures import Boxes
 from torch import nn
 
 __all__ = ["PrRoIPooler", "PRROI_POOLER_TYPES", "build_roi_pooler"]
@@ -36,6 +40,29 @@ class PrRoIPooler(ROIPooler):
         self.level_poolers = nn.ModuleList(
             PrRoIPool2d(self.output_size, spatial_scale=scale, aligned=aligned) for scale in scales
         )
+        self.scales = tuple(float(s) for s in scales)
+        self.aligned = bool(aligned)
+
+    def forward(self, x: List[torch.Tensor], box_lists: List[Boxes]) -> torch.Tensor:
+        """
+        Args:
+            x (list[Tensor[N, C, H_l, W_l]]): the feature maps, one per level.
+            box_lists (list[Boxes]): the boxes of each image (N).
+        Returns:
+            Tensor[K, C, PH, PW]: the boxes of all images, in order.
+        """
+        from d2_refine.ops import multilevel_prroi_pool
+
+        if not isinstance(x, list) or len(x) != len(self.level_poolers):
+            raise ValueError(f"PrRoIPooler: x must be a list of {len(self.level_poolers)} feature maps (one per level), "
+                             f"got {len(x) if isinstance(x, list) else type(x).__name__}")
+        if len(box_lists) != x[0].size(0):
+            raise ValueError(f"PrRoIPooler: box_lists must hold the Boxes of each of the {x[0].size(0)} images, "
+                             f"got {len(box_lists)}")
+        if len(box_lists) == 0:
+            return x[0].new_zeros((0, x[0].shape[1]) + tuple(self.output_size))
+        return multilevel_prroi_pool(x, [b.tensor for b in box_lists], self.output_size, self.scales,
+                                     self.canonical_box_size, self.canonical_level, self.aligned)
 
 
 def build_roi_pooler(output_size, scales, sampling_ratio: int, pooler_type: str, **kwargs) -> ROIPooler:

@@ -163,7 +163,8 @@ class IoUNetROIHeads(StandardROIHeads):
         last reset."""
         n = max(self._refine_totals["boxes"], 1)
         return {"images": self._refine_totals["images"], "boxes": self._refine_totals["boxes"],
-                "mean_steps": self._refine_totals["steps"] / n, "mean_iou_gain": self._refine_totals["gain"] / n}
+                "mean_steps": float(self._refine_totals["steps"]) / n,
+                "mean_iou_gain": float(self._refine_totals["gain"]) / n}
 
     def log_refine_stats(self) -> None:
         """Log the refinement statistics gathered since the last reset (if any image was seen), then reset."""
@@ -190,8 +191,8 @@ class IoUNetROIHeads(StandardROIHeads):
         if self.training or not (self.nms != "plain" or self.refine or self.score_times_iou):
             return super()._forward_box(features, proposals)
         if self.refine and is_tracing_or_exporting():
-            raise RuntimeError("IoU-Net's box refinement (gradient ascent through torch.autograd.grad, a "
-                               "value-dependent number of steps) cannot be traced or exported; set "
+            raise RuntimeError("IoU-Net's box refinement (gradient ascent through torch.autograd.grad) cannot "
+                               "be traced or exported; set "
                                "MODEL.IOU_NET.REFINE_TEST False to export the rest of IoU-Net's inference "
                                "(see docs/EXPORT.md)")
         feats = [features[f] for f in self.box_in_features]
@@ -219,9 +220,9 @@ class IoUNetROIHeads(StandardROIHeads):
             if out["ious"] is not None:
                 inst.pred_ious = out["ious"]
             results.append(inst)
-            n = len(out["refine_steps"])
+            # summed on the device (read when the statistics are)
             self._refine_totals["images"] += 1
-            self._refine_totals["boxes"] += n
-            self._refine_totals["steps"] += float(out["refine_steps"].sum())
-            self._refine_totals["gain"] += float(out["refine_gain"].sum())
+            self._refine_totals["boxes"] += len(out["refine_steps"])
+            self._refine_totals["steps"] = self._refine_totals["steps"] + out["refine_steps"].sum()
+            self._refine_totals["gain"] = self._refine_totals["gain"] + out["refine_gain"].sum()
         return results

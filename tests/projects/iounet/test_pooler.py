@@ -53,3 +53,28 @@ def test_autocast_bfloat16_matches_float32(aligned):
     for a, b in zip(bgrads, ebgrads):
         assert torch.isfinite(a).all() and a.abs().sum() > 0
         torch.testing.assert_close(a, b, atol=5e-2, rtol=0)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_one_call_for_all_levels_equals_roipoolers_loop(aligned):
+    """PrRoIPooler pools all levels in one multilevel_prroi_pool call; detectron2's ROIPooler loop (a level
+    assignment, then a PrRoIPool call per level) gives the same features and gradients."""
+    from detectron2.modeling.poolers import ROIPooler
+
+    pooler = PrRoIPooler(5, SCALES, aligned=aligned, canonical_box_size=32, canonical_level=3)
+    feats = [f.double() for f in _pyramid(seed=2)]
+    boxes = [Boxes(b.tensor.double()) for b in _boxes()]
+    weights = torch.randn(5, 8, 5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def run(forward):
+        fs = [f.clone().requires_grad_() for f in feats]
+        bs = [Boxes(b.tensor.clone().requires_grad_()) for b in boxes]
+        out = forward(fs, bs)
+        (out * weights).sum().backward()
+        return [out] + [f.grad for f in fs] + [b.tensor.grad for b in bs]
+
+    fused = run(pooler)
+    loop = run(lambda fs, bs: ROIPooler.forward(pooler, fs, bs))
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b)
+    assert fused[-1].abs().sum() > 0

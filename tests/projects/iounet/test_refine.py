@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from d2_refine.projects.iounet.jitter import apply_deltas, pairwise_iou
@@ -123,3 +124,70 @@ def test_returned_ious_are_those_of_the_clipped_boxes():
     unclipped = refine_boxes(boxes, fn, steps=5, step_size=0.5)
     assert unclipped.boxes[0, 2] > 200 and unclipped.ious[0] > res.ious[0] + 1.0  # before clipping: higher
     torch.testing.assert_close(unclipped.ious[1], res.ious[1])  # an unclipped box keeps its IoU
+
+
+def _refine_active_subset(boxes, iou_fn, steps, step_size, early_stop, degrade_tol, revert_on_degrade):
+    """Algorithm 2 as first written here: each step evaluates only the boxes still moving, found with a nonzero
+    (a host synchronisation per step on a GPU) and stops when none is left. The oracle of the fixed-step loop."""
+    n = len(boxes)
+    out_boxes, taken = boxes.clone(), torch.zeros(n, dtype=torch.int64)
+    rows = torch.arange(n)
+    cur = boxes.clone().requires_grad_(True)
+    q = iou_fn(cur, rows)
+    init_q = q.detach().clone()
+    out_q, idx = init_q.clone(), torch.arange(n)
+    for _ in range(steps):
+        (g,) = torch.autograd.grad(q.index_select(0, idx).sum(), cur)
+        g = torch.nan_to_num(g.index_select(0, idx), nan=0.0, posinf=0.0, neginf=0.0)
+        rows, old, q_old = rows[idx], cur.detach()[idx], q.detach()[idx]
+        wh = (old[:, 2:] - old[:, :2]).clamp(min=0).repeat(1, 2)
+        cur = (old + step_size * g * wh).requires_grad_(True)
+        q = iou_fn(cur, rows)
+        gain = q.detach() - q_old
+        upd_boxes, upd_q = cur.detach(), q.detach()
+        if revert_on_degrade:
+            bad = gain < degrade_tol
+            upd_boxes, upd_q = torch.where(bad[:, None], old, upd_boxes), torch.where(bad, q_old, upd_q)
+        out_boxes[rows], out_q[rows] = upd_boxes, upd_q
+        taken[rows] += 1
+        idx = torch.nonzero(~((gain.abs() < early_stop) | (gain < degrade_tol)))[:, 0]
+        if len(idx) == 0:
+            break
+    return out_boxes, out_q, init_q, taken
+
+
+@pytest.mark.parametrize("step_size,revert", [(0.5, False), (2.0, True), (3.0, False)])
+def test_fixed_steps_with_a_stop_mask_equal_the_active_subset_loop(step_size, revert):
+    """Every step on every box, a stopped box held by a mask: the same boxes, IoUs and step counts as evaluating
+    only the moving boxes (boxes stop at different steps here)."""
+    boxes, targets = _jittered(48, seed=4)
+    fn = _analytic_iou_fn(targets)
+    kw = dict(steps=15, step_size=step_size, early_stop=0.001, degrade_tol=-0.01, revert_on_degrade=revert)
+    res = refine_boxes(boxes, fn, **kw)
+    ref_boxes, ref_q, ref_init, ref_steps = _refine_active_subset(boxes, fn, **kw)
+    assert len(ref_steps.unique()) > 1  # boxes stop at different steps
+    assert torch.equal(res.steps, ref_steps)
+    torch.testing.assert_close(res.boxes, ref_boxes)
+    torch.testing.assert_close(res.ious, ref_q)
+    torch.testing.assert_close(res.init_ious, ref_init)
+
+
+def test_padding_rows_take_no_step():
+    boxes, targets = _jittered(6, seed=5)
+    valid = torch.tensor([True, True, False, True, False, True])
+    res = refine_boxes(boxes, _analytic_iou_fn(targets), valid=valid)
+    full = refine_boxes(boxes, _analytic_iou_fn(targets))
+    assert (res.steps[~valid] == 0).all() and torch.equal(res.boxes[~valid], boxes[~valid])
+    torch.testing.assert_close(res.boxes[valid], full.boxes[valid])
+
+
+def test_the_same_under_inference_mode():
+    """Boxes created under inference_mode are inference tensors: the gradient must still be taken."""
+    boxes, targets = _jittered(16, seed=6)
+    fn = _analytic_iou_fn(targets)
+    ref = refine_boxes(boxes, fn)
+    with torch.inference_mode():
+        res = refine_boxes(boxes.clone(), fn)
+    assert (ref.steps > 1).any()
+    assert torch.equal(res.steps, ref.steps)
+    torch.testing.assert_close(res.boxes, ref.boxes)

@@ -1,0 +1,86 @@
+"""IoU-Net inference laid out for the GPU: no host round-trip per refinement step or per FPN level, and the same
+refinement under torch.inference_mode(), torch.no_grad() and plain mode."""
+import copy
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("detectron2")
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
+
+import d2_refine  # noqa: E402
+from d2_refine.utils.host_sync import HostSyncCounter  # noqa: E402
+from helpers import ROOT  # noqa: E402
+
+SIZE = 96
+
+def _cfg(*opts):
+    cfg = d2_refine.add_d2_refine_config(get_cfg())
+    cfg.merge_from_file(os.path.join(ROOT, "configs/IoUNet/iounet_R_18_FPN_shapes.yaml"))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_BOX_HEAD.FC_DIM", 64,
+                         "MODEL.IOU_NET.FC_DIM", 64, "MODEL.RPN.POST_NMS_TOPK_TEST", 60, *opts])
+    return cfg
+
+
+def _image(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(3, SIZE, SIZE, generator=g) * 255, "height": SIZE, "width": SIZE}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model(_cfg()).eval()
+    m.roi_heads.box_predictor.test_score_thresh = 0.0  # untrained weights: keep candidates
+    return m
+
+
+def _box_branch_inputs(m, images):
+    with torch.no_grad():
+        batched = m.preprocess_image(images)
+        features = m.backbone(batched.tensor)
+        proposals, _ = m.proposal_generator(batched, features, None)
+    return features, proposals
+
+
+@pytest.mark.parametrize("nms", ["iou_guided", "plain"])
+def test_box_branch_synchronises_at_most_8_times_per_image(model, nms):
+    """The box branch of IoU-Net's inference (box head, NMS, refinement, score x IoU) on two images: the ops that
+    would make the host wait for a GPU, counted on the CPU."""
+    m = copy.deepcopy(model)
+    m.roi_heads.nms = nms
+    images = [_image(0), _image(1)]
+    features, proposals = _box_branch_inputs(m, images)
+    counter = HostSyncCounter()
+    with torch.no_grad(), counter:
+        results = m.roi_heads._forward_box(features, proposals)
+    assert all(len(r) > 0 for r in results)  # refinement ran on real boxes
+    per_image = counter.total / len(images)
+    print(f"{nms}: {per_image} host synchronisations per image: {counter.counts}")
+    assert per_image <= 8, counter.counts
+
+
+def test_refinement_is_the_same_under_inference_mode_no_grad_and_plain_mode(model):
+    """The boxes that refinement starts from are created inside the caller's mode; under inference_mode they
+    are inference tensors, on which enable_grad records no graph."""
+    m = copy.deepcopy(model)
+    m.requires_grad_(False)
+    outs = {}
+    for name, ctx in (("plain", torch.enable_grad), ("no_grad", torch.no_grad),
+                      ("inference_mode", torch.inference_mode)):
+        m.roi_heads.reset_refine_stats()
+        with ctx():
+            inst = m([_image(2)])[0]["instances"]
+        outs[name] = (inst, m.roi_heads.refine_stats())
+    ref, ref_stats = outs["plain"]
+    assert ref_stats["boxes"] > 0 and ref_stats["mean_steps"] > 1 and ref_stats["mean_iou_gain"] != 0
+    for name in ("no_grad", "inference_mode"):
+        inst, stats = outs[name]
+        assert stats == pytest.approx(ref_stats, rel=1e-5, abs=1e-7), name
+        assert len(inst) == len(ref), name
+        torch.testing.assert_close(inst.pred_boxes.tensor.clone(), ref.pred_boxes.tensor.detach(), msg=name)
+        torch.testing.assert_close(inst.scores.clone(), ref.scores.detach(), msg=name)
