@@ -26,7 +26,8 @@ Steps, in order (each one a subprocess with its own time limit; a failed step do
   fpt          benchmarks/fpt.py at 800x1333, batch 1: latency and peak memory (fpt_paper must stay < 4 GiB)
   ifr          benchmarks/ifr_memory.py with N = 256 RoIs: training memory vs solver depth; what autograd keeps
                (every solver) and the peak (fixed-point, Anderson) must stay flat within 10 %; Broyden's peak,
-               which adds its workspace of 2 vectors per step, is reported
+               which adds its workspace of 2 vectors per step, is reported; then benchmarks/ifr_test_cost.py:
+               IFR's test-time cost against Mask R-CNN (batch 1, shapes configs), reported
 
 ``--dry-run`` runs the same steps on the CPU with tiny sizes (no compilation: the op library as installed), so
 that the script is exercised by the test suite on machines without a GPU; its numbers mean nothing.
@@ -407,6 +408,14 @@ print("DEVICE_CHECK_JSON " + json.dumps(info))
         if grown and not self.dry:
             step.update(status="fail", error=f"implicit memory grows with depth: {grown}")
             ok = False
+        # IFR's test-time cost against Mask R-CNN (benchmarks/ifr_test_cost.py), reported, not checked
+        cost = os.path.join(self.work, "ifr_test_cost.json")
+        if not str(self.results.get("env", {}).get("detectron2", "unavailable")).startswith("unavailable"):
+            self.sh([self.python, "benchmarks/ifr_test_cost.py", "--device", self.device, "--json", cost,
+                     "--repeats", "2" if self.dry else "30"], self.args.bench_timeout)
+            if os.path.exists(cost):
+                with open(cost) as f:
+                    step["test_cost"] = json.load(f)
         self.save()
         return ok
 
