@@ -2,7 +2,7 @@
 
     python benchmarks/fpt.py                               # shapes size (192 px, R-18, C = 128) and 800x1333 (R-50)
     python benchmarks/fpt.py --sizes shapes --repeats 10
-    python benchmarks/fpt.py --sizes coco --presets fpt_paper --device cuda
+    python benchmarks/fpt.py --sizes coco --presets fpt_paper --device cuda --precision fp32 amp
 
 Cases: for each size, the wrapped FPN backbone (baseline) and FPT around it (one per preset), batch 1, eval mode,
 ``torch.no_grad()``, the same random image (padded to a multiple of 32 like detectron2's ImageList: 800x1333 ->
@@ -10,6 +10,8 @@ Cases: for each size, the wrapped FPN backbone (baseline) and FPT around it (one
 128); "coco" the one of configs/FPT/mask_rcnn_fpt_R_50_FPN_1x_coco.yaml (R-50, C = 256). Random weights (timing
 does not depend on them).
 
+Precision: ``fp32``, or ``amp`` (``torch.autocast``: float16 on CUDA, bfloat16 on CPU) for both FPN and FPT;
+default both on CUDA, fp32 on CPU.
 Time: ``torch.utils.benchmark.Timer`` (median over ``--repeats`` runs after one warm-up run; FPN and FPT runs
 interleaved so that a change of machine load hits both).
 Peak memory, the backbone forward only (parameters and the input excluded):
@@ -20,6 +22,7 @@ Peak memory, the backbone forward only (parameters and the input excluded):
 Timings are never asserted anywhere.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -55,12 +58,19 @@ def padded_input(size, divisibility, device):
     return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def time_ms(models, x, repeats):
+def precision_context(precision, device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def time_ms(models, x, repeats, precision="fp32"):
     """Median ms of each model; runs interleaved (base, ours, base, ...) so that load changes hit both alike."""
     timers = [benchmark.Timer(stmt="model(x)", globals={"model": m, "x": x}, num_threads=torch.get_num_threads())
               for m in models]
     runs = [[] for _ in models]
-    with torch.no_grad():
+    with torch.no_grad(), precision_context(precision, x.device):
         for m in models:
             m(x)  # warm-up
         for _ in range(max(repeats, 1)):
@@ -69,8 +79,8 @@ def time_ms(models, x, repeats):
     return [sorted(r)[len(r) // 2] * 1e3 for r in runs]
 
 
-def peak_mib(model, x):
-    with torch.no_grad():
+def peak_mib(model, x, precision="fp32"):
+    with torch.no_grad(), precision_context(precision, x.device):
         if x.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -103,9 +113,13 @@ def main():
                         choices=["fpt_lite", "fpt_paper", "fpt_release"], help="configs/FPT/Base-FPT-*.yaml")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "amp"],
+                        help="fp32 and/or amp (autocast: float16 on CUDA, bfloat16 on CPU); default: both on CUDA, "
+                             "fp32 on CPU")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     parser.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    precisions = args.precision or (["fp32", "amp"] if args.device.startswith("cuda") else ["fp32"])
 
     dev = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     print(f"# device: {args.device} ({dev}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -114,22 +128,23 @@ def main():
     rows = []
     for size in args.sizes:
         config, hw = SIZES[size]
-        base_mem = None
-        for preset in args.presets:
-            fpn, fpt = build_pair(config, preset, args.device)
-            x = padded_input(hw, fpn.size_divisibility, args.device)
-            base_ms, ours_ms = time_ms([fpn, fpt], x, args.repeats)
-            if base_mem is None:
-                base_mem = float("nan") if args.no_memory else peak_mib(fpn, x)
-            ours_mem = float("nan") if args.no_memory else peak_mib(fpt, x)
-            case = f"{size} {tuple(x.shape[-2:])} {preset}"
-            print(f"{case} | {base_ms:.1f} | {ours_ms:.1f} | {ours_ms / base_ms:.2f}x | {base_mem:.0f} | "
-                  f"{ours_mem:.0f} | {nparams(fpn) / 1e6:.2f} | {nparams(fpt) / 1e6:.2f}", flush=True)
-            rows.append(dict(case=case, size=size, input_hw=list(x.shape[-2:]), preset=preset, base_ms=base_ms,
-                             ours_ms=ours_ms, ratio=ours_ms / base_ms, base_peak_mib=base_mem,
-                             ours_peak_mib=ours_mem, base_params_m=nparams(fpn) / 1e6,
-                             ours_params_m=nparams(fpt) / 1e6))
-            del fpn, fpt
+        for precision in precisions:
+            base_mem = None
+            for preset in args.presets:
+                fpn, fpt = build_pair(config, preset, args.device)
+                x = padded_input(hw, fpn.size_divisibility, args.device)
+                base_ms, ours_ms = time_ms([fpn, fpt], x, args.repeats, precision)
+                if base_mem is None:
+                    base_mem = float("nan") if args.no_memory else peak_mib(fpn, x, precision)
+                ours_mem = float("nan") if args.no_memory else peak_mib(fpt, x, precision)
+                case = f"{size} {tuple(x.shape[-2:])} {preset}" + ("" if precision == "fp32" else f" {precision}")
+                print(f"{case} | {base_ms:.1f} | {ours_ms:.1f} | {ours_ms / base_ms:.2f}x | {base_mem:.0f} | "
+                      f"{ours_mem:.0f} | {nparams(fpn) / 1e6:.2f} | {nparams(fpt) / 1e6:.2f}", flush=True)
+                rows.append(dict(case=case, size=size, input_hw=list(x.shape[-2:]), preset=preset,
+                                 precision=precision, base_ms=base_ms, ours_ms=ours_ms, ratio=ours_ms / base_ms,
+                                 base_peak_mib=base_mem, ours_peak_mib=ours_mem, base_params_m=nparams(fpn) / 1e6,
+                                 ours_params_m=nparams(fpt) / 1e6))
+                del fpn, fpt
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

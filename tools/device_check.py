@@ -26,7 +26,8 @@ Steps, in order (each one a subprocess with its own time limit; a failed step do
   fpt          benchmarks/fpt.py at 800x1333, batch 1: latency and peak memory (fpt_paper must stay < 4 GiB)
   ifr          benchmarks/ifr_memory.py with N = 256 RoIs: training memory vs solver depth; what autograd keeps
                (every solver) and the peak (fixed-point, Anderson) must stay flat within 10 %; Broyden's peak,
-               which adds its workspace of 2 vectors per step, is reported
+               which adds its workspace of 2 vectors per step, is reported; then benchmarks/ifr_test_cost.py:
+               IFR's test-time cost against Mask R-CNN (batch 1, shapes configs), reported
 
 ``--dry-run`` runs the same steps on the CPU with tiny sizes (no compilation: the op library as installed), so
 that the script is exercised by the test suite on machines without a GPU; its numbers mean nothing.

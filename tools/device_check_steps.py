@@ -272,6 +272,14 @@ class Steps:
         if grown and not self.dry:
             step.update(status="fail", error=f"implicit memory grows with depth: {grown}")
             ok = False
+        # IFR's test-time cost against Mask R-CNN (benchmarks/ifr_test_cost.py), reported, not checked
+        cost = os.path.join(self.work, "ifr_test_cost.json")
+        if not str(self.results.get("env", {}).get("detectron2", "unavailable")).startswith("unavailable"):
+            self.sh([self.python, "benchmarks/ifr_test_cost.py", "--device", self.device, "--json", cost,
+                     "--repeats", "2" if self.dry else "30"], self.args.bench_timeout)
+            if os.path.exists(cost):
+                with open(cost) as f:
+                    step["test_cost"] = json.load(f)
         self.save()
         return ok
 

@@ -39,8 +39,8 @@ from torch.nn.utils import parametrize
 
 from ..utils.tracing import is_tracing_or_exporting
 
-__all__ = ["DEQFixedPoint", "DEQStats", "solve_fixed_point", "jacobian_loss", "cached_parametrizations",
-           "require_torchdeq"]
+__all__ = ["DEQFixedPoint", "DEQStats", "solve_fixed_point", "anderson_iterations", "jacobian_loss",
+           "cached_parametrizations", "require_torchdeq"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,53 @@ class _GuardedFunction:
         return fz
 
 
+def anderson_iterations(func: Callable, x0: torch.Tensor, max_iter: int, m: int = 6, lam: float = 1e-4,
+                        tau: float = 1.0):
+    """Anderson acceleration with torchdeq's update (``torchdeq.solver.anderson_solver``: the same iterates, up to
+    rounding), evaluating ``func`` until it raises (the caller's stop rule; no tracking here).
+
+    torchdeq recomputes the residual history G = F - X and its Gram matrix G G^T over the whole window at every
+    step (O(m^2 D) per step); here each step adds one residual row (F - X of the new iterate) and one row and
+    column of the Gram matrix (O(m D)), and the history buffers are never zero-filled.
+    """
+    bsz = x0.shape[0]
+    flat = x0.reshape(bsz, -1)
+    dim = flat.shape[1]
+    f = lambda x: func(x.view_as(x0)).reshape(bsz, dim)  # noqa: E731
+    X = flat.new_empty(bsz, m, dim)
+    F = flat.new_empty(bsz, m, dim)
+    G = flat.new_empty(bsz, m, dim)
+    gram = flat.new_zeros(bsz, m, m)
+    H = flat.new_zeros(bsz, m + 1, m + 1)
+    H[:, 0, 1:] = H[:, 1:, 0] = 1
+    y = flat.new_zeros(bsz, m + 1, 1)
+    y[:, 0] = 1
+
+    def push(slot, count):  # G[slot] and its Gram row/column against the slots 0 .. count - 1
+        torch.sub(F[:, slot], X[:, slot], out=G[:, slot])
+        row = torch.bmm(G[:, :count], G[:, slot, :, None])[..., 0]  # (bsz, count)
+        gram[:, slot, :count] = row
+        gram[:, :count, slot] = row
+
+    X[:, 0] = flat
+    F[:, 0] = f(flat)
+    push(0, 1)
+    X[:, 1] = F[:, 0]
+    F[:, 1] = f(F[:, 0])
+    push(1, 2)
+    for k in range(2, max_iter):
+        n = min(k, m)
+        H[:, 1:n + 1, 1:n + 1] = gram[:, :n, :n] + lam * torch.eye(n, dtype=flat.dtype, device=flat.device)[None]
+        alpha = torch.linalg.solve(H[:, :n + 1, :n + 1], y[:, :n + 1])[:, 1:n + 1, 0]
+        slot = k % m
+        new = torch.bmm(alpha[:, None], F[:, :n])[:, 0]
+        if tau != 1.0:
+            new = tau * new + (1 - tau) * torch.bmm(alpha[:, None], X[:, :n])[:, 0]
+        X[:, slot] = new
+        F[:, slot] = f(new)
+        push(slot, min(k + 1, m))
+
+
 def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden", max_iter: int = 15,
                       tol: float = 1e-5, stop_mode: str = "abs", broyden_memory: int = 27, anderson_m: int = 6,
                       anderson_lam: float = 1e-4, anderson_tau: float = 1.0, divergence_factor: float = 1e6):
@@ -184,8 +231,8 @@ def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden",
                 solvers.broyden_solver(guarded, z0, max_iter=max_iter, tol=-1.0, stop_mode=stop_mode,
                                LBFGS_thres=max(1, min(max_iter, broyden_memory)), ls=False, return_final=True)
             elif solver == "anderson":
-                solvers.anderson_solver(guarded, z0, max_iter=max_iter + 2, tol=-1.0, stop_mode=stop_mode,
-                                m=anderson_m, lam=anderson_lam, tau=anderson_tau, return_final=True)
+                anderson_iterations(guarded, z0, max_iter=max_iter + 2, m=anderson_m, lam=anderson_lam,
+                                    tau=anderson_tau)
             else:
                 solvers.fixed_point_iter(guarded, z0, max_iter=max_iter + 1, tol=-1.0, stop_mode=stop_mode,
                                          return_final=True)

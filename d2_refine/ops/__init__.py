@@ -13,10 +13,14 @@ in this folder.
 """
 from . import _registrations  # noqa: F401  (fake kernels + autograd, when the library loaded)
 from ._library import has_ops
-from .iou_guided_nms import (_iou_guided_nms_padded_reference, _iou_guided_nms_reference, iou_guided_nms,
-                             iou_guided_nms_padded)
-from .multilevel_prroi_pool import _multilevel_prroi_pool_reference, multilevel_prroi_pool
-from .prroi_pool import PrRoIPool2D, PrRoIPool2d, _prroi_pool_reference, prroi_pool
+from .iou_guided_nms import (  # noqa: F401  (the references: the tests' oracles)
+    _iou_guided_nms_padded_reference,
+    _iou_guided_nms_reference,
+    iou_guided_nms,
+    iou_guided_nms_padded,
+)
+from .multilevel_prroi_pool import _multilevel_prroi_pool_reference, multilevel_prroi_pool  # noqa: F401
+from .prroi_pool import PrRoIPool2D, PrRoIPool2d, _prroi_pool_reference, prroi_pool  # noqa: F401
 
 __all__ = ["has_ops", "prroi_pool", "PrRoIPool2d", "PrRoIPool2D", "multilevel_prroi_pool", "iou_guided_nms",
            "iou_guided_nms_padded"]

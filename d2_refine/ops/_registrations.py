@@ -52,7 +52,8 @@ def _register():
                                     canonical_level, pooled_height, pooled_width, aligned):
         torch._check(len(inputs) >= 1 and all(t.dim() == 4 for t in inputs),
                      lambda: "multilevel_prroi_pool: inputs must be a list of Tensor[N, C, H, W]")
-        torch._check(boxes.dim() == 2 and boxes.size(1) == 4, lambda: "multilevel_prroi_pool: boxes must be Tensor[K, 4]")
+        torch._check(boxes.dim() == 2 and boxes.size(1) == 4,
+                     lambda: "multilevel_prroi_pool: boxes must be Tensor[K, 4]")
         return boxes.new_empty((boxes.size(0), inputs[0].size(1), pooled_height, pooled_width))
 
     @torch.library.register_fake(f"{lib}::_multilevel_prroi_pool_backward")

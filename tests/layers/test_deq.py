@@ -227,3 +227,39 @@ def test_test_time_solver_is_used_in_eval_only(monkeypatch):
     assert used == ["broyden", "anderson"]
     assert _residual(lambda z: m(z, x), z_test) < 1e-5
     assert DEQFixedPoint(f_solver="anderson").f_solver_test == "anderson"  # None: the training solver
+
+
+class _Record:
+    """Records every evaluated iterate and stops the solver after ``n`` evaluations."""
+
+    def __init__(self, f, n):
+        self.f, self.n, self.seen = f, n, []
+
+    def __call__(self, z):
+        if len(self.seen) == self.n:
+            raise StopIteration
+        self.seen.append(z.detach().clone())
+        return self.f(z)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_anderson_iterations_match_torchdeq(tau):
+    """The incremental Anderson (one residual row and Gram row per step) evaluates the iterates torchdeq's
+    anderson_solver evaluates, past the window (m = 3, 12 evaluations), up to float64 rounding."""
+    torchdeq = pytest.importorskip("torchdeq")
+    from d2_refine.layers.deq import anderson_iterations
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 20, 20, generator=g, dtype=torch.float64) * 0.25
+    b = torch.randn(5, 20, generator=g, dtype=torch.float64)
+    f = lambda z: torch.tanh((a @ z.reshape(5, 20, 1))[..., 0] + b).reshape(z.shape)  # noqa: E731
+    z0 = torch.zeros(5, 4, 5, dtype=torch.float64)
+    ours, theirs = _Record(f, 12), _Record(f, 12)
+    with pytest.raises(StopIteration):
+        anderson_iterations(ours, z0, max_iter=20, m=3, lam=1e-4, tau=tau)
+    with pytest.raises(StopIteration):
+        torchdeq.solver.anderson_solver(theirs, z0, max_iter=20, tol=-1.0, m=3, lam=1e-4, tau=tau,
+                                        return_final=True)
+    assert len(ours.seen) == len(theirs.seen) == 12
+    for i, (x, y) in enumerate(zip(ours.seen, theirs.seen)):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m: f"evaluation {i}: {m}")

@@ -4,7 +4,8 @@ The CPU kernels are themselves tested against the pure-PyTorch references (test_
 test_iou_guided_nms.py); here every CUDA result is compared with the CPU result of the same op:
 - PrRoIPool forward, feature gradient and box gradient, float64 and float32, aligned or not, RoIs of every size
   (below a cell to larger than the map, partly outside it); float16 / bfloat16 on CUDA against float32 on CPU
-  within the stated tolerances;
+  within the stated tolerances; RoIs whose bins all take the CUDA table path (>= 2 cells), also with the
+  channels split into several table chunks (D2_REFINE_PRROI_TABLE_MB);
 - IoU-guided NMS: identical keep sets, order and scores, with a class of more than 256 candidates (more than one
   pass of a thread block) and more than 65,536 candidates in all;
 - opcheck (schema, fake, autograd registrations) and torch.compile of both ops on CUDA;
@@ -58,6 +59,51 @@ def test_prroi_pool_forward_and_gradients(dtype, tol, aligned):
         assert a.dtype == b.dtype == dtype, name
         scale = b.abs().max().clamp_min(1.0)
         torch.testing.assert_close(a / scale, b / scale, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def _large_bin_rois(num_rois, size, seed, dtype):
+    """RoIs whose 7 x 5 bins (scale 0.5) are 2 to 9 cells on both sides: the CUDA table path only."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    wh = torch.empty(num_rois, 2, dtype=torch.float64).uniform_(2 * 2 * 7, 2 * 9 * 5, generator=g)
+    x1 = torch.empty(num_rois, dtype=torch.float64).uniform_(-20, 2 * w - 20, generator=g)
+    y1 = torch.empty(num_rois, dtype=torch.float64).uniform_(-20, 2 * h - 20, generator=g)
+    batch = torch.randint(0, 2, (num_rois,), generator=g).double()
+    return torch.stack([batch, x1, y1, x1 + wh[:, 0], y1 + wh[:, 1]], 1).to(dtype)
+
+
+@pytest.mark.parametrize("table_mb", [None, "0.01"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_prroi_pool_table_path_vs_cpu(dtype, tol, table_mb, monkeypatch):
+    """Large bins (the summed-area-table kernels); "0.01" MiB: a table of a few channels, so the 40 channels are
+    processed in several chunks."""
+    if table_mb is not None:
+        monkeypatch.setenv("D2_REFINE_PRROI_TABLE_MB", table_mb)
+    x, _ = _features_and_rois(dtype, channels=40, size=(37, 53))
+    rois = _large_bin_rois(64, (37, 53), seed=5, dtype=dtype)
+    for aligned in (False, True):
+        cpu = _pool_with_grads(x, rois, "cpu", aligned)
+        cuda = _pool_with_grads(x, rois, "cuda", aligned)
+        for name, a, b in zip(("output", "feature grad", "box grad"), cuda, cpu):
+            assert b.abs().max() > 0, name
+            scale = b.abs().max().clamp_min(1.0)
+            torch.testing.assert_close(a / scale, b / scale, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_prroi_pool_table_path_benchmark_size_vs_cpu():
+    """The op benchmark's case (benchmarks/ops.py, 256 channels, a 200 x 304 map, RoIs of 16-400 px at stride 4),
+    fewer RoIs: the mixture of table and direct RoIs the benchmark times."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 256, 200, 304, generator=g)
+    size = torch.empty(48, 2).uniform_(16, 400, generator=g)
+    x1 = torch.rand(48, generator=g) * (4 * 304 - size[:, 0])
+    y1 = torch.rand(48, generator=g) * (4 * 200 - size[:, 1])
+    rois = torch.cat([torch.zeros(48, 1), torch.stack([x1, y1, x1 + size[:, 0], y1 + size[:, 1]], 1)], 1)
+    cpu = _pool_with_grads(x, rois, "cpu", True, output_size=(7, 7), scale=0.25)
+    cuda = _pool_with_grads(x, rois, "cuda", True, output_size=(7, 7), scale=0.25)
+    for name, a, b in zip(("output", "feature grad", "box grad"), cuda, cpu):
+        scale = b.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(a / scale, b / scale, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
 
 
 # half precision on CUDA (accumulated in float32) vs float32 on CPU; errors relative to the largest magnitude

@@ -9,8 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchvision.ops import batched_nms, box_iou
 
-from d2_refine.ops import (_iou_guided_nms_padded_reference, _iou_guided_nms_reference, has_ops, iou_guided_nms,
-                           iou_guided_nms_padded)
+from d2_refine.ops import (
+    _iou_guided_nms_padded_reference,
+    _iou_guided_nms_reference,
+    has_ops,
+    iou_guided_nms,
+    iou_guided_nms_padded,
+)
 from helpers import cpu_and_cuda
 
 nms_module = importlib.import_module("d2_refine.ops.iou_guided_nms")  # the module, not the function

@@ -35,6 +35,8 @@ def test_dry_run_passes_and_writes_results(tmp_path):
     assert counts["collected"] > 50 and counts.get("failed", 0) == 0 and counts["not_run"] == 0
     for name in ("ops", "ifr"):
         assert steps[name]["data"]["rows"], name
+    if steps["fpt"]["status"] == "pass":  # detectron2 imports: IFR's test-time cost against Mask R-CNN ran too
+        assert steps["ifr"]["test_cost"]["rows"][0]["ratio"] > 0
     summary = (out / "summary.md").read_text()
     assert "dry run" in summary and "Result: every step run passed" in summary
     if steps["train"]["status"] == "pass":

@@ -1,10 +1,23 @@
 // Precise RoI Pooling, CUDA kernels (float32 / float64 / float16 / bfloat16, accumulating in float for the
-// half types).
-//  - forward: a thread per output element (RoI, channel, bin);
-//  - gradient w.r.t. input: a thread per output element scattering into the bin's nodes with atomicAdd (into an
-//    accumulation buffer of the accumulation type);
-//  - gradient w.r.t. rois: a block per (RoI, bin), its threads splitting the channels, then a block reduction
-//    and 4 atomicAdds per bin (not one per channel and bin).
+// half types), two exact evaluations of a bin integral chosen per RoI as on the CPU (cpu/prroi_pool_kernel.cpp):
+//  - table path, for RoIs whose bins are at least kTableMinBin cells on both sides: the CPU's table path
+//    (cpu/table_path.h) with the summed-area table of every image kept channels-last in double,
+//    [N, H + 1, W + 1, channels of a chunk], so that consecutive threads (channels) read consecutive addresses:
+//      forward: a thread per (RoI, bin corner, channel) evaluates G (9 taps, prroi_pool_corner.h), then a thread
+//      per output element differences its 4 corners;
+//      feature gradient: a thread per (RoI, corner, channel) scatters the corner's coefficient at its 9 taps
+//      (atomicAdd in double), then one reverse 2-D cumulative sum of that table gives the feature gradient;
+//      box gradient: a warp per (RoI, corner), its lanes splitting the channels, sums dG/dx and dG/dy times the
+//      coefficient (one warp reduction, 3 atomicAdds per corner), then a thread per RoI applies the chain rule;
+//    the cost per bin does not grow with the bin's area. Channels are processed in chunks so that a table stays
+//    under D2_REFINE_PRROI_TABLE_MB MiB (default 256).
+//  - direct path, for the other RoIs (bins of a cell or two, where 9 taps per corner in double cost more than
+//    the bin's nodes):
+//      forward: a thread per output element sums the bin's nodes;
+//      feature gradient: a thread per output element scattering into the bin's nodes with atomicAdd (into an
+//      accumulation buffer of the accumulation type);
+//      box gradient: a block per (RoI, bin), its threads splitting the channels, then a block reduction and 4
+//      atomicAdds per bin (not one per channel and bin).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,9 +28,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "prroi_pool/prroi_pool_checks.h"
 #include "prroi_pool/prroi_pool_common.h"
+#include "prroi_pool/prroi_pool_corner.h"
 
 namespace d2_refine {
 namespace {
@@ -64,6 +79,15 @@ __device__ inline RoIGeometry<acc_t> load_geometry(const scalar_t* rois, int64_t
   return prroi::roi_geometry(roi, spatial_scale, aligned, pooled_height, pooled_width);
 }
 
+// The table path's threshold: at a bin of 2 x 2 cells the direct path reads about 9 nodes (in T), the table
+// about 12 taps per bin (4 corners of 9 taps, each shared by 4 bins, in double).
+constexpr double kTableMinBin = 2.0;
+
+template <typename acc_t>
+__device__ inline bool takes_table(const RoIGeometry<acc_t>& g) {
+  return g.area > acc_t(0) && ::fmin(static_cast<double>(g.bin_w), static_cast<double>(g.bin_h)) >= kTableMinBin;
+}
+
 // Integral of the interpolated plane over [xs, xe] x [ys, ye].
 template <typename scalar_t, typename acc_t>
 __device__ inline acc_t bin_integral(const scalar_t* plane, int64_t height, int64_t width, acc_t xs, acc_t xe,
@@ -95,6 +119,9 @@ __global__ void prroi_pool_forward_cuda(int64_t total, const scalar_t* input, co
       output[index] = static_cast<scalar_t>(0);
       continue;
     }
+    if (takes_table(g)) {
+      continue;  // written by prroi_table_forward_cuda
+    }
     const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(rois[5 * k]));
     const scalar_t* plane = input + (batch * channels + c) * height * width;
     const acc_t xs = g.x_start + static_cast<acc_t>(pw) * g.bin_w;
@@ -114,7 +141,7 @@ __global__ void prroi_pool_backward_input_cuda(int64_t total, const scalar_t* gr
     const int64_t pw = b.pw, ph = b.ph, c = b.c, k = b.k;
     const RoIGeometry<acc_t> g = load_geometry(rois, k, spatial_scale, aligned, pooled_height, pooled_width);
     const acc_t gv = static_cast<acc_t>(grad[index]);
-    if (!(g.area > acc_t(0)) || gv == acc_t(0)) {
+    if (!(g.area > acc_t(0)) || gv == acc_t(0) || takes_table(g)) {
       continue;
     }
     const acc_t scaled = gv / g.area;
@@ -197,8 +224,9 @@ __global__ void prroi_pool_backward_rois_cuda(int64_t num_bins, const scalar_t* 
     const BinIndex b = bin_index(index, /*channels=*/1, pooled_height, pooled_width);
     const int64_t pw = b.pw, ph = b.ph, k = b.k;
     const RoIGeometry<acc_t> g = load_geometry(rois, k, spatial_scale, aligned, pooled_height, pooled_width);
-    if (!(g.area > acc_t(0))) {
-      continue;  // zero-area bins and inverted boxes: zero gradient (the same branch for the whole block)
+    if (!(g.area > acc_t(0)) || takes_table(g)) {
+      continue;  // zero-area bins and inverted boxes: zero gradient; table RoIs: prroi_table_*_cuda (the same
+                 // branch for the whole block)
     }
     const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(rois[5 * k]));
     const acc_t xs = g.x_start + static_cast<acc_t>(pw) * g.bin_w, xe = xs + g.bin_w;
@@ -238,6 +266,242 @@ __global__ void prroi_pool_backward_rois_cuda(int64_t num_bins, const scalar_t* 
   }
 }
 
+// ---- table path ----------------------------------------------------------------------------------------------
+
+// A corner's (RoI, row q, column p) and the channel within the chunk from a flat index in (R, PH + 1, PW + 1, cb)
+// order.
+struct CornerIndex {
+  int64_t k, q, p, c;
+};
+
+__device__ inline CornerIndex corner_index(int64_t index, int64_t chunk, int64_t pooled_height,
+                                           int64_t pooled_width) {
+  CornerIndex r;
+  r.c = index % chunk;
+  index /= chunk;
+  r.p = index % (pooled_width + 1);
+  index /= pooled_width + 1;
+  r.q = index % (pooled_height + 1);
+  r.k = index / (pooled_height + 1);
+  return r;
+}
+
+template <typename acc_t>
+__device__ inline prroi::CornerTaps corner_taps_x(const RoIGeometry<acc_t>& g, int64_t p, int64_t width) {
+  return prroi::corner_taps(static_cast<double>(g.x_start + static_cast<acc_t>(p) * g.bin_w), width);
+}
+
+template <typename acc_t>
+__device__ inline prroi::CornerTaps corner_taps_y(const RoIGeometry<acc_t>& g, int64_t q, int64_t height) {
+  return prroi::corner_taps(static_cast<double>(g.y_start + static_cast<acc_t>(q) * g.bin_h), height);
+}
+
+// The coefficient of G(x_p, y_q) in sum over bins of grad * (bin integral) for channel c: bin (ph, pw) adds +grad
+// at corners (ph, pw) and (ph + 1, pw + 1), -grad at (ph, pw + 1) and (ph + 1, pw) (cpu/table_path.h,
+// corner_coefficients). grad is channels-last, [R, PH, PW, C].
+template <typename scalar_t>
+__device__ inline double corner_coefficient(const scalar_t* grad, int64_t k, int64_t q, int64_t p, int64_t c,
+                                            int64_t channels, int64_t pooled_height, int64_t pooled_width) {
+  const scalar_t* g = grad + k * pooled_height * pooled_width * channels + c;
+  double v = 0;
+  if (q < pooled_height && p < pooled_width) v += static_cast<double>(g[(q * pooled_width + p) * channels]);
+  if (q < pooled_height && p > 0) v -= static_cast<double>(g[(q * pooled_width + p - 1) * channels]);
+  if (q > 0 && p < pooled_width) v -= static_cast<double>(g[((q - 1) * pooled_width + p) * channels]);
+  if (q > 0 && p > 0) v += static_cast<double>(g[((q - 1) * pooled_width + p - 1) * channels]);
+  return v;
+}
+
+// corner[k][q][p][c] = G(x_p, y_q) of channel c0 + c for the table RoIs (the others are left unwritten).
+template <typename scalar_t, typename acc_t>
+__global__ void prroi_table_corners_cuda(int64_t total, const double* table, const scalar_t* rois, int64_t chunk,
+                                         int64_t height, int64_t width, int64_t pooled_height, int64_t pooled_width,
+                                         acc_t spatial_scale, bool aligned, double* corner) {
+  D2R_CUDA_1D_KERNEL_LOOP(index, total) {
+    const CornerIndex ci = corner_index(index, chunk, pooled_height, pooled_width);
+    const RoIGeometry<acc_t> g = load_geometry(rois, ci.k, spatial_scale, aligned, pooled_height, pooled_width);
+    if (!takes_table(g)) {
+      continue;
+    }
+    const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(rois[5 * ci.k]));
+    const prroi::CornerTaps tx = corner_taps_x(g, ci.p, width), ty = corner_taps_y(g, ci.q, height);
+    const double* s = table + batch * (height + 1) * (width + 1) * chunk + ci.c;
+    double v = 0;
+#pragma unroll
+    for (int r = 0; r < 3; ++r) {
+      const double* row = s + ty.idx[r] * (width + 1) * chunk;
+      v += ty.w[r] * (tx.w[0] * row[tx.idx[0] * chunk] + tx.w[1] * row[tx.idx[1] * chunk] +
+                      tx.w[2] * row[tx.idx[2] * chunk]);
+    }
+    corner[index] = v;
+  }
+}
+
+// output[k][c0 + c][ph][pw] for the table RoIs: the difference of the bin's 4 corners over the area.
+template <typename scalar_t, typename acc_t>
+__global__ void prroi_table_forward_cuda(int64_t total, const double* corner, const scalar_t* rois, int64_t c0,
+                                         int64_t chunk, int64_t channels, int64_t pooled_height, int64_t pooled_width,
+                                         acc_t spatial_scale, bool aligned, scalar_t* output) {
+  D2R_CUDA_1D_KERNEL_LOOP(index, total) {
+    const BinIndex b = bin_index(index, chunk, pooled_height, pooled_width);
+    const RoIGeometry<acc_t> g = load_geometry(rois, b.k, spatial_scale, aligned, pooled_height, pooled_width);
+    if (!takes_table(g)) {
+      continue;
+    }
+    const int64_t row = (pooled_width + 1) * chunk;
+    const double* a = corner + ((b.k * (pooled_height + 1) + b.ph) * (pooled_width + 1) + b.pw) * chunk + b.c;
+    const double v = (a[row + chunk] - a[row]) - (a[chunk] - a[0]);
+    output[((b.k * channels + c0 + b.c) * pooled_height + b.ph) * pooled_width + b.pw] =
+        static_cast<scalar_t>(v * (1.0 / static_cast<double>(g.area)));
+  }
+}
+
+// ds[n][tap y][tap x][c] += coefficient / area x the tap weights (cpu/table_path.h, table_backward_input).
+template <typename scalar_t, typename acc_t>
+__global__ void prroi_table_backward_input_cuda(int64_t total, const scalar_t* grad, const scalar_t* rois,
+                                                int64_t c0, int64_t chunk, int64_t channels, int64_t height,
+                                                int64_t width, int64_t pooled_height, int64_t pooled_width,
+                                                acc_t spatial_scale, bool aligned, double* ds) {
+  D2R_CUDA_1D_KERNEL_LOOP(index, total) {
+    const CornerIndex ci = corner_index(index, chunk, pooled_height, pooled_width);
+    const RoIGeometry<acc_t> g = load_geometry(rois, ci.k, spatial_scale, aligned, pooled_height, pooled_width);
+    if (!takes_table(g)) {
+      continue;
+    }
+    const double cf = corner_coefficient(grad, ci.k, ci.q, ci.p, c0 + ci.c, channels, pooled_height,
+                                         pooled_width) / static_cast<double>(g.area);
+    if (cf == 0.0) {
+      continue;
+    }
+    const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(rois[5 * ci.k]));
+    const prroi::CornerTaps tx = corner_taps_x(g, ci.p, width), ty = corner_taps_y(g, ci.q, height);
+    double* s = ds + batch * (height + 1) * (width + 1) * chunk + ci.c;
+#pragma unroll
+    for (int r = 0; r < 3; ++r) {
+      double* row = s + ty.idx[r] * (width + 1) * chunk;
+      const double wr = ty.w[r] * cf;
+#pragma unroll
+      for (int u = 0; u < 3; ++u) {
+        gpuAtomicAdd(row + tx.idx[u] * chunk, wr * tx.w[u]);
+      }
+    }
+  }
+}
+
+constexpr int kCornerThreads = 256;  // 8 warps, a warp per (RoI, corner)
+
+// sums[k] += (J, dJ/dx_0 .. dJ/dx_PW, dJ/dy_0 .. dJ/dy_PH) over the chunk's channels, J = sum over corners of
+// coefficient x G (cpu/table_path.h, table_backward_rois).
+template <typename scalar_t, typename acc_t>
+__global__ void prroi_table_backward_rois_cuda(int64_t num_corners, const scalar_t* grad, const double* table,
+                                               const scalar_t* rois, int64_t c0, int64_t chunk, int64_t channels,
+                                               int64_t height, int64_t width, int64_t pooled_height,
+                                               int64_t pooled_width, acc_t spatial_scale, bool aligned,
+                                               double* sums) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = blockDim.x >> 5;
+  const int64_t slots = pooled_width + pooled_height + 3;
+  for (int64_t index = blockIdx.x * warps + (threadIdx.x >> 5); index < num_corners;
+       index += static_cast<int64_t>(gridDim.x) * warps) {  // uniform over the warp
+    const CornerIndex ci = corner_index(index, /*chunk=*/1, pooled_height, pooled_width);
+    const RoIGeometry<acc_t> g = load_geometry(rois, ci.k, spatial_scale, aligned, pooled_height, pooled_width);
+    if (!takes_table(g)) {
+      continue;
+    }
+    const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(rois[5 * ci.k]));
+    const prroi::CornerTaps tx = corner_taps_x(g, ci.p, width), ty = corner_taps_y(g, ci.q, height);
+    const double* s = table + batch * (height + 1) * (width + 1) * chunk;
+    double gv = 0, gx = 0, gy = 0;
+    for (int64_t c = lane; c < chunk; c += 32) {
+      const double cf = corner_coefficient(grad, ci.k, ci.q, ci.p, c0 + c, channels, pooled_height, pooled_width);
+      if (cf == 0.0) {
+        continue;
+      }
+#pragma unroll
+      for (int r = 0; r < 3; ++r) {
+        const double* row = s + ty.idx[r] * (width + 1) * chunk + c;
+        const double d0 = cf * row[tx.idx[0] * chunk], d1 = cf * row[tx.idx[1] * chunk],
+                     d2 = cf * row[tx.idx[2] * chunk];
+        const double along = tx.w[0] * d0 + tx.w[1] * d1 + tx.w[2] * d2;
+        gv += ty.w[r] * along;
+        gy += ty.dw[r] * along;
+        gx += ty.w[r] * (tx.dw[0] * d0 + tx.dw[1] * d1 + tx.dw[2] * d2);
+      }
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      gv += __shfl_down_sync(0xffffffffu, gv, offset);
+      gx += __shfl_down_sync(0xffffffffu, gx, offset);
+      gy += __shfl_down_sync(0xffffffffu, gy, offset);
+    }
+    if (lane == 0) {
+      double* out = sums + ci.k * slots;
+      gpuAtomicAdd(out, gv);
+      gpuAtomicAdd(out + 1 + ci.p, gx);
+      gpuAtomicAdd(out + 2 + pooled_width + ci.q, gy);
+    }
+  }
+}
+
+// The box gradient of the table RoIs from their sums (cpu/prroi_pool_kernel.cpp, backward_impl): L = J / A with
+// corners x_p = x1' + p (x2' - x1') / PW and A = bin_w bin_h.
+template <typename scalar_t, typename acc_t>
+__global__ void prroi_table_box_gradient_cuda(int64_t num_rois, const double* sums, const scalar_t* rois,
+                                              int64_t pooled_height, int64_t pooled_width, acc_t spatial_scale,
+                                              bool aligned, acc_t* grad_rois) {
+  const int64_t slots = pooled_width + pooled_height + 3;
+  D2R_CUDA_1D_KERNEL_LOOP(k, num_rois) {
+    const RoIGeometry<acc_t> g = load_geometry(rois, k, spatial_scale, aligned, pooled_height, pooled_width);
+    if (!takes_table(g)) {
+      continue;
+    }
+    const double* s = sums + k * slots;
+    const double area = static_cast<double>(g.area);
+    const double j = s[0] / area;
+    double gx1 = 0, gx2 = 0, gy1 = 0, gy2 = 0;
+    for (int64_t p = 0; p <= pooled_width; ++p) {
+      const double u = static_cast<double>(p) / pooled_width;
+      gx1 += (1 - u) * s[1 + p];
+      gx2 += u * s[1 + p];
+    }
+    for (int64_t q = 0; q <= pooled_height; ++q) {
+      const double u = static_cast<double>(q) / pooled_height;
+      gy1 += (1 - u) * s[2 + pooled_width + q];
+      gy2 += u * s[2 + pooled_width + q];
+    }
+    gx1 += j * static_cast<double>(g.bin_h) / pooled_width;
+    gx2 -= j * static_cast<double>(g.bin_h) / pooled_width;
+    gy1 += j * static_cast<double>(g.bin_w) / pooled_height;
+    gy2 -= j * static_cast<double>(g.bin_w) / pooled_height;
+    const double f = static_cast<double>(spatial_scale) / area;
+    grad_rois[5 * k + 1] = static_cast<acc_t>(gx1 * f);
+    grad_rois[5 * k + 2] = static_cast<acc_t>(gy1 * f);
+    grad_rois[5 * k + 3] = static_cast<acc_t>(gx2 * f);
+    grad_rois[5 * k + 4] = static_cast<acc_t>(gy2 * f);
+  }
+}
+
+// Channels per table chunk: the table [N, H + 1, W + 1, chunk] in double under D2_REFINE_PRROI_TABLE_MB MiB.
+int64_t table_chunk(int64_t num_images, int64_t height, int64_t width, int64_t channels) {
+  double mib = 256.0;
+  if (const char* env = std::getenv("D2_REFINE_PRROI_TABLE_MB")) {
+    const double v = std::atof(env);
+    if (v > 0) {
+      mib = v;
+    }
+  }
+  const double per_channel = static_cast<double>(num_images) * (height + 1) * (width + 1) * sizeof(double);
+  const int64_t chunk = static_cast<int64_t>(mib * 1024.0 * 1024.0 / per_channel);
+  return std::max<int64_t>(1, std::min<int64_t>(chunk, channels));
+}
+
+// The summed-area table of channels [c0, c0 + chunk): [N, H + 1, W + 1, chunk] in double, zero row and column 0.
+at::Tensor build_table(const at::Tensor& input, int64_t c0, int64_t chunk) {
+  const int64_t n = input.size(0), height = input.size(2), width = input.size(3);
+  at::Tensor s = at::zeros({n, height + 1, width + 1, chunk}, input.options().dtype(at::kDouble));
+  const at::Tensor f = input.narrow(1, c0, chunk).permute({0, 2, 3, 1}).to(at::kDouble);
+  s.narrow(1, 1, height).narrow(2, 1, width).copy_(f.cumsum(1).cumsum(2));
+  return s;
+}
+
 at::Tensor prroi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
                                      int64_t pooled_height, int64_t pooled_width, bool aligned) {
   prroi::check_prroi_pool_args(input, rois, spatial_scale, pooled_height, pooled_width);
@@ -251,12 +515,29 @@ at::Tensor prroi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& 
   prroi::check_batch_indices(rois, input.size(0));
   const at::Tensor input_ = input.contiguous(), rois_ = rois.contiguous();
   const int64_t total = output.numel();
+  const int64_t corners = num_rois * (pooled_height + 1) * (pooled_width + 1);
+  const int64_t chunk = table_chunk(input.size(0), height, width, channels);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "prroi_pool_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale = static_cast<acc_t>(spatial_scale);
+    for (int64_t c0 = 0; c0 < channels; c0 += chunk) {
+      const int64_t cb = std::min(chunk, channels - c0);
+      const at::Tensor table = build_table(input_, c0, cb);
+      at::Tensor corner = at::empty({corners * cb}, input.options().dtype(at::kDouble));
+      prroi_table_corners_cuda<scalar_t, acc_t><<<blocks_for(corners * cb), kThreads, 0, stream>>>(
+          corners * cb, table.data_ptr<double>(), rois_.data_ptr<scalar_t>(), cb, height, width, pooled_height,
+          pooled_width, scale, aligned, corner.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t outputs = num_rois * cb * pooled_height * pooled_width;
+      prroi_table_forward_cuda<scalar_t, acc_t><<<blocks_for(outputs), kThreads, 0, stream>>>(
+          outputs, corner.data_ptr<double>(), rois_.data_ptr<scalar_t>(), c0, cb, channels, pooled_height,
+          pooled_width, scale, aligned, output.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     prroi_pool_forward_cuda<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
         total, input_.data_ptr<scalar_t>(), rois_.data_ptr<scalar_t>(), channels, height, width, pooled_height,
-        pooled_width, static_cast<acc_t>(spatial_scale), aligned, output.data_ptr<scalar_t>());
+        pooled_width, scale, aligned, output.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return output;
@@ -277,27 +558,59 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
   }
   prroi::check_batch_indices(rois, input.size(0));
   const at::Tensor grad_ = grad.contiguous(), input_ = input.contiguous(), rois_ = rois.contiguous();
+  const at::Tensor grad_last = grad.permute({0, 2, 3, 1}).contiguous();  // [R, PH, PW, C] for the table path
+  const int64_t corners = num_rois * (pooled_height + 1) * (pooled_width + 1);
+  const int64_t chunk = table_chunk(input.size(0), height, width, channels);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad_input, grad_rois;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "prroi_pool_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t scale = static_cast<acc_t>(spatial_scale);
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     at::Tensor grad_input_acc = at::zeros(input.sizes(), input.options().dtype(acc_type));
     at::Tensor grad_rois_acc = at::zeros(rois.sizes(), rois.options().dtype(acc_type));
+    const int64_t slots = pooled_width + pooled_height + 3;
+    at::Tensor sums = at::zeros({num_rois, slots}, input.options().dtype(at::kDouble));
+    for (int64_t c0 = 0; c0 < channels; c0 += chunk) {
+      const int64_t cb = std::min(chunk, channels - c0);
+      if (input_requires_grad) {
+        at::Tensor ds = at::zeros({input.size(0), height + 1, width + 1, cb}, input.options().dtype(at::kDouble));
+        prroi_table_backward_input_cuda<scalar_t, acc_t><<<blocks_for(corners * cb), kThreads, 0, stream>>>(
+            corners * cb, grad_last.data_ptr<scalar_t>(), rois_.data_ptr<scalar_t>(), c0, cb, channels, height,
+            width, pooled_height, pooled_width, scale, aligned, ds.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        // grad F[i][j] = sum over p > i, q > j of ds[p][q]: a reverse 2-D cumulative sum
+        const at::Tensor inner = ds.narrow(1, 1, height).narrow(2, 1, width).flip({1, 2});
+        const at::Tensor df = inner.cumsum(1).cumsum(2).flip({1, 2});
+        grad_input_acc.narrow(1, c0, cb).add_(df.permute({0, 3, 1, 2}));
+      }
+      if (rois_requires_grad) {
+        const at::Tensor table = build_table(input_, c0, cb);
+        const int warps = kCornerThreads / 32;
+        const int grid = static_cast<int>(std::min<int64_t>((corners + warps - 1) / warps, 65535 * 64));
+        prroi_table_backward_rois_cuda<scalar_t, acc_t><<<grid, kCornerThreads, 0, stream>>>(
+            corners, grad_last.data_ptr<scalar_t>(), table.data_ptr<double>(), rois_.data_ptr<scalar_t>(), c0, cb,
+            channels, height, width, pooled_height, pooled_width, scale, aligned, sums.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
     if (input_requires_grad) {
       const int64_t total = grad_.numel();
       prroi_pool_backward_input_cuda<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
           total, grad_.data_ptr<scalar_t>(), rois_.data_ptr<scalar_t>(), channels, height, width, pooled_height,
-          pooled_width, static_cast<acc_t>(spatial_scale), aligned, grad_input_acc.data_ptr<acc_t>());
+          pooled_width, scale, aligned, grad_input_acc.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (rois_requires_grad) {
+      prroi_table_box_gradient_cuda<scalar_t, acc_t><<<blocks_for(num_rois), kThreads, 0, stream>>>(
+          num_rois, sums.data_ptr<double>(), rois_.data_ptr<scalar_t>(), pooled_height, pooled_width, scale,
+          aligned, grad_rois_acc.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int64_t num_bins = num_rois * pooled_height * pooled_width;
       const int grid = static_cast<int>(std::min<int64_t>(num_bins, 65535 * 64));
       prroi_pool_backward_rois_cuda<scalar_t, acc_t><<<grid, kBoxThreads, 0, stream>>>(
           num_bins, grad_.data_ptr<scalar_t>(), input_.data_ptr<scalar_t>(), rois_.data_ptr<scalar_t>(), channels,
-          height, width, pooled_height, pooled_width, static_cast<acc_t>(spatial_scale), aligned,
-          grad_rois_acc.data_ptr<acc_t>());
+          height, width, pooled_height, pooled_width, scale, aligned, grad_rois_acc.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     grad_input = grad_input_acc.to(input.scalar_type());

@@ -12,10 +12,12 @@ with ``A_m`` a softmax attention (:func:`mixture_attention`) or an unnormalised 
 - ``"naive"``: the full (N, M, L, S) matrix, the reference the others are tested against;
 - ``"chunked"``: queries in chunks of ``query_chunk`` rows (exact: softmax is per query row), so at most
   ``query_chunk x S`` logits per mixture exist at once; dropout is drawn exactly as in ``"naive"``;
-- ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention`. Its fused low-memory kernels need the
-  value width to equal the query width and (on CPU) no dropout, so without dropout the values are cut into
+- ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention`. On CPU its fused low-memory kernel
+  needs the value width to equal the query width and no dropout, so without dropout the values are cut into
   chunks of the (8-aligned, zero-padded) query width, giving M x J heads whose outputs are pi-weighted and
-  concatenated back. With dropout, M heads with the full value width (one dropout mask per A_m, as naive).
+  concatenated back (each head recomputes its mixture's q k^T). On CUDA (whose memory-efficient kernel takes a
+  value width other than the query width) and with dropout: M heads with the full value width, q k^T once per
+  mixture (:data:`SPLIT_VALUES` says where the values are cut).
 - ``"auto"``: ``"chunked"`` on CPU with dropout, ``"sdpa"`` otherwise.
 """
 import math
@@ -26,7 +28,11 @@ import torch.nn.functional as F
 
 ATTN_IMPLS = ("auto", "sdpa", "chunked", "naive")
 
-__all__ = ["ATTN_IMPLS", "mixture_attention", "euclidean_mixture_attention", "linear_mixture_attention",
+#: Per device type: whether the ``"sdpa"`` path without dropout cuts the values into chunks of the query width
+#: (M x J heads, q k^T computed J times per mixture) instead of M heads with the full value width.
+SPLIT_VALUES = {"cpu": True, "cuda": False}
+
+__all__ = ["ATTN_IMPLS", "SPLIT_VALUES", "mixture_attention", "euclidean_mixture_attention", "linear_mixture_attention",
            "euclidean_qk", "flatten_hw", "split_mixtures"]
 
 
@@ -49,13 +55,24 @@ def euclidean_qk(q: torch.Tensor, k: torch.Tensor):
     The -tau*|q_i|^2 term is constant along keys and cancels in the softmax, so the logits equal
     tau * (q_hat_i . k_hat_j) with q_hat = [q, 1] and k_hat = [2k, -|k|^2].
 
+    In half precision (float16 / bfloat16) q and k are first centred on the keys' mean mu (per image and
+    mixture, in float32): |q - k| = |(q - mu) - (k - mu)|, so the logits are unchanged while |k|^2, and the
+    rounding of the large -|k|^2 logit term, shrink. float32 / float64 inputs are used as they are.
+
     Args:
         q (Tensor[..., L, d]), k (Tensor[..., S, d])
     Returns:
         q_hat (Tensor[..., L, d + 1]), k_hat (Tensor[..., S, d + 1]); |k|^2 is accumulated in float32 at least.
     """
     acc = torch.promote_types(k.dtype, torch.float32)
-    k_sq = k.to(acc).pow(2).sum(-1, keepdim=True).to(k.dtype)
+    if acc != k.dtype and k.shape[-2] > 0:  # half precision: centre in float32 (the mean only shifts both)
+        mu = k.to(acc).mean(-2, keepdim=True).detach()
+        q = (q.to(acc) - mu).to(q.dtype)
+        k32 = k.to(acc) - mu
+        k = k32.to(k.dtype)
+        k_sq = k32.pow(2).sum(-1, keepdim=True).to(k.dtype)
+    else:
+        k_sq = k.to(acc).pow(2).sum(-1, keepdim=True).to(k.dtype)
     q_hat = torch.cat([q, q.new_ones(q.shape[:-1] + (1,))], dim=-1)
     k_hat = torch.cat([2 * k, -k_sq], dim=-1)
     return q_hat, k_hat
@@ -101,10 +118,13 @@ def _pad_last(x: torch.Tensor, width: int) -> torch.Tensor:
 def _sdpa(q, k, v, pi, scale, dropout_p):
     n, m, length, d = q.shape
     s, cv = v.shape[1], v.shape[2]
-    if dropout_p > 0:
-        # one head per mixture, full value width: one dropout mask per A_m, exactly as the naive form
+    if dropout_p > 0 or not SPLIT_VALUES.get(q.device.type, True):
+        # one head per mixture, full value width: q k^T once per mixture, one dropout mask per A_m (as naive);
+        # q and k zero-padded to a multiple of 8 (the fused kernels' alignment; dot products unchanged)
+        width = 8 * math.ceil(d / 8)
         vv = v.unsqueeze(1).expand(n, m, s, cv)
-        out = F.scaled_dot_product_attention(q, k, vv, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(_pad_last(q, width), _pad_last(k, width), vv, dropout_p=dropout_p,
+                                             scale=scale)
         return _mix(out, pi)
     width = 8 * math.ceil(d / 8)  # zero padding leaves the dot products unchanged
     chunks = math.ceil(cv / width)

@@ -54,7 +54,8 @@ class PrRoIPooler(ROIPooler):
         from d2_refine.ops import multilevel_prroi_pool
 
         if not isinstance(x, list) or len(x) != len(self.level_poolers):
-            raise ValueError(f"PrRoIPooler: x must be a list of {len(self.level_poolers)} feature maps (one per level), "
+            raise ValueError(f"PrRoIPooler: x must be a list of {len(self.level_poolers)} feature maps "
+                             "(one per level), "
                              f"got {len(x) if isinstance(x, list) else type(x).__name__}")
         if len(box_lists) != x[0].size(0):
             raise ValueError(f"PrRoIPooler: box_lists must hold the Boxes of each of the {x[0].size(0)} images, "

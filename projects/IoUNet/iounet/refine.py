@@ -1,9 +1,10 @@
 """Optimisation-based box refinement (IoU-Net paper, Jiang et al., ECCV 2018, Algorithm 2). Torch only.
 
-Gradient ascent of the predicted IoU w.r.t. the box coordinates, for all boxes at once (the loop is over
-steps only; a fixed number of them, the stop rule a mask on the device). The IoU predictor is passed in as a function, so any differentiable pooling can be used; the
-gradient is taken with ``torch.autograd.grad`` w.r.t. the boxes only, under ``torch.enable_grad``: it works
-inside ``torch.no_grad()`` evaluation and with frozen parameters, and fills no parameter's ``.grad``.
+Gradient ascent of the predicted IoU w.r.t. the box coordinates, for all boxes at once (the loop is over steps only;
+a fixed number of them, the stop rule a mask on the device). The IoU predictor is passed in as a function, so any
+differentiable pooling can be used; the gradient is taken with ``torch.autograd.grad`` w.r.t. the boxes only, under
+``torch.enable_grad``: it works inside ``torch.no_grad()`` evaluation and with frozen parameters, and fills no
+parameter's ``.grad``.
 """
 from typing import Callable, NamedTuple, Optional, Tuple
 

@@ -153,3 +153,49 @@ def test_sdpa_never_materialises_the_attention_matrix(kind):
         assert _peak_bytes(run("naive")) >= matrix  # the measurement sees a materialised matrix
         peak = _peak_bytes(run("sdpa"))
     assert peak < matrix / 2, f"peak {peak} bytes (one attention matrix: {matrix})"
+
+
+def test_full_value_width_heads_match_reference(monkeypatch):
+    """The CUDA layout of the "sdpa" path (M heads with the full value width, q k^T once per mixture; q and k
+    zero-padded to a multiple of 8), forced on CPU."""
+    from d2_refine.projects.fpt import attention
+
+    monkeypatch.setitem(attention.SPLIT_VALUES, "cpu", False)
+    for m, d, cv in [(1, 8, 8), (2, 5, 13), (4, 16, 64)]:
+        q, k, v, pi = _inputs(m=m, d=d, cv=cv)
+        out = mixture_attention(q, k, v, pi if m > 1 else None, scale=0.3, impl="sdpa")
+        expected = _reference(q, k, v, pi if m > 1 else torch.ones_like(pi[:, :1]), 0.3)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def _far_from_origin(dtype, seed=0):
+    """Queries and keys centred away from the origin (as after a conv with a bias): |k|^2 >> the logit spread."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 1, 300, 64, generator=g, dtype=torch.float64) + 4
+    k = torch.randn(1, 1, 80, 64, generator=g, dtype=torch.float64) + 4
+    v = torch.randn(1, 80, 32, generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_euclidean_attention_half_precision_close_to_float64(device, dtype):
+    """In half precision q and k are centred before the dot-product form: the error is that of the half
+    arithmetic, not of rounding the large -|k|^2 term (~20 % of the output's scale without the centring)."""
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("float16 SDPA is a CUDA path")
+    q, k, v = _far_from_origin(dtype)
+    tau = 1 / math.sqrt(64)
+    expected = euclidean_mixture_attention(q.double(), k.double(), v.double(), temperature=tau, impl="naive")
+    out = euclidean_mixture_attention(q.to(device), k.to(device), v.to(device), temperature=tau, impl="sdpa")
+    assert out.dtype == dtype
+    err = (out.double().cpu() - expected).abs().max() / expected.abs().max()
+    assert err < 0.03, f"max error {err:.3f} of the output's scale"
+
+
+def test_euclidean_qk_float32_unchanged():
+    """float32 / float64 inputs are not centred (the model's float32 math is left as it was)."""
+    q, k, _ = _far_from_origin(torch.float32)
+    q_hat, k_hat = euclidean_qk(q, k)
+    torch.testing.assert_close(q_hat[..., :-1], q, rtol=0, atol=0)
+    torch.testing.assert_close(k_hat[..., :-1], 2 * k, rtol=0, atol=0)

@@ -244,3 +244,18 @@ def test_pyramid_bad_arguments():
         _pyramid()(_levels()[:3])
     with pytest.raises(ValueError, match="uses 32 groups"):
         FeaturePyramidTransformer(48, [2, 3], self_transformer={})
+
+
+def test_pyramid_bfloat16_autocast_close_to_float32():
+    """Mixed precision (CPU autocast, bfloat16): every transformer (ST, euclidean GT, RT) and the fuse in bfloat16
+    stay within bfloat16's tolerance of the float32 pyramid."""
+    torch.manual_seed(0)
+    fpt = _randomize(_pyramid(), seed=1).eval()
+    feats = _levels(n=1)
+    with torch.no_grad():
+        expected = fpt(feats)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = fpt(feats)
+    for out, ref in zip(outs, expected):
+        err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 0.02, f"bfloat16 max error {err:.3f} of the level's scale"

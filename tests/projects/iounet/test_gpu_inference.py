@@ -10,7 +10,6 @@ pytest.importorskip("detectron2")
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
-from detectron2.structures import Boxes, Instances  # noqa: E402
 
 import d2_refine  # noqa: E402
 from d2_refine.utils.host_sync import HostSyncCounter  # noqa: E402

@@ -1,0 +1,113 @@
+"""IFR's test-time cost against Mask R-CNN, measured in the same run: whole-model inference, batch 1.
+
+    python benchmarks/ifr_test_cost.py                       # CPU, 1 thread, shapes configs (R-18, 192 px)
+    python benchmarks/ifr_test_cost.py --device cuda --json out.json
+    python benchmarks/ifr_test_cost.py --profile             # also IFR's top ops (torch.profiler)
+
+Models: configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml and configs/IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml
+(its test-time solve: Anderson, F_MAX_ITER_TEST evaluations), random weights. Both are built after the same seed:
+the backbone, RPN and box head (created before the mask head) get identical weights, so both models see the same
+detections, and the mask head runs on exactly ``--detections`` RoIs per image (TEST.DETECTIONS_PER_IMAGE, score
+threshold 0; default 27, the trained IFR's mean on shapes_tune in docs/results/ifr_test_budget.json). IFR's solve
+runs all its evaluations (its tolerance is set to 0, as a trained model's does at this budget: f_evals_mean = 8.0
+in that record), so random weights cost what a checkpoint costs.
+Time: median over ``--repeats`` images (random 192x192 images, the same for both), runs interleaved (Mask R-CNN,
+IFR, ...) so that a change of load hits both. Rows: ``case | Mask R-CNN ms | IFR ms | ratio``.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINE = "configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml"
+IFR = "configs/IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml"
+
+
+def build(config, device, detections, opts=()):
+    from detectron2.modeling import build_model
+
+    from d2_refine.engine import setup_cfg
+
+    cfg = setup_cfg(os.path.join(ROOT, config), ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "",
+                                                 "TEST.DETECTIONS_PER_IMAGE", str(detections),
+                                                 "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", *opts])
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def images(n, size, device):
+    g = torch.Generator().manual_seed(0)
+    return [[{"image": (torch.rand(3, size, size, generator=g) * 255).to(device), "height": size, "width": size}]
+            for _ in range(n)]
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_pair(models, inputs, device):
+    """Median ms per image of each model, runs interleaved image by image."""
+    runs = [[] for _ in models]
+    with torch.no_grad():
+        for m in models:  # warm-up
+            m(inputs[0])
+        for batch in inputs:
+            for m, r in zip(models, runs):
+                sync(device)
+                t0 = time.perf_counter()
+                m(batch)
+                sync(device)
+                r.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(r) for r in runs]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--size", type=int, default=192)
+    parser.add_argument("--detections", type=int, default=27, help="RoIs per image through the mask head")
+    parser.add_argument("--repeats", type=int, default=30, help="timed images per model (median)")
+    parser.add_argument("--profile", action="store_true", help="print IFR's top ops (torch.profiler, 5 images)")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    base = build(BASELINE, args.device, args.detections)
+    ifr = build(IFR, args.device, args.detections, ["MODEL.IFR.F_TOL", "0.0"])
+    inputs = images(args.repeats, args.size, args.device)
+    with torch.no_grad():
+        n_base = len(base(inputs[0])[0]["instances"])
+        n_ifr = len(ifr(inputs[0])[0]["instances"])
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+    print(f"# device: {dev}, torch {torch.__version__}, python {sys.version.split()[0]}, batch 1, "
+          f"{args.size}x{args.size}, random weights, {n_base} / {n_ifr} detections (Mask R-CNN / IFR)")
+    base_ms, ifr_ms = time_pair([base, ifr], inputs, args.device)
+    solver = ifr.roi_heads.mask_head.deq
+    case = f"R-18 {args.size}px, {args.detections} RoIs, IFR {solver.f_solver_test} {solver.f_max_iter_test}"
+    print("case | Mask R-CNN ms | IFR ms | ratio")
+    print(f"{case} | {base_ms:.1f} | {ifr_ms:.1f} | {ifr_ms / base_ms:.2f}x", flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for batch in inputs[:5]:
+                ifr(batch)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(device=dev, torch=torch.__version__, rows=[dict(
+                case=case, base_ms=base_ms, ours_ms=ifr_ms, ratio=ifr_ms / base_ms, detections=args.detections,
+                size=args.size, solver=solver.f_solver_test, budget=solver.f_max_iter_test)]), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
