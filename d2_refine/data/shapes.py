@@ -243,7 +243,9 @@ def generate_shapes_split(root: str, split: str, params: ShapesParams, progress:
         rng = np.random.default_rng([split_seed, i])
         img, annos = render_image(rng, params)
         fname = f"{i:06d}.png"
-        cv2.imwrite(os.path.join(image_root, fname), img[:, :, ::-1])  # RGB -> BGR for OpenCV
+        tmp_image = os.path.join(image_root, f".{i:06d}.{os.getpid()}.png")
+        cv2.imwrite(tmp_image, img[:, :, ::-1])  # RGB -> BGR for OpenCV
+        os.replace(tmp_image, os.path.join(image_root, fname))  # a reader never sees a half-written image
         images.append({"id": i + 1, "file_name": fname, "width": params.image_size, "height": params.image_size})
         for a in annos:
             annotations.append(dict(a, id=len(annotations) + 1, image_id=i + 1))
@@ -253,7 +255,7 @@ def generate_shapes_split(root: str, split: str, params: ShapesParams, progress:
         "annotations": annotations,
         "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPES_CLASSES)],
     }
-    tmp = json_file + ".tmp"
+    tmp = f"{json_file}.{os.getpid()}.tmp"  # one per process: two trainings may generate the same split at once
     with open(tmp, "w") as f:
         json.dump(coco, f, sort_keys=True)
     os.replace(tmp, json_file)  # atomic: a half-written split is never taken as done

@@ -102,3 +102,36 @@ def test_images_without_objects_are_allowed(tmp_path):
                                   progress=False)
     data = json.load(open(files["json_file"]))
     assert len(data["images"]) == 3 and data["annotations"] == []
+
+
+def _generate(root, barrier=None):
+    if barrier is not None:  # every process has written its annotations before any of them moves them in place
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if dst.endswith("annotations.json"):
+                barrier.wait(60)
+            real_replace(src, dst)
+
+        os.replace = replace  # in this child process only
+    generate_shapes_split(root, "train", ShapesParams(num_images=40, image_size=64, seed=3), progress=False)
+
+
+def test_two_processes_generating_one_split_at_once_both_succeed(tmp_path):
+    """Two trainings started together on a fresh machine generate the same split at the same time: neither may
+    fail on the other's temporary file, and the result is the split one process writes alone."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_generate, args=(str(tmp_path / "both"), barrier)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    _generate(str(tmp_path / "alone"))
+    both = sorted(p.relative_to(tmp_path / "both") for p in (tmp_path / "both").rglob("*") if p.is_file())
+    alone = sorted(p.relative_to(tmp_path / "alone") for p in (tmp_path / "alone").rglob("*") if p.is_file())
+    assert both == alone  # no temporary file left behind
+    assert all((tmp_path / "both" / f).read_bytes() == (tmp_path / "alone" / f).read_bytes() for f in alone)
