@@ -249,6 +249,7 @@ at::Tensor prroi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& 
     return output;
   }
   prroi::check_batch_indices(rois, input.size(0));
+  prroi::check_finite_boxes(rois, spatial_scale, aligned);
   const at::Tensor input_ = input.contiguous(), rois_ = rois.contiguous();
   const int64_t total = output.numel();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -276,6 +277,7 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
     return std::make_tuple(at::zeros(input.sizes(), input.options()), at::zeros(rois.sizes(), rois.options()));
   }
   prroi::check_batch_indices(rois, input.size(0));
+  prroi::check_finite_boxes(rois, spatial_scale, aligned);
   const at::Tensor grad_ = grad.contiguous(), input_ = input.contiguous(), rois_ = rois.contiguous();
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor grad_input, grad_rois;
