@@ -7,5 +7,6 @@ from .shapes import SHAPES_CLASSES, ShapesParams, generate_shapes_split  # noqa:
 if has_detectron2():
     from .datasets import (DatasetError, check_datasets, configure_shapes, prepare_datasets,  # noqa: F401
                            register_coco_format, register_shapes)
+    from .mapper import CheckedDatasetMapper  # noqa: F401
 
     register_shapes()
