@@ -37,8 +37,29 @@ def _losses(trainer):
     return out
 
 
-def test_resume_reproduces_uninterrupted_losses_and_weights(tmp_path):
+def _check_resume(output_dir, opts, start, end, expected, full_dir):
+    """Resume the run of ``output_dir`` (``resume_or_load(resume=True)``, as ``--resume``): it starts at ``start``
+    and its losses of iterations start .. end - 1 and final weights equal ``expected`` and the final weights in
+    ``full_dir`` (the uninterrupted run) exactly, not approximately."""
     import torch
+
+    from d2_refine.utils.testing import smoke_trainer
+
+    resumed = smoke_trainer(CONFIG, output_dir, opts, resume=True)
+    assert resumed.start_iter == start
+    resumed.train()
+    got = _losses(resumed)
+    assert sorted(got) == list(range(start, end))
+    for i in range(start, end):
+        assert got[i] == expected[i], (i, got[i], expected[i])
+    a = torch.load(full_dir / "model_final.pth", weights_only=True)["model"]
+    b = torch.load(output_dir / "model_final.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_reproduces_uninterrupted_losses_and_weights(tmp_path):
     from detectron2.engine import HookBase
 
     from d2_refine.utils.testing import smoke_trainer
@@ -61,19 +82,7 @@ def test_resume_reproduces_uninterrupted_losses_and_weights(tmp_path):
     assert not (tmp_path / "resumed" / "model_final.pth").exists()
     assert _losses(first) == {i: expected[i] for i in range(K)}
 
-    resumed = smoke_trainer(CONFIG, tmp_path / "resumed", OPTS, resume=True)
-    assert resumed.start_iter == K
-    resumed.train()
-    got = _losses(resumed)
-    assert sorted(got) == list(range(K, N))
-    for i in range(K, N):
-        assert got[i] == expected[i], (i, got[i], expected[i])  # exact, not approximate
-
-    a = torch.load(tmp_path / "full" / "model_final.pth", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed" / "model_final.pth", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    _check_resume(tmp_path / "resumed", OPTS, K, N, expected, tmp_path / "full")
 
 
 @pytest.mark.slow
@@ -86,8 +95,6 @@ def test_resume_after_sigkill_loses_nothing(tmp_path):
     import subprocess
     import sys
     import time
-
-    import torch
 
     from d2_refine.utils.testing import smoke_trainer, tiny_shapes_opts
 
@@ -118,15 +125,4 @@ def test_resume_after_sigkill_loses_nothing(tmp_path):
     full = smoke_trainer(CONFIG, tmp_path / "full", opts)
     full.train()
     expected = _losses(full)
-    resumed = smoke_trainer(CONFIG, out, opts, resume=True)
-    assert resumed.start_iter == start
-    resumed.train()
-    got = _losses(resumed)
-    assert sorted(got) == list(range(start, n))
-    for i in range(start, n):
-        assert got[i] == expected[i], (i, got[i], expected[i])  # exact, not approximate
-    a = torch.load(tmp_path / "full" / "model_final.pth", weights_only=True)["model"]
-    b = torch.load(out / "model_final.pth", weights_only=True)["model"]
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    _check_resume(out, opts, start, n, expected, tmp_path / "full")
