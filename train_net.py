@@ -82,8 +82,11 @@ def cli(argv=None):
     except (ConfigError, DatasetError) as e:
         sys.exit(f"error: {e}")
     print("Command Line Args:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:  # an image that cannot be read (d2_refine.data.CheckedDatasetMapper), in one process
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except DatasetError as e:
+        sys.exit(f"error: {DatasetError.line(e)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 // Argument checks of IoU-guided NMS, shared by the CPU and CUDA wrappers (declared in iou_guided_nms_common.h).
 #include "iou_guided_nms/iou_guided_nms_common.h"
 
+#include <cmath>
+
 namespace d2_refine {
 namespace iou_nms {
 
@@ -30,6 +32,21 @@ void check_args(const at::Tensor& boxes, const at::Tensor& scores, const at::Ten
               "iou_guided_nms: idxs (class indices) must be an integer tensor, got ", idxs.scalar_type());
   TORCH_CHECK(scores.device() == boxes.device() && ious.device() == boxes.device() && idxs.device() == boxes.device(),
               "iou_guided_nms: boxes, scores, ious and idxs must be on the same device");
+}
+
+void check_threshold(double iou_threshold) {
+  TORCH_CHECK_VALUE(!std::isnan(iou_threshold), "iou_guided_nms: iou_threshold must be a number, got nan");
+}
+
+at::Tensor finite_candidates(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, int guide) {
+  at::Tensor finite = boxes.isfinite().all(1).logical_and(scores.isfinite());
+  if (guide != 2) {
+    finite = finite.logical_and(ious.isfinite());
+  }
+  if (finite.all().item<bool>()) {
+    return at::Tensor();
+  }
+  return finite.nonzero().select(1, 0);
 }
 
 }  // namespace iou_nms

@@ -17,6 +17,15 @@ int guide_code(const std::string& guide);
 
 void check_args(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, const at::Tensor& idxs);
 
+// A ValueError for a NaN threshold (any other value is meaningful: < 0 merges every overlap, >= 1 none).
+void check_threshold(double iou_threshold);
+
+// The candidates that take part: those whose box coordinates, score p and (unless guide is "none") predicted IoU
+// q are all finite, as int64 positions; an undefined tensor when all are (the common case). The others are
+// dropped, as detectron2's fast_rcnn_inference drops non-finite boxes and scores before NMS. One host
+// synchronisation on CUDA.
+at::Tensor finite_candidates(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, int guide);
+
 template <typename T>
 C10_HOST_DEVICE inline T ranking_key(T p, T q, int guide) {
   return guide == 0 ? q : (guide == 1 ? p * q : p);

@@ -1,6 +1,10 @@
 // Argument checks of Precise RoI Pooling, shared by the CPU and CUDA wrappers (declared in prroi_pool_checks.h).
 #include "prroi_pool/prroi_pool_checks.h"
 
+#include <ATen/OpMathType.h>
+
+#include <cmath>
+
 namespace d2_refine {
 namespace prroi {
 
@@ -15,7 +19,8 @@ void check_prroi_pool_args(const at::Tensor& input, const at::Tensor& rois, doub
               "), got ", rois.device());
   TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "prroi_pool: output_size must be positive, got (",
               pooled_height, ", ", pooled_width, ")");
-  TORCH_CHECK(spatial_scale > 0, "prroi_pool: spatial_scale must be positive, got ", spatial_scale);
+  TORCH_CHECK(std::isfinite(spatial_scale) && spatial_scale > 0,
+              "prroi_pool: spatial_scale must be positive and finite, got ", spatial_scale);
 }
 
 void check_prroi_pool_grad(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& rois,
@@ -44,6 +49,26 @@ void check_batch_indices(const at::Tensor& rois, int64_t num_images) {
   if (bad.any().item<bool>()) {
     const int64_t row = bad.nonzero().select(1, 0)[0].item<int64_t>();
     fail_batch_index(b[row].item<double>(), row, num_images);
+  }
+}
+
+void check_finite_boxes(const at::Tensor& rois, double spatial_scale, bool aligned) {
+  if (rois.size(0) == 0) {
+    return;
+  }
+  // the kernels' geometry (prroi_pool_common.h, roi_geometry): x * spatial_scale - offset and the extents x1 - x0,
+  // in the kernels' arithmetic type (float for float16 / bfloat16)
+  const at::ScalarType type = at::toOpMathType(rois.scalar_type());
+  const at::Tensor corners = rois.narrow(1, 1, 4).to(type) * spatial_scale - (aligned ? 0.5 : 0.0);
+  const at::Tensor extents = corners.narrow(1, 2, 2) - corners.narrow(1, 0, 2);
+  const at::Tensor bad = corners.isfinite().all(1).logical_and(extents.isfinite().all(1)).logical_not();
+  if (bad.any().item<bool>()) {
+    const int64_t row = bad.nonzero().select(1, 0)[0].item<int64_t>();
+    const at::Tensor box = rois[row].to(at::kDouble).cpu();
+    const double* v = box.data_ptr<double>();
+    TORCH_CHECK_VALUE(false, "prroi_pool: box coordinates must be finite, also after scaling by spatial_scale = ",
+                      spatial_scale, " and as widths and heights in ", type, "; got rois row ", row, " = (", v[0],
+                      ", ", v[1], ", ", v[2], ", ", v[3], ", ", v[4], ")");
   }
 }
 

@@ -19,5 +19,9 @@ void check_prroi_pool_grad(const at::Tensor& grad, const at::Tensor& input, cons
 // Device-agnostic batch-index check (one host synchronisation on CUDA): every rois[:, 0] an integer in [0, N).
 void check_batch_indices(const at::Tensor& rois, int64_t num_images);
 
+// Every box finite in the kernels' geometry (corners after scaling, widths and heights); a ValueError naming the
+// first offending row otherwise. One host synchronisation on CUDA.
+void check_finite_boxes(const at::Tensor& rois, double spatial_scale, bool aligned);
+
 }  // namespace prroi
 }  // namespace d2_refine

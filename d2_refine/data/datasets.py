@@ -26,6 +26,15 @@ logger = logging.getLogger(__name__)
 class DatasetError(ValueError):
     """A dataset of the config that cannot be used; the message is one line meant for the user."""
 
+    @staticmethod
+    def line(exc: Exception) -> str:
+        """The user's line of a DatasetError, also of one raised in a DataLoader worker (re-raised in the main
+        process with the worker's traceback as its message: its last line is the original one)."""
+        text = str(exc).strip()
+        if "Original Traceback" in text:
+            text = text.splitlines()[-1].split("DatasetError: ", 1)[-1]
+        return text
+
 
 def register_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: int = 300, image_size: int = 192,
                     min_objects: int = 2, max_objects: int = 8, difficulty: float = 0.5, seed: int = 0,

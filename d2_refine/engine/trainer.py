@@ -7,12 +7,14 @@ from collections import OrderedDict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.evaluation import verify_results
 from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..data import CheckedDatasetMapper
 from ..solver import build_optimizer
 from .evaluator import D2RefineCOCOEvaluator
 from .resume import ExactResumeHook
@@ -85,6 +87,16 @@ class Trainer(DefaultTrainer):
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """detectron2's train loader, with :class:`CheckedDatasetMapper` (one line naming an unreadable image)."""
+        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """detectron2's test loader, with :class:`CheckedDatasetMapper`."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -1,4 +1,5 @@
 """IoU-guided NMS (Jiang et al., ECCV 2018, Algorithm 1), batched per class like torchvision's ``batched_nms``."""
+import math
 from typing import Tuple
 
 import torch
@@ -11,7 +12,7 @@ __all__ = ["iou_guided_nms", "iou_guided_nms_padded"]
 _GUIDES = ("rank", "weight", "none")
 
 
-def _check(boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, guide: str) -> None:
+def _check(boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float, guide: str) -> None:
     if guide not in _GUIDES:
         raise ValueError(f"iou_guided_nms: guide must be one of {_GUIDES}, got {guide!r}")
     if boxes.dim() != 2 or boxes.size(1) != 4:
@@ -20,6 +21,13 @@ def _check(boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, guide: str
     for name, t in (("scores", scores), ("ious", ious), ("idxs", idxs)):
         if t.dim() != 1 or t.size(0) != n:
             raise ValueError(f"iou_guided_nms: {name} must be Tensor[N] with N = {n}, got shape {tuple(t.shape)}")
+    for name, t in (("boxes", boxes), ("scores", scores), ("ious", ious)):
+        if not t.is_floating_point():
+            raise TypeError(f"iou_guided_nms: {name} must be a floating-point tensor, got {t.dtype}")
+    if idxs.is_floating_point() or idxs.dtype == torch.bool or idxs.is_complex():
+        raise TypeError(f"iou_guided_nms: idxs (class indices) must be an integer tensor, got {idxs.dtype}")
+    if math.isnan(iou_threshold):
+        raise ValueError("iou_guided_nms: iou_threshold must be a number, got nan")
 
 
 def iou_guided_nms(
@@ -32,6 +40,12 @@ def iou_guided_nms(
     candidate when its IoU with a kept box exceeds ``iou_threshold``; each candidate belongs to the first kept box
     (in ranking order) that overlaps it above the threshold, and a kept box's score becomes the maximum
     classification score p over its members. The op does not filter by score (drop p < 0.05 beforehand).
+
+    Bad input: a candidate whose box coordinates, score p or (unless ``guide="none"``) predicted IoU q is NaN or
+    infinite takes no part (it is neither kept nor suppresses), as detectron2's ``fast_rcnn_inference`` drops
+    non-finite boxes and scores before its NMS; so the kept scores are always finite. Empty, zero-area and
+    inverted boxes overlap nothing (IoU 0 or 0/0). Non-floating boxes, scores or ious raise a TypeError, a NaN
+    ``iou_threshold`` a ValueError.
 
     Args:
         boxes (Tensor[N, 4]): (x1, y1, x2, y2).
@@ -50,8 +64,8 @@ def iou_guided_nms(
     when they are float16 / bfloat16 (e.g. under ``torch.autocast``), so that IoUs near the threshold are not
     decided in half precision.
     """
-    _check(boxes, scores, ious, idxs, guide)
-    out_dtype = scores.dtype if scores.is_floating_point() else None
+    _check(boxes, scores, ious, idxs, iou_threshold, guide)
+    out_dtype = scores.dtype
     dtype = compute_dtype(boxes, scores, ious)
     boxes, scores, ious = boxes.detach().to(dtype), scores.detach().to(dtype), ious.detach().to(dtype)
     if has_kernel("iou_guided_nms", boxes.device):
@@ -59,7 +73,15 @@ def iou_guided_nms(
     else:
         warn_fallback("iou_guided_nms", boxes.device)
         keep, kept_scores = _iou_guided_nms_reference(boxes, scores, ious, idxs, iou_threshold, guide)
-    return keep, kept_scores.to(out_dtype or kept_scores.dtype)
+    return keep, kept_scores.to(out_dtype)
+
+
+def _class_nms(boxes: Tensor, key: Tensor, in_class: Tensor, iou_threshold: float) -> Tensor:
+    """torchvision's greedy NMS on the candidates ``in_class`` (a mask); their indices, by key descending."""
+    from torchvision.ops import nms
+
+    members = in_class.nonzero()[:, 0]
+    return members[nms(boxes[members], key[members], iou_threshold)]
 
 
 def iou_guided_nms_padded(
@@ -101,17 +123,29 @@ def _iou_guided_nms_reference(
     boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float, guide: str = "rank"
 ) -> Tuple[Tensor, Tensor]:
     """Vectorised PyTorch IoU-guided NMS (IoU-Net paper, Jiang et al., ECCV 2018): greedy per-class NMS on the
-    ranking key with torchvision's ``batched_nms``, then kept x candidates overlaps (same class, IoU > threshold),
+    ranking key with torchvision's ``nms`` class by class, then kept x candidates overlaps (same class,
+    IoU > threshold),
     owner = first kept box in ranking order (argmax), scatter-max of p. Same arguments and results as
     :func:`iou_guided_nms`."""
-    from torchvision.ops import batched_nms, box_iou
+    from torchvision.ops import box_iou
 
-    _check(boxes, scores, ious, idxs, guide)
+    _check(boxes, scores, ious, idxs, iou_threshold, guide)
     boxes, scores, ious = boxes.detach(), scores.detach(), ious.detach()
+    finite = torch.isfinite(boxes).all(1) & torch.isfinite(scores)
+    if guide != "none":
+        finite &= torch.isfinite(ious)
+    if not bool(finite.all()):  # non-finite candidates take no part (as in the kernels)
+        index = finite.nonzero()[:, 0]
+        keep, kept_scores = _iou_guided_nms_reference(
+            boxes[index], scores[index], ious[index], idxs[index], iou_threshold, guide
+        )
+        return index[keep], kept_scores
     if boxes.size(0) == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device), scores.new_empty(0)
     key = {"rank": ious, "weight": scores * ious, "none": scores}[guide]
-    keep = batched_nms(boxes, key, idxs, iou_threshold)  # ranking order within each class
+    # greedy NMS per class, in ranking order within each class; not batched_nms, whose coordinate trick (offsetting
+    # each class by the largest coordinate) overflows, and so changes the overlaps, for huge boxes
+    keep = torch.cat([_class_nms(boxes, key, idxs == c, iou_threshold) for c in idxs.unique()])
     if guide == "none":
         new_scores = scores[keep]
     else:

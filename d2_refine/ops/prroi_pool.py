@@ -1,6 +1,7 @@
 """Precise RoI Pooling (Jiang et al., "Acquisition of Localization Confidence for Accurate Object Detection",
 ECCV 2018): each output bin is the exact integral of the bilinearly interpolated feature map over the bin divided
 by the bin area, so the output is differentiable w.r.t. the box coordinates too."""
+import math
 from typing import List, Tuple, Union
 
 import torch
@@ -52,6 +53,12 @@ def prroi_pool(
         Tensor[K, C, PH, PW], in the dtype of ``input``: the mean of the interpolated map over each bin; 0 for
         zero-area bins. Differentiable w.r.t. ``input`` and the four box columns of ``rois`` (the index column
         gets a zero gradient).
+
+    Bad input: zero-area, inverted (x2 < x1) and off-map boxes give zeros (and zero gradients); a box with a NaN or
+    infinite coordinate, or one whose coordinates or extent overflow the compute dtype after scaling, raises a
+    ValueError naming its row (its integral is undefined); so does an output_size or spatial_scale that is not
+    positive (RuntimeError) and a batch index outside [0, N) (RuntimeError). Non-finite *features* propagate, as
+    in any op.
 
     Dtypes: ``input`` and ``rois`` may differ (float16 features with float32 boxes); the op runs in the wider of
     the two (float64 if either is), in float32 instead of float16 / bfloat16 under ``torch.autocast`` (detectron2's
@@ -122,6 +129,21 @@ class PrRoIPool2D(nn.Module):
         return f"kernel_size=({self.pooled_height}, {self.pooled_width}), spatial_scale={self.spatial_scale}"
 
 
+def _check_finite_boxes(rois: Tensor, corners: Tensor, spatial_scale: float) -> None:
+    """ValueError naming the first box whose corners after scaling (``corners``, Tensor[K, 4]) or whose width and
+    height are not finite: they would make the bin integrals NaN. The compiled kernels check the same
+    (csrc/prroi_pool/prroi_pool_checks.cpp)."""
+    extents = corners[:, 2:] - corners[:, :2]
+    bad = ~(torch.isfinite(corners).all(1) & torch.isfinite(extents).all(1))
+    if rois.size(0) > 0 and bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        values = ", ".join(f"{v:g}" for v in rois[row].tolist())
+        raise ValueError(
+            f"prroi_pool: box coordinates must be finite, also after scaling by spatial_scale = {spatial_scale:g} "
+            f"and as widths and heights in {corners.dtype}; got rois row {row} = ({values})"
+        )
+
+
 def _cell_terms(start: Tensor, bin_size: Tensor, bins: int, size: int) -> Tuple[Tensor, Tensor]:
     """The exact per-cell integrals along one axis, Tensor[K, bins, size + 1] each, for the cells [j, j + 1] with
     j = -1 .. size - 1: P = integral of (1 - a) and Q = integral of a over the cell's local limits [a0, a1]."""
@@ -157,6 +179,10 @@ def _prroi_pool_reference(
     rois = _as_roi_tensor(rois)
     if input.dim() != 4:
         raise ValueError(f"prroi_pool: input must be Tensor[N, C, H, W], got shape {tuple(input.shape)}")
+    if pooled_height <= 0 or pooled_width <= 0:
+        raise RuntimeError(f"prroi_pool: output_size must be positive, got ({pooled_height}, {pooled_width})")
+    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
+        raise RuntimeError(f"prroi_pool: spatial_scale must be positive and finite, got {spatial_scale}")
     num_images, channels, height, width = input.shape
     num_rois = rois.size(0)
     batch = rois[:, 0].detach()
@@ -173,6 +199,7 @@ def _prroi_pool_reference(
     y1 = rois[:, 2] * spatial_scale - offset
     x2 = rois[:, 3] * spatial_scale - offset
     y2 = rois[:, 4] * spatial_scale - offset
+    _check_finite_boxes(rois, torch.stack([x1, y1, x2, y2], 1).detach(), spatial_scale)
     bin_w = (x2 - x1).clamp(min=0) / pooled_width
     bin_h = (y2 - y1).clamp(min=0) / pooled_height
     area = bin_w * bin_h  # [K]

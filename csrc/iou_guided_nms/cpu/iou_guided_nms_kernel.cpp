@@ -105,10 +105,18 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_nms_kernel(const at::Tensor& boxes
                                                          double iou_threshold, c10::string_view guide) {
   iou_nms::check_args(boxes, scores, ious, idxs);
   const int guide_id = iou_nms::guide_code(std::string(guide));
+  iou_nms::check_threshold(iou_threshold);
   TORCH_CHECK(boxes.device().is_cpu(), "iou_guided_nms: boxes must be a CPU tensor for the CPU kernel");
   const int64_t n = boxes.size(0);
   if (n == 0) {
     return std::make_tuple(at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options()));
+  }
+  const at::Tensor finite = iou_nms::finite_candidates(boxes, scores, ious, guide_id);
+  if (finite.defined()) {  // drop the candidates with non-finite values, map the kept positions back
+    const auto kept = iou_guided_nms_kernel(boxes.index_select(0, finite), scores.index_select(0, finite),
+                                            ious.index_select(0, finite), idxs.index_select(0, finite),
+                                            iou_threshold, guide);
+    return std::make_tuple(finite.index_select(0, std::get<0>(kept)), std::get<1>(kept));
   }
   const at::Tensor boxes_ = boxes.contiguous(), scores_ = scores.contiguous(), ious_ = ious.contiguous();
   const at::Tensor idxs_ = idxs.to(at::kLong).contiguous();

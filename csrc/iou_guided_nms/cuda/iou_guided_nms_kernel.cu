@@ -127,11 +127,19 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_nms_kernel(const at::Tensor& boxes
                                                          double iou_threshold, c10::string_view guide) {
   iou_nms::check_args(boxes, scores, ious, idxs);
   const int guide_id = iou_nms::guide_code(std::string(guide));
+  iou_nms::check_threshold(iou_threshold);
   TORCH_CHECK(boxes.is_cuda(), "iou_guided_nms: boxes must be a CUDA tensor for the CUDA kernel");
   at::cuda::CUDAGuard device_guard(boxes.device());
   const int64_t n = boxes.size(0);
   if (n == 0) {
     return std::make_tuple(at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options()));
+  }
+  const at::Tensor finite = iou_nms::finite_candidates(boxes, scores, ious, guide_id);
+  if (finite.defined()) {  // drop the candidates with non-finite values, map the kept positions back
+    const auto kept = iou_guided_nms_kernel(boxes.index_select(0, finite), scores.index_select(0, finite),
+                                            ious.index_select(0, finite), idxs.index_select(0, finite),
+                                            iou_threshold, guide);
+    return std::make_tuple(finite.index_select(0, std::get<0>(kept)), std::get<1>(kept));
   }
   const double neg_inf = -std::numeric_limits<double>::infinity();
   const SortedOwners r = sorted_owners(boxes, scores, ious, idxs, iou_threshold, guide_id, /*sync_free=*/false);

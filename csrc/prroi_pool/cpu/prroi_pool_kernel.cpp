@@ -286,6 +286,7 @@ at::Tensor prroi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& 
                                      int64_t pooled_height, int64_t pooled_width, bool aligned) {
   check_prroi_pool_args(input, rois, spatial_scale, pooled_height, pooled_width);
   TORCH_CHECK(input.device().is_cpu(), "prroi_pool: input must be a CPU tensor for the CPU kernel");
+  check_finite_boxes(rois, spatial_scale, aligned);
   const int64_t num_rois = rois.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
   if (num_rois == 0 || channels == 0) {
     return at::zeros({num_rois, channels, pooled_height, pooled_width}, input.options());
@@ -310,6 +311,7 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
   check_prroi_pool_args(input, rois, spatial_scale, pooled_height, pooled_width);
   check_prroi_pool_grad(grad, input, rois, pooled_height, pooled_width);
   TORCH_CHECK(input.device().is_cpu(), "_prroi_pool_backward: input must be a CPU tensor for the CPU kernel");
+  check_finite_boxes(rois, spatial_scale, aligned);
   const int64_t num_rois = rois.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
   at::Tensor grad_rois = at::zeros(rois.sizes(), rois.options());
   if (num_rois == 0 || channels == 0 || !(input_requires_grad || rois_requires_grad)) {

@@ -513,6 +513,7 @@ at::Tensor prroi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& 
     return output;
   }
   prroi::check_batch_indices(rois, input.size(0));
+  prroi::check_finite_boxes(rois, spatial_scale, aligned);
   const at::Tensor input_ = input.contiguous(), rois_ = rois.contiguous();
   const int64_t total = output.numel();
   const int64_t corners = num_rois * (pooled_height + 1) * (pooled_width + 1);
@@ -557,6 +558,7 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
     return std::make_tuple(at::zeros(input.sizes(), input.options()), at::zeros(rois.sizes(), rois.options()));
   }
   prroi::check_batch_indices(rois, input.size(0));
+  prroi::check_finite_boxes(rois, spatial_scale, aligned);
   const at::Tensor grad_ = grad.contiguous(), input_ = input.contiguous(), rois_ = rois.contiguous();
   const at::Tensor grad_last = grad.permute({0, 2, 3, 1}).contiguous();  // [R, PH, PW, C] for the table path
   const int64_t corners = num_rois * (pooled_height + 1) * (pooled_width + 1);

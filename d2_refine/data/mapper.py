@@ -1,0 +1,28 @@
+"""detectron2's DatasetMapper, with one line naming the file for an image that cannot be read."""
+from detectron2.data import DatasetMapper
+from detectron2.data.detection_utils import SizeMismatchError
+from PIL import UnidentifiedImageError
+
+from .datasets import DatasetError
+
+__all__ = ["CheckedDatasetMapper"]
+
+
+class CheckedDatasetMapper(DatasetMapper):
+    """:class:`detectron2.data.DatasetMapper` (same arguments and output) whose errors in reading an image, a missing,
+    empty, truncated or corrupt file or one whose size differs from the json's (detectron2's
+    ``check_image_size``), are re-raised as a one-line :class:`DatasetError` naming the file, instead of a
+    traceback from inside a data-loader worker."""
+
+    def __call__(self, dataset_dict):
+        try:
+            return super().__call__(dataset_dict)
+        except FileNotFoundError:
+            reason = "not found"
+        except UnidentifiedImageError:
+            reason = "not an image (empty or corrupt file)"
+        except SizeMismatchError as e:  # its message names the file, the two sizes and what to check
+            raise DatasetError(str(e)) from None
+        except OSError as e:  # PIL: "image file is truncated", ...
+            reason = f"cannot be read ({e})"
+        raise DatasetError(f"image {dataset_dict.get('file_name')}: {reason}") from None
