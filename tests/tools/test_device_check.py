@@ -100,11 +100,12 @@ def test_iounet_latency_profile_names_the_costly_ops():
             a @ a
         a.sum()
 
-    prof = iounet_latency.profile_call(fn, "cpu", top=5)
-    names = [o["name"] for o in prof["ops"]]
-    assert names[0] in ("aten::mm", "aten::matmul"), names
-    mm = next(o for o in prof["ops"] if o["name"] == "aten::mm")
-    assert mm["calls"] == 3 and mm["self_device_ms"] is None
+    prof = iounet_latency.profile_call(fn, "cpu", top=10)
+    calls = {o["name"]: o["calls"] for o in prof["ops"]}
+    # which op is costliest is a timing (a preemption on a busy machine can land in aten::sum): only the
+    # order of the list is checked below, and that both ops are there with their call counts
+    assert calls.get("aten::mm") == 3 and calls.get("aten::sum") == 1, calls
+    assert all(o["self_device_ms"] is None for o in prof["ops"])
     times = [o["self_cpu_ms"] for o in prof["ops"]]
     assert times == sorted(times, reverse=True) and prof["total_self_device_ms"] is None
 
