@@ -130,14 +130,6 @@ def trunk_state_dict(model):
             for k, v in model.trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _commit():
     try:
         out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
@@ -204,7 +196,9 @@ def main(argv=None):
     with open(args.out, "wb") as f:
         pickle.dump({"model": trunk_state_dict(model), "__author__": "d2_refine tools/pretrain_trunk.py",
                      "matching_heuristics": True}, f)
-    digest = sha256(args.out)
+    from d2_refine.pretrained import sha256_file
+
+    digest = sha256_file(args.out)
     with open(args.out + ".sha256", "w") as f:
         f.write(f"{digest}  {os.path.basename(args.out)}\n")
     record = {

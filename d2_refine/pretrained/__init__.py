@@ -12,14 +12,15 @@ import os
 
 from detectron2.utils.file_io import PathHandler, PathManager
 
-__all__ = ["PREFIX", "local_path", "PretrainedHandler"]
+__all__ = ["PREFIX", "local_path", "sha256_file", "PretrainedHandler"]
 
 PREFIX = "d2_refine://"
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the d2_refine package folder
 _verified = set()
 
 
-def _sha256(path):
+def sha256_file(path):
+    """The hex sha256 of the file at ``path``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -47,7 +48,7 @@ def local_path(address: str) -> str:
     if os.path.isfile(digest_file):
         with open(digest_file) as f:
             expected = f.read().split()[0]
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise ValueError(f"{address}: {path} does not match its sha256 ({digest_file}): a partial copy or a "
                              "Git LFS pointer? Reinstall d2_refine from a full clone")
     _verified.add(path)
