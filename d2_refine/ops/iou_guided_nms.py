@@ -95,7 +95,7 @@ def iou_guided_nms_padded(
         kept_scores (Tensor[N]): their updated scores, then 0.
         num_kept (Tensor[], int64): how many are kept, on the device of ``boxes``.
     """
-    _check(boxes, scores, ious, idxs, guide)
+    _check(boxes, scores, ious, idxs, iou_threshold, guide)
     out_dtype = scores.dtype if scores.is_floating_point() else None
     dtype = compute_dtype(boxes, scores, ious)
     boxes, scores, ious = boxes.detach().to(dtype), scores.detach().to(dtype), ious.detach().to(dtype)

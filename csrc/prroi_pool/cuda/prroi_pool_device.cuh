@@ -1,7 +1,6 @@
 // Device-side integrals of Precise RoI Pooling over one feature plane (the geometry is in prroi_pool_common.h):
 // the bin integral (forward) and the line integrals along the bin edges (gradient w.r.t. the box), and a block
-// sum. Used by csrc/multilevel_prroi_pool/cuda; csrc/prroi_pool/cuda/prroi_pool_kernel.cu holds the same
-// integrals for the single-level kernels.
+// sum, shared by the single-level (csrc/prroi_pool/cuda) and multi-level (csrc/multilevel_prroi_pool/cuda) kernels.
 #pragma once
 
 #include "prroi_pool/prroi_pool_common.h"

@@ -33,6 +33,7 @@
 #include "prroi_pool/prroi_pool_checks.h"
 #include "prroi_pool/prroi_pool_common.h"
 #include "prroi_pool/prroi_pool_corner.h"
+#include "prroi_pool/cuda/prroi_pool_device.cuh"
 
 namespace d2_refine {
 namespace {
@@ -40,6 +41,10 @@ namespace {
 using prroi::node_range;
 using prroi::node_weight;
 using prroi::RoIGeometry;
+using prroi::device::bin_integral;
+using prroi::device::block_reduce_sum;
+using prroi::device::horizontal_line_integral;
+using prroi::device::vertical_line_integral;
 
 constexpr int kThreads = 256;
 
@@ -86,25 +91,6 @@ constexpr double kTableMinBin = 2.0;
 template <typename acc_t>
 __device__ inline bool takes_table(const RoIGeometry<acc_t>& g) {
   return g.area > acc_t(0) && ::fmin(static_cast<double>(g.bin_w), static_cast<double>(g.bin_h)) >= kTableMinBin;
-}
-
-// Integral of the interpolated plane over [xs, xe] x [ys, ye].
-template <typename scalar_t, typename acc_t>
-__device__ inline acc_t bin_integral(const scalar_t* plane, int64_t height, int64_t width, acc_t xs, acc_t xe,
-                                     acc_t ys, acc_t ye) {
-  int64_t x0, x1, y0, y1;
-  node_range(xs, xe, width, &x0, &x1);
-  node_range(ys, ye, height, &y0, &y1);
-  acc_t sum = 0;
-  for (int64_t i = y0; i <= y1; ++i) {
-    const scalar_t* row = plane + i * width;
-    acc_t row_sum = 0;
-    for (int64_t j = x0; j <= x1; ++j) {
-      row_sum += node_weight(xs, xe, j) * static_cast<acc_t>(row[j]);
-    }
-    sum += node_weight(ys, ye, i) * row_sum;
-  }
-  return sum;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -161,54 +147,6 @@ __global__ void prroi_pool_backward_input_cuda(int64_t total, const scalar_t* gr
   }
 }
 
-// Line integral of the interpolated plane along x = const (taps tx) over the rows [y0, y1] weighted for [ys, ye].
-template <typename scalar_t, typename acc_t>
-__device__ inline acc_t line_integral_x(const scalar_t* plane, int64_t width, const prroi::Taps<acc_t>& tx,
-                                        int64_t y0, int64_t y1, acc_t ys, acc_t ye) {
-  acc_t sum = 0;
-  for (int64_t i = y0; i <= y1; ++i) {
-    const scalar_t* row = plane + i * width;
-    sum += node_weight(ys, ye, i) *
-           (tx.w0 * static_cast<acc_t>(row[tx.k0]) + tx.w1 * static_cast<acc_t>(row[tx.k1]));
-  }
-  return sum;
-}
-
-// Line integral along y = const (taps ty) over the columns [x0, x1] weighted for [xs, xe].
-template <typename scalar_t, typename acc_t>
-__device__ inline acc_t line_integral_y(const scalar_t* plane, int64_t width, const prroi::Taps<acc_t>& ty,
-                                        int64_t x0, int64_t x1, acc_t xs, acc_t xe) {
-  const scalar_t* r0 = plane + ty.k0 * width;
-  const scalar_t* r1 = plane + ty.k1 * width;
-  acc_t sum = 0;
-  for (int64_t j = x0; j <= x1; ++j) {
-    sum += node_weight(xs, xe, j) * (ty.w0 * static_cast<acc_t>(r0[j]) + ty.w1 * static_cast<acc_t>(r1[j]));
-  }
-  return sum;
-}
-
-// Sum of v over the block (blockDim.x a multiple of 32, at most 1024); the result is valid in thread 0.
-// `shared` holds one value per warp; the trailing __syncthreads lets the caller reuse it at once.
-template <typename T>
-__device__ inline T block_sum(T v, T* shared) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v += __shfl_down_sync(0xffffffffu, v, offset);
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    shared[warp] = v;
-  }
-  __syncthreads();
-  v = threadIdx.x < (blockDim.x >> 5) ? shared[lane] : T(0);
-  if (warp == 0) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      v += __shfl_down_sync(0xffffffffu, v, offset);
-    }
-  }
-  __syncthreads();
-  return v;
-}
-
 constexpr int kBoxThreads = 128;  // threads of a (RoI, bin) block, striding over the channels
 
 // One block per (RoI, bin): its threads split the channels, each summing the bin's four edge derivatives over
@@ -245,15 +183,15 @@ __global__ void prroi_pool_backward_rois_cuda(int64_t num_bins, const scalar_t* 
       }
       const scalar_t* plane = input + (batch * channels + c) * height * width;
       const acc_t out = bin_integral(plane, height, width, xs, xe, ys, ye) / g.area;
-      g_xs += gv * (g.bin_h * out - line_integral_x(plane, width, t_xs, y0, y1, ys, ye));
-      g_xe += gv * (line_integral_x(plane, width, t_xe, y0, y1, ys, ye) - g.bin_h * out);
-      g_ys += gv * (g.bin_w * out - line_integral_y(plane, width, t_ys, x0, x1, xs, xe));
-      g_ye += gv * (line_integral_y(plane, width, t_ye, x0, x1, xs, xe) - g.bin_w * out);
+      g_xs += gv * (g.bin_h * out - vertical_line_integral(plane, width, t_xs, y0, y1, ys, ye));
+      g_xe += gv * (vertical_line_integral(plane, width, t_xe, y0, y1, ys, ye) - g.bin_h * out);
+      g_ys += gv * (g.bin_w * out - horizontal_line_integral(plane, width, t_ys, x0, x1, xs, xe));
+      g_ye += gv * (horizontal_line_integral(plane, width, t_ye, x0, x1, xs, xe) - g.bin_w * out);
     }
-    g_xs = block_sum(g_xs, partial);
-    g_xe = block_sum(g_xe, partial);
-    g_ys = block_sum(g_ys, partial);
-    g_ye = block_sum(g_ye, partial);
+    g_xs = block_reduce_sum(g_xs, partial);
+    g_xe = block_reduce_sum(g_xe, partial);
+    g_ys = block_reduce_sum(g_ys, partial);
+    g_ye = block_reduce_sum(g_ye, partial);
     if (threadIdx.x == 0) {
       const acc_t u = static_cast<acc_t>(pw) / pooled_width, u1 = static_cast<acc_t>(pw + 1) / pooled_width;
       const acc_t v = static_cast<acc_t>(ph) / pooled_height, v1 = static_cast<acc_t>(ph + 1) / pooled_height;
