@@ -116,7 +116,7 @@ def iounet_inference_single_image(
                 ious = _at_class(iou_fn(boxes), classes)
         elif refine or score_times_iou:
             ious = empty
-    rank = torch.arange(len(boxes), device=boxes.device)
+    rank = torch.ones_like(scores, dtype=torch.long).cumsum(0) - 1  # an arange whose length a trace keeps dynamic
     real = None if num is None else rank < num
 
     steps, gain = empty.long(), empty
@@ -137,8 +137,13 @@ def iounet_inference_single_image(
     if real is not None:
         scores = scores.masked_fill(~real, float("-inf"))  # padding last
     order = torch.argsort(scores, descending=True, stable=True)
-    real_count = len(order) if num is None else int(num)  # the one read of a device value per image
-    order = order[: real_count if topk < 0 else min(real_count, topk)]
+    if real is not None and torch.jit.is_tracing():  # int(num) would be a constant of the trace
+        order = order[real[order]]
+        order = order if topk < 0 else order[:topk]
+        real_count = len(order)
+    else:
+        real_count = len(order) if num is None else int(num)  # the one read of a device value per image
+        order = order[: real_count if topk < 0 else min(real_count, topk)]
     refined = min(len(steps), real_count)
     out = {"boxes": boxes[order], "scores": scores[order], "classes": classes[order],
            "ious": None if ious is None else ious[order].clamp(0.0, 1.0),

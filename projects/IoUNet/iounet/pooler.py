@@ -62,6 +62,10 @@ class PrRoIPooler(ROIPooler):
                              f"got {len(box_lists)}")
         if len(box_lists) == 0:
             return x[0].new_zeros((0, x[0].shape[1]) + tuple(self.output_size))
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            # torch.jit.trace cannot record the fused op's list arguments (an internal assert of its tracer), and
+            # exported programs keep the per-level op deployment tools know: ROIPooler's loop, PrRoIPool per level
+            return super().forward(x, box_lists)
         return multilevel_prroi_pool(x, [b.tensor for b in box_lists], self.output_size, self.scales,
                                      self.canonical_box_size, self.canonical_level, self.aligned)
 

@@ -67,7 +67,9 @@ def test_shapes_configs_share_the_retinanet_baselines_one_stage_recipe(path):
         cfg.merge_from_file(p)
         return cfg
 
-    ours, base = load(path), load(os.path.join(ROOT, "configs", "Baselines", "retinanet_R_18_FPN_shapes.yaml"))
+    # the pretrained-trunk configs against the pretrained-trunk baseline
+    baseline = "retinanet_R_18_FPN_shapes" + ("_pretrained" if path.endswith("_pretrained.yaml") else "") + ".yaml"
+    ours, base = load(path), load(os.path.join(ROOT, "configs", "Baselines", baseline))
     for node in ("RETINANET", "ANCHOR_GENERATOR", "BACKBONE", "RESNETS", "FPN"):
         assert ours.MODEL[node] == base.MODEL[node], node
     if path.endswith("_short.yaml"):  # the CPU-budget schedule: a shorter run, everything else the same
