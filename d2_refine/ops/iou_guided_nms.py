@@ -124,8 +124,7 @@ def _iou_guided_nms_reference(
 ) -> Tuple[Tensor, Tensor]:
     """Vectorised PyTorch IoU-guided NMS (IoU-Net paper, Jiang et al., ECCV 2018): greedy per-class NMS on the
     ranking key with torchvision's ``nms`` class by class, then kept x candidates overlaps (same class,
-    IoU > threshold),
-    owner = first kept box in ranking order (argmax), scatter-max of p. Same arguments and results as
+    IoU > threshold), owner = first kept box in ranking order (argmax), scatter-max of p. Same arguments and results as
     :func:`iou_guided_nms`."""
     from torchvision.ops import box_iou
 
