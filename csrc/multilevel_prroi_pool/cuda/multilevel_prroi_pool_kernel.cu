@@ -46,21 +46,6 @@ struct Pyramid {
   acc_t scale[kMaxLevels];
 };
 
-struct Element {
-  int64_t k, c, ph, pw;
-};
-
-__device__ inline Element element(int64_t index, int64_t channels, int64_t pooled_height, int64_t pooled_width) {
-  Element e;
-  e.pw = index % pooled_width;
-  index /= pooled_width;
-  e.ph = index % pooled_height;
-  index /= pooled_height;
-  e.c = index % channels;
-  e.k = index / channels;
-  return e;
-}
-
 template <typename scalar_t, typename acc_t>
 __device__ inline RoIGeometry<acc_t> geometry(const scalar_t* boxes, int64_t k, acc_t scale, bool aligned,
                                               int64_t pooled_height, int64_t pooled_width) {
@@ -79,7 +64,7 @@ __global__ void forward_cuda(int64_t total, Pyramid<scalar_t, acc_t> pyr, const 
                              int64_t pooled_width, bool aligned, scalar_t* output) {
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const Element e = element(index, channels, pooled_height, pooled_width);
+    const prroi::device::BinIndex e = prroi::device::bin_index(index, channels, pooled_height, pooled_width);
     const int64_t l = levels[e.k];
     output[index] = static_cast<scalar_t>(0);
     if (l < 0) {
@@ -104,7 +89,7 @@ __global__ void backward_inputs_cuda(int64_t total, Pyramid<scalar_t, acc_t> pyr
                                      int64_t channels, int64_t pooled_height, int64_t pooled_width, bool aligned) {
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(blockDim.x) * gridDim.x) {
-    const Element e = element(index, channels, pooled_height, pooled_width);
+    const prroi::device::BinIndex e = prroi::device::bin_index(index, channels, pooled_height, pooled_width);
     const int64_t l = levels[e.k];
     const acc_t gv = static_cast<acc_t>(grad[index]);
     if (l < 0 || gv == acc_t(0)) {
@@ -139,7 +124,7 @@ __global__ void backward_boxes_cuda(int64_t num_bins, Pyramid<scalar_t, acc_t> p
                                     acc_t* grad_boxes) {
   __shared__ acc_t partial[kBoxThreads / 32];
   for (int64_t index = blockIdx.x; index < num_bins; index += gridDim.x) {  // uniform over the block
-    const Element e = element(index, /*channels=*/1, pooled_height, pooled_width);
+    const prroi::device::BinIndex e = prroi::device::bin_index(index, /*channels=*/1, pooled_height, pooled_width);
     const int64_t k = e.k, ph = e.ph, pw = e.pw;
     const int64_t l = levels[k];
     if (l < 0) {

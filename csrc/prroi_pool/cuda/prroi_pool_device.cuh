@@ -9,6 +9,22 @@ namespace d2_refine {
 namespace prroi {
 namespace device {
 
+// An output element's (RoI, channel, bin row, bin column) from its flat index in (R, C, PH, PW) order.
+struct BinIndex {
+  int64_t k, c, ph, pw;
+};
+
+__device__ inline BinIndex bin_index(int64_t index, int64_t channels, int64_t pooled_height, int64_t pooled_width) {
+  BinIndex b;
+  b.pw = index % pooled_width;
+  index /= pooled_width;
+  b.ph = index % pooled_height;
+  index /= pooled_height;
+  b.c = index % channels;
+  b.k = index / channels;
+  return b;
+}
+
 // Integral of the interpolated plane over [xs, xe] x [ys, ye].
 template <typename scalar_t, typename acc_t>
 __device__ inline acc_t bin_integral(const scalar_t* plane, int64_t height, int64_t width, acc_t xs, acc_t xe,

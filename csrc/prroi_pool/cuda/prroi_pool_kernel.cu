@@ -41,7 +41,9 @@ namespace {
 using prroi::node_range;
 using prroi::node_weight;
 using prroi::RoIGeometry;
+using prroi::device::bin_index;
 using prroi::device::bin_integral;
+using prroi::device::BinIndex;
 using prroi::device::block_reduce_sum;
 using prroi::device::horizontal_line_integral;
 using prroi::device::vertical_line_integral;
@@ -56,22 +58,6 @@ inline int blocks_for(int64_t n) {
 #define D2R_CUDA_1D_KERNEL_LOOP(i, n)                                                            \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n);      \
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
-
-// An output element's (RoI, channel, bin row, bin column) from its flat index in (R, C, PH, PW) order.
-struct BinIndex {
-  int64_t k, c, ph, pw;
-};
-
-__device__ inline BinIndex bin_index(int64_t index, int64_t channels, int64_t pooled_height, int64_t pooled_width) {
-  BinIndex b;
-  b.pw = index % pooled_width;
-  index /= pooled_width;
-  b.ph = index % pooled_height;
-  index /= pooled_height;
-  b.c = index % channels;
-  b.k = index / channels;
-  return b;
-}
 
 template <typename scalar_t, typename acc_t>
 __device__ inline RoIGeometry<acc_t> load_geometry(const scalar_t* rois, int64_t k, acc_t spatial_scale,
