@@ -15,14 +15,11 @@ Written: the weights (fp16, detectron2's ``.pkl`` format with ``matching_heurist
 the record (``--record``): source set, schedule, seed, time, held-out source-set mAP, sha256, command, commit.
 """
 import argparse
-import datetime
 import hashlib
 import json
 import math
 import os
 import pickle
-import platform
-import subprocess
 import sys
 import time
 
@@ -130,16 +127,6 @@ def trunk_state_dict(model):
             for k, v in model.trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-def _commit():
-    try:
-        out = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
-    except OSError:
-        return None
-
-
 def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.num_threads:
@@ -196,9 +183,11 @@ def main(argv=None):
     with open(args.out, "wb") as f:
         pickle.dump({"model": trunk_state_dict(model), "__author__": "d2_refine tools/pretrain_trunk.py",
                      "matching_heuristics": True}, f)
+    from d2_refine.benchmark.record import git_commit, now
+    from d2_refine.collect_env import machine_info
     from d2_refine.pretrained import sha256_file
 
-    digest = sha256_file(args.out)
+    digest, code = sha256_file(args.out), git_commit()
     with open(args.out + ".sha256", "w") as f:
         f.write(f"{digest}  {os.path.basename(args.out)}\n")
     record = {
@@ -213,10 +202,9 @@ def main(argv=None):
                      "weight_decay": args.weight_decay, "augmentation": "horizontal flip"},
         "seed": args.seed, "history": history, "render_s": round(render_s, 1), "train_s": round(train_s, 1),
         "s_per_it": round(train_s / args.iters, 4), "threads": torch.get_num_threads(),
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": machine_info(torch.get_num_threads()),
         "command": "python tools/pretrain_trunk.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "commit": _commit(), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": code["commit"], "dirty": code["dirty"], "finished": now(),
     }
     if args.record:
         os.makedirs(os.path.dirname(os.path.abspath(args.record)), exist_ok=True)

@@ -11,7 +11,6 @@ finished and left out. The evaluation split is read from the run's config (`conf
 """
 import argparse
 import ast
-import datetime
 import json
 import os
 import re
@@ -24,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from d2_refine.benchmark.logs import final_results, train_speed  # noqa: E402
+from d2_refine.benchmark.record import now  # noqa: E402
 
 
 def run_record(folder: str, commit: str) -> dict:
@@ -61,7 +61,7 @@ def main(argv=None):
         except ValueError as e:
             print(f"skipped: {e}")
     doc = {"command": "python tools/tune_record.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "written": now(),
            "split": "shapes_tune", "note": args.note, "records": records}
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
