@@ -1,4 +1,5 @@
-"""Registration of ``shapes_train`` / ``shapes_val`` / ``shapes_tune`` and of the config's ``DATASETS.COCO_FORMAT``
+"""Registration of ``shapes_train`` / ``shapes_val`` / ``shapes_tune`` (and of the pretrained trunk's source set,
+``shapes_source_train`` / ``shapes_source_val``) and of the config's ``DATASETS.COCO_FORMAT``
 datasets with detectron2's COCO loader and metadata, so that COCOEvaluator scores them like COCO; and the check,
 before training, that every dataset of the config is registered, its files are there and its categories fit the
 model's classes."""
@@ -12,11 +13,15 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json, register_coco_instances
 from detectron2.utils import comm
 
-from .shapes import SHAPES_CLASSES, ShapesParams, default_shapes_root, generate_shapes_split, shapes_split_files
+from .shapes import SHAPES_CLASSES, SOURCE_CLASSES, ShapesParams, default_shapes_root, generate_shapes_split, shapes_split_files
 
 # shapes_tune: a held-out split of its own seed for choosing test-time settings (e.g. a solver budget), so that
 # shapes_val stays the split results are reported on
-SPLITS = {"shapes_train": "train", "shapes_val": "val", "shapes_tune": "tune"}
+# shapes_source_*: other shape families (SOURCE_CLASSES) from a seed namespace of their own, the source set the
+# pretrained trunk is made on (tools/pretrain_trunk.py); they share no image and no class with the three above
+SPLITS = {"shapes_train": "train", "shapes_val": "val", "shapes_tune": "tune",
+          "shapes_source_train": "source_train", "shapes_source_val": "source_val"}
+SPLIT_CLASSES = {"source_train": SOURCE_CLASSES, "source_val": SOURCE_CLASSES}  # others: SHAPES_CLASSES
 _registered = {}  # dataset name -> (root, ShapesParams)
 _coco_format = {}  # dataset name -> (json file, image folder) registered from DATASETS.COCO_FORMAT
 _categories = {}  # (json file, size, mtime) -> number of categories (None: no top-level "categories" list)
@@ -38,11 +43,13 @@ class DatasetError(ValueError):
 
 def register_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: int = 300, image_size: int = 192,
                     min_objects: int = 2, max_objects: int = 8, difficulty: float = 0.5, seed: int = 0,
-                    num_tune: int = 300):
-    """(Re-)register ``shapes_train``, ``shapes_val`` and ``shapes_tune`` with these parameters. Files are generated
-    on first use (see :func:`prepare_datasets`); the metadata already names where they will be."""
+                    num_tune: int = 300, num_source_train: int = 4000, num_source_val: int = 300):
+    """(Re-)register ``shapes_train``, ``shapes_val``, ``shapes_tune`` and the source set's ``shapes_source_train``
+    / ``shapes_source_val`` with these parameters. Files are generated on first use (see :func:`prepare_datasets`);
+    the metadata already names where they will be."""
     root = default_shapes_root(root)
-    sizes = {"train": num_train, "val": num_val, "tune": num_tune}
+    sizes = {"train": num_train, "val": num_val, "tune": num_tune, "source_train": num_source_train,
+             "source_val": num_source_val}
     for name, split in SPLITS.items():
         params = ShapesParams(num_images=sizes[split], image_size=image_size,
                               min_objects=min_objects, max_objects=max_objects, difficulty=difficulty,
@@ -53,14 +60,16 @@ def register_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: 
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
 
-        def _load(root=root, split=split, params=params, name=name):
-            files = generate_shapes_split(root, split, params)
+        classes = SPLIT_CLASSES.get(split, SHAPES_CLASSES)
+
+        def _load(root=root, split=split, params=params, name=name, classes=classes):
+            files = generate_shapes_split(root, split, params, classes=classes)
             return load_coco_json(files["json_file"], files["image_root"], name)
 
         DatasetCatalog.register(name, _load)
         MetadataCatalog.get(name).set(
             **shapes_split_files(root, split, params), evaluator_type="coco",
-            thing_classes=list(SHAPES_CLASSES),
+            thing_classes=list(classes),
         )
         _registered[name] = (root, params)
 
@@ -105,6 +114,7 @@ def check_datasets(cfg, train: bool = True):
                                "shapes_train / shapes_val, or add (name, json file, image folder) to "
                                "DATASETS.COCO_FORMAT")
         if name in SPLITS:
+            _check_num_classes(cfg, name, len(SPLIT_CLASSES.get(SPLITS[name], SHAPES_CLASSES)), "it")
             continue
         meta = MetadataCatalog.get(name)
         for key, what, exists in (("json_file", "json file", os.path.isfile),
@@ -115,7 +125,9 @@ def check_datasets(cfg, train: bool = True):
                          "detectron2 reads its datasets under $DETECTRON2_DATASETS, "
                          f"now {os.environ.get('DETECTRON2_DATASETS') or 'unset: ./datasets'}")
                 raise DatasetError(f"dataset {name!r}: {what} not found: {path} ({where})")
-        _check_num_classes(cfg, name, meta)
+        json_file = meta.get("json_file", None)
+        if json_file and "://" not in json_file and os.path.isfile(json_file):
+            _check_num_classes(cfg, name, count_categories(json_file), json_file)
 
 
 def count_categories(json_file: str) -> Optional[int]:
@@ -170,22 +182,20 @@ def num_classes_key(cfg) -> Optional[Tuple[str, int]]:
     return None
 
 
-def _check_num_classes(cfg, name: str, meta) -> None:
-    """More categories in a COCO-format dataset's json than the model has classes: a :class:`DatasetError` (the
-    loss would fail on the first out-of-range label); fewer: one warning (classes that never occur)."""
+def _check_num_classes(cfg, name: str, n: Optional[int], where: str) -> None:
+    """More categories (``n``) in a dataset than the model has classes: a :class:`DatasetError` (the loss would fail
+    on the first out-of-range label); fewer: one warning (classes that never occur). ``where``: the json file."""
     key_value = num_classes_key(cfg)
-    json_file = meta.get("json_file", None)
-    if key_value is None or not json_file or "://" in json_file or not os.path.isfile(json_file):
+    if key_value is None:
         return
-    n = count_categories(json_file)
     key, classes = key_value
     if n is None or n == classes:
         return
     if n > classes:
-        raise DatasetError(f"dataset {name!r}: {json_file} has {n} categories but {key} is {classes}: set {key} {n} "
-                           f"(or use a json with {classes} categories)")
+        raise DatasetError(f"dataset {name!r}: {where} has {n} categories but {key} is {classes}: set {key} {n} "
+                           f"(or use a dataset with {classes} categories)")
     logger.warning("dataset %r: %s has %d categories, fewer than %s %d: %d classes of the model never occur in it",
-                   name, json_file, n, key, classes, classes - n)
+                   name, where, n, key, classes, classes - n)
 
 
 def prepare_datasets(cfg):
@@ -198,5 +208,6 @@ def prepare_datasets(cfg):
     if comm.is_main_process():
         for name in names:
             root, params = _registered[name]
-            generate_shapes_split(root, SPLITS[name], params)
+            split = SPLITS[name]
+            generate_shapes_split(root, split, params, classes=SPLIT_CLASSES.get(split, SHAPES_CLASSES))
     comm.synchronize()

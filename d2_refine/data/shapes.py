@@ -223,11 +223,13 @@ def shapes_split_files(root: str, split: str, params: ShapesParams) -> Dict[str,
     return {"json_file": os.path.join(out, "annotations.json"), "image_root": os.path.join(out, "images")}
 
 
-def generate_shapes_split(root: str, split: str, params: ShapesParams, progress: bool = True) -> Dict[str, str]:
+def generate_shapes_split(root: str, split: str, params: ShapesParams, progress: bool = True,
+                          classes=SHAPES_CLASSES) -> Dict[str, str]:
     """Write ``split`` (images/*.png + annotations.json) under ``root`` once; later calls reuse the files.
 
     Returns ``{"json_file": ..., "image_root": ...}``. The split's own seed is derived from ``params.seed`` and
-    the split name, so train and val never share images.
+    the split name, so train and val never share images. ``classes``: the shape families drawn (the source set's
+    splits draw ``SOURCE_CLASSES``).
     """
     params.validate()
     files = shapes_split_files(root, split, params)
@@ -241,7 +243,7 @@ def generate_shapes_split(root: str, split: str, params: ShapesParams, progress:
     for i in tqdm(range(params.num_images), desc=f"generating shapes '{split}' in {where}", unit="image",
                   disable=not progress):
         rng = np.random.default_rng([split_seed, i])
-        img, annos = render_image(rng, params)
+        img, annos = render_image(rng, params, classes)
         fname = f"{i:06d}.png"
         tmp_image = os.path.join(image_root, f".{i:06d}.{os.getpid()}.png")
         cv2.imwrite(tmp_image, img[:, :, ::-1])  # RGB -> BGR for OpenCV
@@ -253,7 +255,7 @@ def generate_shapes_split(root: str, split: str, params: ShapesParams, progress:
         "info": {"description": f"d2_refine shapes ({split})", "params": dataclasses.asdict(params)},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SHAPES_CLASSES)],
+        "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(classes)],
     }
     tmp = f"{json_file}.{os.getpid()}.tmp"  # one per process: two trainings may generate the same split at once
     with open(tmp, "w") as f:

@@ -129,7 +129,7 @@ def test_more_categories_than_classes_refused_in_one_line(tmp_path, config, key)
     with pytest.raises(DatasetError) as e:
         check_datasets(setup_cfg(config, opts))
     assert str(e.value) == (f"dataset 'eight_train': {json_file} has 8 categories but {key} is 6: set {key} 8 "
-                            "(or use a json with 6 categories)")
+                            "(or use a dataset with 6 categories)")
     check_datasets(setup_cfg(config, opts + [key, "8"]))
     check_datasets(setup_cfg(config, opts), train=False)  # --eval-only on DATASETS.TEST only: not used
 
