@@ -1,25 +1,33 @@
 #!/usr/bin/env python
 """Make the pretrained R-18 trunk of the fine-tune configs: the stand-in for ImageNet weights.
 
-    python tools/pretrain_trunk.py --out d2_refine/pretrained/R-18-shapes-pretrain.pkl
+    python tools/pretrain_trunk.py --pretext detection --num-threads 1
 
 The source set: images rendered like `shapes` (same backgrounds, noise and occlusion) but of eight *other* shape
 families (``SOURCE_CLASSES``: pentagon, octagon, ellipse, rhombus, arrow, ell, tee, crescent), from a seed of its
-own, so that it shares no image and no class with `shapes_train` / `shapes_val` / `shapes_tune`. The pretext is
-multi-label classification (which families are in the image, one sigmoid each), the ImageNet recipe's
-counterpart: a classification trunk with batch statistics, whose BN statistics FrozenBN then keeps. Only the trunk
-(stem + res2-res5, built from the shapes configs' ``MODEL.RESNETS`` keys) is written, in detectron2's model-zoo
-format, so that the FPN and every head of a fine-tuned model start fresh.
+own, so that it shares no image and no class with `shapes_train` / `shapes_val` / `shapes_tune`. Two pretexts:
+
+- ``detection`` (the shipped trunk): `train_net.py` trains Mask R-CNN R-18-FPN from scratch on the source set's
+  detection splits (``configs/Pretrain/mask_rcnn_R_18_FPN_shapes_source.yaml``: ``shapes_source_train``, scored on
+  ``shapes_source_val``), at the detectors' 192 px and batch statistics, so the BN statistics FrozenBN keeps are
+  those of the images it will see. ``--checkpoint`` takes the trunk of a finished (or intermediate) run instead.
+- ``classification``: multi-label classification (which families are in the image, one sigmoid each) of source
+  images rendered here, the ImageNet recipe's own pretext (its trunk was the first one tried).
+
+Only the trunk (stem + res2-res5, built from the shapes configs' ``MODEL.RESNETS`` keys) is written, in detectron2's
+model-zoo format, so that the FPN and every head of a fine-tuned model start fresh.
 
 Written: the weights (fp16, detectron2's ``.pkl`` format with ``matching_heuristics``), ``<out>.sha256``, and
-the record (``--record``): source set, schedule, seed, time, held-out source-set mAP, sha256, command, commit.
+the record (``--record``): source set, schedule, seed, time, the pretext's held-out score, sha256, command, commit.
 """
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
 import pickle
+import subprocess
 import sys
 import time
 
@@ -31,6 +39,8 @@ from tqdm import tqdm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRUNK_CONFIG = "configs/Base-RCNN-FPN-Shapes.yaml"  # the MODEL.RESNETS keys of every shapes model
+PRETEXT_CONFIG = "configs/Pretrain/mask_rcnn_R_18_FPN_shapes_source.yaml"  # the detection pretext
+TRUNK_PREFIX = "backbone.bottom_up."  # the trunk's parameters in a detectron2 FPN model
 
 
 def get_parser():
@@ -38,16 +48,23 @@ def get_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(REPO, "d2_refine", "pretrained", "R-18-shapes-pretrain.pkl"))
     p.add_argument("--record", default=os.path.join(REPO, "docs", "results", "pretrain_trunk.json"))
-    p.add_argument("--num-images", type=int, default=24000, help="source-set training images")
-    p.add_argument("--num-val", type=int, default=1000, help="held-out source-set images (mAP in the record)")
-    p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--iters", type=int, default=1600)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.025, help="0.1 x batch / 256 (the linear scaling rule)")
-    p.add_argument("--weight-decay", type=float, default=5e-5)
+    p.add_argument("--pretext", choices=("detection", "classification"), default="detection")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-period", type=int, default=400)
     p.add_argument("--num-threads", type=int, default=0, help="torch threads (0: torch's default)")
+    d = p.add_argument_group("detection pretext")
+    d.add_argument("--output-dir", default=os.path.join(REPO, "output", "pretrain", "source_det"),
+                   help="train_net.py's OUTPUT_DIR (resumed if it holds a checkpoint)")
+    d.add_argument("--checkpoint", default="", help="take the trunk of this checkpoint instead of training")
+    d.add_argument("opts", nargs=argparse.REMAINDER, help="config options for train_net.py (KEY VALUE ...)")
+    c = p.add_argument_group("classification pretext")
+    c.add_argument("--num-images", type=int, default=24000, help="source-set training images")
+    c.add_argument("--num-val", type=int, default=1000, help="held-out source-set images (mAP in the record)")
+    c.add_argument("--image-size", type=int, default=96)
+    c.add_argument("--iters", type=int, default=1600)
+    c.add_argument("--batch", type=int, default=64)
+    c.add_argument("--lr", type=float, default=0.025, help="0.1 x batch / 256 (the linear scaling rule)")
+    c.add_argument("--weight-decay", type=float, default=5e-5)
+    c.add_argument("--eval-period", type=int, default=400)
     return p
 
 
@@ -127,10 +144,8 @@ def trunk_state_dict(model):
             for k, v in model.trunk.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+def classification_pretext(args):
+    """Train the trunk on the classification pretext: (trunk state dict, the record's pretext fields)."""
     from d2_refine.data.shapes import SOURCE_CLASSES
 
     torch.manual_seed(args.seed)
@@ -179,9 +194,73 @@ def main(argv=None):
             print(json.dumps(history[-1]), flush=True)
     train_s = time.time() - t0
 
+    what = {
+        "what": "R-18 trunk (stem + res2-res5) pretrained by multi-label classification of the source set",
+        "source_set": {"classes": list(SOURCE_CLASSES), "num_train": args.num_images, "num_val": args.num_val,
+                       "image_size": args.image_size, "renderer": "d2_refine.data.shapes.render_image",
+                       "seed_namespace": "source/<seed>/<split>"},
+        "schedule": {"iters": args.iters, "batch": args.batch, "lr": args.lr, "warmup": warmup,
+                     "lr_schedule": "linear warm-up, cosine to 0", "optimizer": "SGD momentum 0.9 nesterov",
+                     "weight_decay": args.weight_decay, "augmentation": "horizontal flip"},
+        "history": history, "render_s": round(render_s, 1), "train_s": round(train_s, 1),
+        "s_per_it": round(train_s / args.iters, 4),
+    }
+    return trunk_state_dict(model), what
+
+
+def checkpoint_trunk(path):
+    """The trunk of a detectron2 FPN checkpoint (``backbone.bottom_up.*``) as numpy fp16 under detectron2's ResNet
+    names; a SystemExit with one line if the file has no such trunk."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    trunk = {k[len(TRUNK_PREFIX):]: v for k, v in state.items() if k.startswith(TRUNK_PREFIX)}
+    if not trunk:
+        raise SystemExit(f"error: {path} has no {TRUNK_PREFIX}* parameters: not a checkpoint of an FPN detector")
+    return {k: v.detach().float().numpy().astype(np.float16) for k, v in trunk.items()
+            if not k.endswith("num_batches_tracked")}
+
+
+def detection_pretext(args):
+    """Train (or resume) the detection pretext with train_net.py and take its trunk: (trunk, the record's fields)."""
+    from d2_refine.benchmark.logs import final_results, train_speed
+    from d2_refine.data.datasets import register_shapes
+    from d2_refine.data.shapes import SOURCE_CLASSES
+
+    command = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", os.path.join(REPO, PRETEXT_CONFIG),
+               "--resume", "SEED", str(args.seed), "OUTPUT_DIR", args.output_dir, *args.opts]
+    start = time.time()
+    if not args.checkpoint:
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.num_threads)} if args.num_threads else {}))
+        if subprocess.call(command, env=env) != 0:
+            raise SystemExit("error: the detection pretext (train_net.py) failed; its log: "
+                             + os.path.join(args.output_dir, "log.txt"))
+    checkpoint = args.checkpoint or os.path.join(args.output_dir, "model_final.pth")
+    trunk = checkpoint_trunk(checkpoint)
+    results = final_results(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "metrics.json"))
+    log = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.txt")
+    sizes = {k: v.default for k, v in inspect.signature(register_shapes).parameters.items()}
+    what = {
+        "what": "R-18 trunk (stem + res2-res5) of Mask R-CNN R-18-FPN trained from scratch on the source set",
+        "pretext_config": PRETEXT_CONFIG, "pretext_opts": list(args.opts), "checkpoint":
+            os.path.relpath(os.path.abspath(checkpoint), REPO),
+        "source_set": {"classes": list(SOURCE_CLASSES), "train": "shapes_source_train", "val": "shapes_source_val",
+                       "num_train": sizes.get("num_source_train"), "num_val": sizes.get("num_source_val"),
+                       "renderer": "d2_refine.data.shapes.render_image", "seed_namespace": "<seed>/source_<split>"},
+        "source_val_results": results, "s_per_it": train_speed(log) if os.path.isfile(log) else None,
+        "train_s": None if args.checkpoint else round(time.time() - start, 1),
+    }
+    return trunk, what
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    trunk, what = (detection_pretext if args.pretext == "detection" else classification_pretext)(args)
+
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "wb") as f:
-        pickle.dump({"model": trunk_state_dict(model), "__author__": "d2_refine tools/pretrain_trunk.py",
+        pickle.dump({"model": trunk, "__author__": "d2_refine tools/pretrain_trunk.py",
                      "matching_heuristics": True}, f)
     from d2_refine.benchmark.record import git_commit, now
     from d2_refine.collect_env import machine_info
@@ -191,17 +270,10 @@ def main(argv=None):
     with open(args.out + ".sha256", "w") as f:
         f.write(f"{digest}  {os.path.basename(args.out)}\n")
     record = {
-        "what": "R-18 trunk (stem + res2-res5) pretrained by multi-label classification of the source set",
+        **what, "pretext": args.pretext,
         "weights": os.path.relpath(os.path.abspath(args.out), REPO), "sha256": digest,
         "size_bytes": os.path.getsize(args.out), "trunk_config": TRUNK_CONFIG,
-        "source_set": {"classes": list(SOURCE_CLASSES), "num_train": args.num_images, "num_val": args.num_val,
-                       "image_size": args.image_size, "renderer": "d2_refine.data.shapes.render_image",
-                       "seed_namespace": "source/<seed>/<split>"},
-        "schedule": {"iters": args.iters, "batch": args.batch, "lr": args.lr, "warmup": warmup,
-                     "lr_schedule": "linear warm-up, cosine to 0", "optimizer": "SGD momentum 0.9 nesterov",
-                     "weight_decay": args.weight_decay, "augmentation": "horizontal flip"},
-        "seed": args.seed, "history": history, "render_s": round(render_s, 1), "train_s": round(train_s, 1),
-        "s_per_it": round(train_s / args.iters, 4), "threads": torch.get_num_threads(),
+        "seed": args.seed, "threads": torch.get_num_threads(),
         "machine": machine_info(torch.get_num_threads()),
         "command": "python tools/pretrain_trunk.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "commit": code["commit"], "dirty": code["dirty"], "finished": now(),

@@ -38,11 +38,13 @@ void check_threshold(double iou_threshold) {
   TORCH_CHECK_VALUE(!std::isnan(iou_threshold), "iou_guided_nms: iou_threshold must be a number, got nan");
 }
 
-at::Tensor finite_candidates(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, int guide) {
+at::Tensor finite_mask(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, int guide) {
   at::Tensor finite = boxes.isfinite().all(1).logical_and(scores.isfinite());
-  if (guide != 2) {
-    finite = finite.logical_and(ious.isfinite());
-  }
+  return guide != 2 ? finite.logical_and(ious.isfinite()) : finite;
+}
+
+at::Tensor finite_candidates(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, int guide) {
+  const at::Tensor finite = finite_mask(boxes, scores, ious, guide);
   if (finite.all().item<bool>()) {
     return at::Tensor();
   }

@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 #include <c10/macros/Macros.h>
 
+#include <optional>
 #include <string>
+#include <tuple>
 
 namespace d2_refine {
 namespace iou_nms {
@@ -20,11 +22,29 @@ void check_args(const at::Tensor& boxes, const at::Tensor& scores, const at::Ten
 // A ValueError for a NaN threshold (any other value is meaningful: < 0 merges every overlap, >= 1 none).
 void check_threshold(double iou_threshold);
 
-// The candidates that take part: those whose box coordinates, score p and (unless guide is "none") predicted IoU
-// q are all finite, as int64 positions; an undefined tensor when all are (the common case). The others are
-// dropped, as detectron2's fast_rcnn_inference drops non-finite boxes and scores before NMS. One host
-// synchronisation on CUDA.
+// Which candidates take part (a bool mask, no host synchronisation): those whose box coordinates, score p and
+// (unless guide is "none") predicted IoU q are all finite. The others are dropped, as detectron2's
+// fast_rcnn_inference drops non-finite boxes and scores before NMS.
+at::Tensor finite_mask(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, int guide);
+
+// The positions (int64) of finite_mask; an undefined tensor when all candidates are finite (the common case). One
+// host synchronisation on CUDA.
 at::Tensor finite_candidates(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious, int guide);
+
+// When some candidate is not finite: `nms(boxes, scores, ious, idxs)` on the finite ones, its kept positions mapped
+// back to the inputs; std::nullopt when all are finite (the caller then runs on the inputs as they are).
+template <typename Nms>
+std::optional<std::tuple<at::Tensor, at::Tensor>> nms_of_finite(const at::Tensor& boxes, const at::Tensor& scores,
+                                                                const at::Tensor& ious, const at::Tensor& idxs,
+                                                                int guide, Nms&& nms) {
+  const at::Tensor finite = finite_candidates(boxes, scores, ious, guide);
+  if (!finite.defined()) {
+    return std::nullopt;
+  }
+  const auto kept = nms(boxes.index_select(0, finite), scores.index_select(0, finite), ious.index_select(0, finite),
+                        idxs.index_select(0, finite));
+  return std::make_tuple(finite.index_select(0, std::get<0>(kept)), std::get<1>(kept));
+}
 
 template <typename T>
 C10_HOST_DEVICE inline T ranking_key(T p, T q, int guide) {

@@ -9,7 +9,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from d2_refine.ops import _iou_guided_nms_reference, _prroi_pool_reference, has_ops, iou_guided_nms, prroi_pool
+from d2_refine.ops import (
+    _iou_guided_nms_reference,
+    _prroi_pool_reference,
+    has_ops,
+    iou_guided_nms,
+    iou_guided_nms_padded,
+    prroi_pool,
+)
 from d2_refine.ops._library import compute_dtype
 from helpers import cpu_and_cuda, run_python
 
@@ -199,6 +206,18 @@ def test_iou_guided_nms_fuzzed_candidates(device, candidates, dtypes, threshold,
                                                    guide, compute_dtype(boxes, scores, ious))
     assert keep.cpu().tolist() == expected_keep.tolist()
     torch.testing.assert_close(kept_scores.cpu(), expected_scores.to(scores.dtype), rtol=0, atol=0)
+    _assert_padded_equals_compact(boxes, scores, ious, idxs, threshold, guide, keep, kept_scores)
+
+
+def _assert_padded_equals_compact(boxes, scores, ious, idxs, threshold, guide, keep, kept_scores):
+    """iou_guided_nms_padded: the compact result, then -1 / 0 rows, and its count (on the CUDA kernel the
+    non-finite candidates are dropped on the device, not compacted away)."""
+    padded_keep, padded_scores, num_kept = iou_guided_nms_padded(boxes, scores, ious, idxs, threshold, guide)
+    k = keep.numel()
+    assert num_kept.item() == k and padded_keep.numel() == boxes.size(0)
+    assert padded_keep[:k].tolist() == keep.tolist() and set(padded_keep[k:].tolist()) <= {-1}
+    torch.testing.assert_close(padded_scores[:k], kept_scores, rtol=0, atol=0)
+    assert not padded_scores[k:].any()
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -214,6 +233,8 @@ def test_iou_guided_nms_drops_non_finite_candidates(device, guide):
     # 0 and 1 overlap (IoU 0.68): guide rank keeps 1 (higher q) with p = max(0.4, 0.5); 4 is apart
     expected = {"rank": ([1, 4], [0.5, 0.3]), "weight": ([0, 4], [0.5, 0.3]), "none": ([0, 4], [0.5, 0.3])}[guide]
     assert (keep.tolist(), scores.tolist()) == (expected[0], pytest.approx(expected[1]))
+    _assert_padded_equals_compact(boxes, p, q, torch.zeros(7, dtype=torch.long, device=device), 0.5, guide, keep,
+                                  scores)
     q_nan = q.clone()
     q_nan[1] = nan  # ranked by q (rank, weight): dropped; guide "none" does not read q
     keep, _ = iou_guided_nms(boxes[:2], p[:2], q_nan[:2], torch.zeros(2, dtype=torch.long, device=device), 0.5, guide)

@@ -111,12 +111,11 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_nms_kernel(const at::Tensor& boxes
   if (n == 0) {
     return std::make_tuple(at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options()));
   }
-  const at::Tensor finite = iou_nms::finite_candidates(boxes, scores, ious, guide_id);
-  if (finite.defined()) {  // drop the candidates with non-finite values, map the kept positions back
-    const auto kept = iou_guided_nms_kernel(boxes.index_select(0, finite), scores.index_select(0, finite),
-                                            ious.index_select(0, finite), idxs.index_select(0, finite),
-                                            iou_threshold, guide);
-    return std::make_tuple(finite.index_select(0, std::get<0>(kept)), std::get<1>(kept));
+  auto on_finite = iou_nms::nms_of_finite(boxes, scores, ious, idxs, guide_id, [&](auto... finite_args) {
+    return iou_guided_nms_kernel(finite_args..., iou_threshold, guide);
+  });
+  if (on_finite) {  // some candidates had non-finite values: the others' result, at their original positions
+    return *on_finite;
   }
   const at::Tensor boxes_ = boxes.contiguous(), scores_ = scores.contiguous(), ious_ = ious.contiguous();
   const at::Tensor idxs_ = idxs.to(at::kLong).contiguous();

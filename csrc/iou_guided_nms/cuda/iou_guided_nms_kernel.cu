@@ -5,7 +5,8 @@
 // the block visits the candidates in ranking order, and when one is not yet owned (kept) its threads test every
 // later unowned candidate of the segment in parallel and claim those above the threshold. The new scores
 // (scatter-max of p over owners) and the final order come from ATen ops, all on the device. iou_guided_nms reads
-// two sizes on the host (the number of classes, the number kept); iou_guided_nms_padded reads none.
+// two sizes on the host (the number of classes, the number kept); iou_guided_nms_padded reads none (it also drops
+// the candidates with non-finite values on the device, where iou_guided_nms compacts them away first).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -134,12 +135,11 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_nms_kernel(const at::Tensor& boxes
   if (n == 0) {
     return std::make_tuple(at::empty({0}, boxes.options().dtype(at::kLong)), at::empty({0}, scores.options()));
   }
-  const at::Tensor finite = iou_nms::finite_candidates(boxes, scores, ious, guide_id);
-  if (finite.defined()) {  // drop the candidates with non-finite values, map the kept positions back
-    const auto kept = iou_guided_nms_kernel(boxes.index_select(0, finite), scores.index_select(0, finite),
-                                            ious.index_select(0, finite), idxs.index_select(0, finite),
-                                            iou_threshold, guide);
-    return std::make_tuple(finite.index_select(0, std::get<0>(kept)), std::get<1>(kept));
+  auto on_finite = iou_nms::nms_of_finite(boxes, scores, ious, idxs, guide_id, [&](auto... finite_args) {
+    return iou_guided_nms_kernel(finite_args..., iou_threshold, guide);
+  });
+  if (on_finite) {  // some candidates had non-finite values: the others' result, at their original positions
+    return *on_finite;
   }
   const double neg_inf = -std::numeric_limits<double>::infinity();
   const SortedOwners r = sorted_owners(boxes, scores, ious, idxs, iou_threshold, guide_id, /*sync_free=*/false);
@@ -174,10 +174,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iou_guided_nms_padded_kernel(cons
                            at::zeros({}, long_options));
   }
   const double neg_inf = -std::numeric_limits<double>::infinity();
-  const SortedOwners r = sorted_owners(boxes, scores, ious, idxs, iou_threshold, guide_id, /*sync_free=*/true);
+  // non-finite candidates take no part, as in iou_guided_nms, without a host synchronisation: they go to a class of
+  // their own (one above the largest), where they can neither suppress nor lend a score, and are not kept
+  const at::Tensor finite = iou_nms::finite_mask(boxes, scores, ious, guide_id);
+  const at::Tensor classes = idxs.to(at::kLong);
+  const at::Tensor own_class = at::where(finite, classes, classes.max() + 1);
+  const SortedOwners r = sorted_owners(boxes, scores, ious, own_class, iou_threshold, guide_id, /*sync_free=*/true);
   const at::Tensor new_scores = updated_scores(r, guide_id);
   const at::Tensor positions = at::arange(n, long_options);
-  const at::Tensor kept = r.owner == positions;
+  const at::Tensor kept = (r.owner == positions).logical_and(finite.index_select(0, r.order));
   at::Tensor perm = std::get<1>(r.order.sort(/*stable=*/true, 0, false));
   perm = perm.index_select(
       0, std::get<1>(at::nan_to_num(new_scores.index_select(0, perm), neg_inf).sort(true, 0, /*descending=*/true)));
