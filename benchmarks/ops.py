@@ -85,7 +85,8 @@ def bench_prroi_pool(device, with_reference):
     ours_box = run(lambda x, r: prroi_pool(x, r, 7, scale, aligned=True), box_grad=True)
     for ratio in (0, 2):
         base = run(lambda x, r: roi_align(x, r, 7, scale, sampling_ratio=ratio, aligned=True))
-        _row(f"prroi_pool fwd+bwd vs roi_align(sampling_ratio={ratio}), {num} RoIs, {channels}x{h}x{w}", *_compare(base, ours))  # noqa: E501
+        _row(f"prroi_pool fwd+bwd vs roi_align(sampling_ratio={ratio}), {num} RoIs, {channels}x{h}x{w}",
+             *_compare(base, ours))
         _row(f"prroi_pool fwd+bwd + box grad vs roi_align(sampling_ratio={ratio})", *_compare(base, ours_box))
     if with_reference:
         reference = run(lambda x, r: _prroi_pool_reference(x, r, 7, scale, aligned=True))

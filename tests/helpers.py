@@ -81,7 +81,8 @@ def bare_model_cfg(*add_config_fns):
     return cfg
 
 
-def benchmark_record(model, seed, box, mask=None, baseline=None, s_it=1.0, iters=100, train_s=None, load=None, resumed=False):  # noqa: E501
+def benchmark_record(model, seed, box, mask=None, baseline=None, s_it=1.0, iters=100, train_s=None, load=None,
+                     resumed=False):
     """A made-up results record of tools/benchmark_table.py: ``box`` AP and the other box metrics around it."""
     bbox = {"AP": box, "AP50": box + 20, "AP75": box + 5, "AP90": box - 20, "APs": box - 1}
     metrics = {"bbox": bbox, **({"segm": {"AP": mask}} if mask is not None else {})}
@@ -98,7 +99,8 @@ def benchmark_records():
           for s, box, mask in ((1, 50.0, 45.0), (2, 52.0, 46.0), (3, 54.0, 47.0))),
         *(benchmark_record("ifr", s, box, mask, "mask_rcnn")
           for s, box, mask in ((1, 53.0, 46.0), (2, 55.0, 47.0), (3, 57.5, 48.0))),
-        benchmark_record("fpt_lite", 1, 49.0, 45.0, "mask_rcnn"), benchmark_record("fpt_lite", 2, 53.0, 46.0, "mask_rcnn"),  # seed 3 missing  # noqa: E501
+        benchmark_record("fpt_lite", 1, 49.0, 45.0, "mask_rcnn"),
+        benchmark_record("fpt_lite", 2, 53.0, 46.0, "mask_rcnn"),  # seed 3 missing
         *(benchmark_record("internet_l2", s, box, None, "mask_rcnn") for s, box in ((1, 48.0), (2, 49.5), (3, 51.0))),
         *(benchmark_record("fpt_paper", s, box, None, "mask_rcnn") for s, box in ((2, 50.0), (3, 50.0), (4, 60.0))),
         benchmark_record("faster_rcnn", 1, 40.0), benchmark_record("faster_rcnn", 2, 41.0),

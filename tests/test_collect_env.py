@@ -18,7 +18,8 @@ def _run(env=None):
     proc = subprocess.run([sys.executable, "-m", "d2_refine.collect_env"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {name.strip(): value.strip() for name, _, value in (line.partition(" : ") for line in proc.stdout.splitlines())}  # noqa: E501
+    return {name.strip(): value.strip()
+            for name, _, value in (line.partition(" : ") for line in proc.stdout.splitlines())}
 
 
 def test_reports_torch_ops_and_libraries():

@@ -112,7 +112,8 @@ def version(name):
     except Exception as e:
         return f"unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 info = dict(python=sys.version.split()[0], platform=platform.platform(), torch=torch.__version__,
-            torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(), torchvision=torchvision.__version__,
+            torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
+            torchvision=torchvision.__version__,
             cpu_count=os.cpu_count(), detectron2=version("detectron2"), torchdeq=version("torchdeq"),
             pot=version("ot"), pycocotools=version("pycocotools"), fvcore=version("fvcore"))
 if torch.cuda.is_available():
@@ -120,7 +121,7 @@ if torch.cuda.is_available():
     info.update(gpu=torch.cuda.get_device_name(0), capability=".".join(map(str, torch.cuda.get_device_capability(0))),
                 gpu_memory_gib=round(p.total_memory / 2**30, 1), multiprocessors=p.multi_processor_count)
 print("DEVICE_CHECK_JSON " + json.dumps(info))
-"""  # noqa: E501
+"""
         t0 = time.time()
         rc, text = self.py(code)
         info = _json_line(text)

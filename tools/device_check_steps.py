@@ -93,7 +93,8 @@ class Steps:
         t0 = time.time()
         if not self._require_ops("tests", t0):
             return False
-        base = [self.python, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", "-o", "console_output_style=classic"]  # noqa: E501
+        base = [self.python, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider",
+                "-o", "console_output_style=classic"]
         select = ["-k", TEST_SELECTION, "tests", "--deselect", "tests/ops/test_cuda_build.py"]
         rc, text, _ = self.sh(base[:3] + ["--collect-only", "-q"] + select, self.args.tests_timeout)
         collected = [ln.strip() for ln in text.splitlines() if ln.startswith("tests/") and "::" in ln]
@@ -238,7 +239,8 @@ class Steps:
                     os.path.join(self.work, "shapes")]
         ok = self._bench("iounet", cmd, path, t0)
         step = self.results["steps"]["iounet"]
-        full = [r for r in (step.get("data") or {}).get("rows", []) if r["case"].startswith("R50") and "full" in r["case"]]  # noqa: E501
+        full = [r for r in (step.get("data") or {}).get("rows", [])
+                if r["case"].startswith("R50") and "full" in r["case"]]
         if full and not self.dry:
             step["r50_full_ratio"] = round(full[0]["ratio"], 3)
             step["r50_target_met"] = full[0]["ratio"] <= TARGETS["iounet_r50_ratio"]
@@ -329,7 +331,8 @@ class Steps:
             for name, r in steps["train"]["runs"].items():
                 b, m = r.get("bbox") or {}, r.get("segm") or {}
                 lines.append(f"| {name} | {r.get('iters')}/{r.get('max_iter', r.get('iters'))} | {r['seconds']:.0f} | "
-                             f"{_f(r.get('final_total_loss'), 3)} | {r.get('losses_finite')} | {_f(b.get('AP'))} | {_f(b.get('AP50'))} | "  # noqa: E501
+                             f"{_f(r.get('final_total_loss'), 3)} | {r.get('losses_finite')} | "
+                             f"{_f(b.get('AP'))} | {_f(b.get('AP50'))} | "
                              f"{_f(b.get('AP75'))} | {_f(m.get('AP'))} |")
         for name, title in (("ops", "Op benchmark (benchmarks/ops.py)"), ("fpt", "FPT (benchmarks/fpt.py)"),
                             ("iounet", "IoU-Net latency (benchmarks/iounet_latency.py)"),
@@ -340,7 +343,8 @@ class Steps:
             lines += ["", f"## {title}", "", f"`python {steps[name]['command']}`", ""]
             rows = data["rows"]
             if name == "fpt":
-                lines += ["| case | FPN ms | FPT ms | ratio | FPN peak MiB | FPT peak MiB |", "|---|---|---|---|---|---|"]  # noqa: E501
+                lines += ["| case | FPN ms | FPT ms | ratio | FPN peak MiB | FPT peak MiB |",
+                          "|---|---|---|---|---|---|"]
                 lines += [f"| {r['case']} | {r['base_ms']:.1f} | {r['ours_ms']:.1f} | {r['ratio']:.2f}x | "
                           f"{_f(r['base_peak_mib'], 0)} | {_f(r['ours_peak_mib'], 0)} |" for r in rows]
             elif name == "ifr":
@@ -349,13 +353,15 @@ class Steps:
                           f"{r['peak_rel']:.2f} |" for r in rows]
             else:
                 lines += ["| case | base ms | ours ms | ratio |", "|---|---|---|---|"]
-                lines += [f"| {r['case']} | {r['base_ms']:.3g} | {r['ours_ms']:.3g} | {r['ratio']:.2f}x |" for r in rows]  # noqa: E501
+                lines += [f"| {r['case']} | {r['base_ms']:.3g} | {r['ours_ms']:.3g} | {r['ratio']:.2f}x |"
+                          for r in rows]
             for title, prof in (data.get("profiles") or {}).items():
                 lines += ["", f"Profile, one call: {title} (sorted by {prof['sort_by']}; host syncs: "
                           f"{prof['host_syncs'] or 'none counted'}; per image {prof.get('host_syncs_per_image')} "
                           f"by the profiler, {prof.get('dispatch_syncs_per_image')} by the ops)", "",
                           "| op | calls | self CPU ms | self device ms |", "|---|---|---|---|"]
-                lines += [f"| `{o['name'][:60]}` | {o['calls']} | {o['self_cpu_ms']:.2f} | {_f(o['self_device_ms'], 2)} |"  # noqa: E501
+                lines += [f"| `{o['name'][:60]}` | {o['calls']} | {o['self_cpu_ms']:.2f} | "
+                          f"{_f(o['self_device_ms'], 2)} |"
                           for o in prof["ops"][:12]]
         failed = [n for n, s in steps.items() if s["status"] == "fail"]
         not_run = [n for n, s in steps.items() if s["status"] == "not run"]

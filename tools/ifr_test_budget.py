@@ -112,7 +112,8 @@ def markdown(doc):
     for r in doc["tune"] + doc["val"]:
         s = r.get("solve") or {}
         fe = f"{s['f_evals_mean']:.2f}" if s.get("f_evals_mean") is not None else "–"
-        lines.append(f"| {r.get('model', 'ifr')} | {r.get('solver', '–')} | {r.get('budget', '–')} | {r['split']} | {r['bbox']:.2f} | "  # noqa: E501
+        lines.append(f"| {r.get('model', 'ifr')} | {r.get('solver', '–')} | {r.get('budget', '–')} | "
+                     f"{r['split']} | {r['bbox']:.2f} | "
                      f"{r['segm']:.2f} | {r['ms_per_img']:.1f} | {fe} | {s.get('fallbacks', '–')} |")
     c = doc["chosen"]
     lines.append("")

@@ -49,7 +49,8 @@ def add_trainer_config(cfg):
 
 
 def add_coco_format_config(cfg):
-    """``DATASETS.COCO_FORMAT``: the user's own COCO-format datasets, registered by name (d2_refine/data/datasets.py)."""  # noqa: E501
+    """``DATASETS.COCO_FORMAT``: the user's own COCO-format datasets, registered by name
+    (d2_refine/data/datasets.py)."""
     if "COCO_FORMAT" in cfg.DATASETS:
         return
     # A list of (name, json file, image folder): each is registered with detectron2's register_coco_instances

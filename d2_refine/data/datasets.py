@@ -13,7 +13,14 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json, register_coco_instances
 from detectron2.utils import comm
 
-from .shapes import SHAPES_CLASSES, SOURCE_CLASSES, ShapesParams, default_shapes_root, generate_shapes_split, shapes_split_files
+from .shapes import (
+    SHAPES_CLASSES,
+    SOURCE_CLASSES,
+    ShapesParams,
+    default_shapes_root,
+    generate_shapes_split,
+    shapes_split_files,
+)
 
 # shapes_tune: a held-out split of its own seed for choosing test-time settings (e.g. a solver budget), so that
 # shapes_val stays the split results are reported on

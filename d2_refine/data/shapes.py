@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["SHAPES_CLASSES", "SOURCE_CLASSES", "ShapesParams", "render_image", "generate_shapes_split", "shapes_split_dir", "shapes_split_files",  # noqa: E501
-           "default_shapes_root"]
+__all__ = ["SHAPES_CLASSES", "SOURCE_CLASSES", "ShapesParams", "render_image", "generate_shapes_split",
+           "shapes_split_dir", "shapes_split_files", "default_shapes_root"]
 
 SHAPES_CLASSES = ("circle", "triangle", "square", "star", "hexagon", "cross")
 # The source set of the pretrained trunk (tools/pretrain_trunk.py): other shape families, none of the six above,

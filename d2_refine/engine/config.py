@@ -20,8 +20,8 @@ def _describe(exc: Exception) -> str:
     single = len(exc.args) == 1 and isinstance(exc.args[0], str)
     msg = (exc.args[0] if isinstance(exc, KeyError) and single else str(exc)).strip()
     msg = msg.splitlines()[0] if msg else type(exc).__name__
-    return re.sub(r"Non-existent (config )?key: (\S+)", r"unknown config key \2 (not defined by detectron2 or d2_refine)",  # noqa: E501
-                  msg)
+    return re.sub(r"Non-existent (config )?key: (\S+)",
+                  r"unknown config key \2 (not defined by detectron2 or d2_refine)", msg)
 
 
 def setup_cfg(config_file: str = "", opts=(), freeze: bool = True):

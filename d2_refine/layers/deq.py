@@ -141,7 +141,8 @@ class _GuardedFunction:
                 self.dead = self.dead | (res > self.factor * self.init_abs)
         best = self.best_abs if self.stop_mode == "abs" else self.best_rel
         # no early stop when traced or exported: the recorded solve runs all max_evals evaluations
-        if self.nfe >= self.max_evals or (not is_tracing_or_exporting() and bool(((best < self.tol) | self.dead).all())):  # noqa: E501
+        if self.nfe >= self.max_evals or (not is_tracing_or_exporting()
+                                          and bool(((best < self.tol) | self.dead).all())):
             raise _Stop
         return fz
 

@@ -19,7 +19,8 @@ def _register():
     @torch.library.register_fake(f"{lib}::prroi_pool")
     def _prroi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width, aligned):
         torch._check(input.dim() == 4, lambda: f"prroi_pool: input must be Tensor[N, C, H, W], got {input.shape}")
-        torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: f"prroi_pool: rois must be Tensor[K, 5], got {rois.shape}")  # noqa: E501
+        torch._check(rois.dim() == 2 and rois.size(1) == 5,
+                     lambda: f"prroi_pool: rois must be Tensor[K, 5], got {rois.shape}")
         torch._check(rois.dtype == input.dtype, lambda: "prroi_pool: rois must have the dtype of input")
         return input.new_empty((rois.size(0), input.size(1), pooled_height, pooled_width))
 

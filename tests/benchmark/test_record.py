@@ -10,9 +10,11 @@ from helpers import benchmark_record
 
 def test_records_merge_and_replace_per_model_and_seed(tmp_path):
     path = str(tmp_path / "results" / "shapes_100it.json")
-    record.record_runs(path, 100, [benchmark_record("ifr", 1, 50.0, 40.0, "mask_rcnn"), benchmark_record("mask_rcnn", 2, 49.0, 40.0)])  # noqa: E501
+    record.record_runs(path, 100, [benchmark_record("ifr", 1, 50.0, 40.0, "mask_rcnn"),
+                                   benchmark_record("mask_rcnn", 2, 49.0, 40.0)])
     record.record_runs(path, 100, [benchmark_record("mask_rcnn", 1, 48.0, 40.0)])
-    doc = record.record_runs(path, 100, [benchmark_record("ifr", 1, 51.5, 41.0, "mask_rcnn")])  # recorded again: replaced  # noqa: E501
+    # recorded again: replaced
+    doc = record.record_runs(path, 100, [benchmark_record("ifr", 1, 51.5, 41.0, "mask_rcnn")])
     assert [(r["model"], r["seed"]) for r in doc["records"]] == [("mask_rcnn", 1), ("mask_rcnn", 2), ("ifr", 1)]
     assert record.load_results(path) == doc and doc["records"][2]["metrics"]["bbox"]["AP"] == 51.5
     assert not [f for f in os.listdir(tmp_path / "results") if ".tmp" in f]

@@ -32,7 +32,8 @@ def test_verdict_table_puts_both_regimes_and_the_paper_side_by_side():
             for line in md.splitlines() if line.startswith("| ")
             for cells in [[c.strip() for c in line.strip("|").split("|")]]}
     assert rows["Mask R-CNN + IFR (implicit)"][1] == "gain: +3.2 ± 0.3 / +1.0 ± 0.0 (3 seeds)"
-    assert rows["Mask R-CNN + IFR (implicit)"][2] == "no verdict: +3.0 / +1.0 (1 seed)"  # one paired seed in the finetune record  # noqa: E501
+    # one paired seed in the finetune record
+    assert rows["Mask R-CNN + IFR (implicit)"][2] == "no verdict: +3.0 / +1.0 (1 seed)"
     assert "COCO val2017" in rows["Mask R-CNN + IFR (implicit)"][3]
     assert rows["Mask R-CNN + InterNet (l2)"][2] == "not run"  # a finetune model without records
     assert rows["Mask R-CNN + FPT `fpt_paper`"][2] == "not in this regime"

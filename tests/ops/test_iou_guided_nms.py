@@ -163,8 +163,9 @@ def test_empty_and_single(device):
     ref_keep, ref_scores = _iou_guided_nms_reference(empty, torch.zeros(0), torch.zeros(0),
                                                      torch.zeros(0, dtype=torch.int64), 0.5)
     assert ref_keep.shape == (0,) and ref_scores.shape == (0,)
-    keep, scores = iou_guided_nms(torch.tensor([[1.0, 2.0, 5.0, 6.0]], device=device), torch.tensor([0.7], device=device),  # noqa: E501
-                                  torch.tensor([0.2], device=device), torch.tensor([3], device=device), 0.5)
+    keep, scores = iou_guided_nms(torch.tensor([[1.0, 2.0, 5.0, 6.0]], device=device),
+                                  torch.tensor([0.7], device=device), torch.tensor([0.2], device=device),
+                                  torch.tensor([3], device=device), 0.5)
     assert keep.tolist() == [0] and scores.tolist() == pytest.approx([0.7])
 
 

@@ -66,7 +66,8 @@ def _edges(rois, output_size, spatial_scale, aligned=False):
     x1, y1, x2, y2 = (rois[:, 1:] * spatial_scale - offset).unbind(1)
     u = torch.arange(pw_ + 1, dtype=rois.dtype) / pw_
     v = torch.arange(ph_ + 1, dtype=rois.dtype) / ph_
-    return torch.cat([(x1[:, None] * (1 - u) + x2[:, None] * u).flatten(), (y1[:, None] * (1 - v) + y2[:, None] * v).flatten()])  # noqa: E501
+    return torch.cat([(x1[:, None] * (1 - u) + x2[:, None] * u).flatten(),
+                      (y1[:, None] * (1 - v) + y2[:, None] * v).flatten()])
 
 
 @needs_ops
@@ -354,7 +355,8 @@ def test_single_roi_and_list_of_boxes():
     single = prroi_pool(x, torch.tensor([[0, 1.0, 1.5, 6.0, 7.0]]), 2, 1.0)
     assert single.shape == (1, 3, 2, 2)
     as_list = prroi_pool(x, boxes, 2, 1.0)
-    as_tensor = prroi_pool(x, torch.tensor([[0, 1.0, 1.5, 6.0, 7.0], [1, 0.5, 0.5, 3.0, 4.0], [1, 2.0, 2.0, 8.0, 5.0]]), 2, 1.0)  # noqa: E501
+    as_tensor = prroi_pool(x, torch.tensor([[0, 1.0, 1.5, 6.0, 7.0], [1, 0.5, 0.5, 3.0, 4.0],
+                                            [1, 2.0, 2.0, 8.0, 5.0]]), 2, 1.0)
     torch.testing.assert_close(as_list, as_tensor)
     torch.testing.assert_close(as_list[:1], single)
     b = boxes[1].clone().requires_grad_()
@@ -535,7 +537,8 @@ def test_autocast_kernel_runs_the_op_in_float32(dtype):
     xh = x.to(dtype)
     # the op itself (no Python front): mixed dtypes accepted, computed in float32 from the rounded features
     with torch.autocast("cpu", dtype=dtype):
-        out, gx, gr = _pool_grads(xh, rois, weights, lambda f, b: torch.ops.d2_refine.prroi_pool(f, b, 0.5, 3, 3, False))  # noqa: E501
+        out, gx, gr = _pool_grads(xh, rois, weights,
+                                  lambda f, b: torch.ops.d2_refine.prroi_pool(f, b, 0.5, 3, 3, False))
     # the upstream gradient reaches the op through the output's cast: rounded to dtype once
     expected, ex, er = _pool_grads(xh.float(), rois, weights.to(dtype).float(), lambda f, b: prroi_pool(f, b, 3, 0.5))
     assert out.dtype == dtype and gx.dtype == dtype and gr.dtype == torch.float32

@@ -24,7 +24,8 @@ def test_seed_options():
     tuned = bt.parse_args(["--regime", "finetune"])
     assert tuned.results == os.path.join(ROOT, "docs", "results", "shapes_finetune.json")
     assert bt.parse_args([]).regime == "scratch"
-    for bad in (["--regime", "finetune", "--only", "fpt_paper"], ["--seed", "1", "--seeds", "2"], ["--seeds", "1", "1"], ["--jobs", "0"], ["--iters", "5"]):  # noqa: E501
+    for bad in (["--regime", "finetune", "--only", "fpt_paper"], ["--seed", "1", "--seeds", "2"],
+                ["--seeds", "1", "1"], ["--jobs", "0"], ["--iters", "5"]):
         with pytest.raises((SystemExit, ValueError)):
             bt.parse_args(bad)
 
@@ -95,7 +96,8 @@ def test_tool_trains_a_method_and_its_baseline_records_them_and_writes_the_table
         assert math.isfinite(r["results"]["bbox"]["AP"]) and r["results"]["bbox"]["AP"] >= 0  # not NaN
         assert r["n"] == 1 and r["s_per_iter"][0] > 0 and r["ms_per_img"] > 0 and r["params_m"] > 1
         assert 1 < r["params_inference_m"] <= r["params_m"]
-    assert "segm" in rows[1]["results"] and "| RDSNet + MBRM (same weights) | RetinaNet (FPN) | 1 |" in table_lines(out.read_text())  # noqa: E501
+    assert ("segm" in rows[1]["results"]
+            and "| RDSNet + MBRM (same weights) | RetinaNet (FPN) | 1 |" in table_lines(out.read_text()))
     for name in ("retinanet", "rdsnet"):  # the new layout, finished: checkpoint + the last iteration's evaluation
         run = tmp_path / "10it" / "seed1" / name
         assert (run / "model_final.pth").is_file() and logs.final_results(str(run / "metrics.json"), 10)
@@ -121,7 +123,8 @@ def test_tool_trains_a_method_and_its_baseline_records_them_and_writes_the_table
     assert rescored[0]["results"]["bbox"]["AP"] == pytest.approx(rows[0]["results"]["bbox"]["AP"], abs=1e-6)
     assert len(record.load_results(str(results))["records"]) == 3 and before
     rec = next(r for r in record.load_results(str(results))["records"] if r["model"] == "retinanet")
-    assert rec["scored_again"]["at"] and "commit" in rec["scored_again"]["code"]  # who scored it, apart from who trained it  # noqa: E501
+    # who scored it, apart from who trained it
+    assert rec["scored_again"]["at"] and "commit" in rec["scored_again"]["code"]
     assert "scored_again" not in recs["retinanet"]  # a run scored right after its training has no such field
 
 

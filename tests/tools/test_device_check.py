@@ -18,8 +18,9 @@ ROOT = Path(ROOT)
 def test_dry_run_passes_and_writes_results(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(ROOT / "tools" / "device_check.sh"), "--dry-run", "--deps", str(tmp_path / "none"),  # noqa: E501
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(["bash", str(ROOT / "tools" / "device_check.sh"), "--dry-run",
+                           "--deps", str(tmp_path / "none"), "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert results["dry_run"] is True

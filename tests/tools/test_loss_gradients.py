@@ -16,7 +16,8 @@ def test_share_of_the_iou_loss_and_the_clipping_counts(tmp_path):
                    *tiny_shapes_opts(tmp_path)])
     assert out["parameters"] > 10 and out["batches"] == 2 and out["clip_norm"] == 2.0
     assert 0 < out["median_ratio"] <= out["max_ratio"]  # the IoU head's loss reaches the backbone
-    assert 0 <= out["over_clip_without"] <= 2 * out["parameters"] and 0 <= out["over_clip_with"] <= 2 * out["parameters"]  # noqa: E501
+    assert (0 <= out["over_clip_without"] <= 2 * out["parameters"]
+            and 0 <= out["over_clip_with"] <= 2 * out["parameters"])
     assert (tmp_path / "g.json").is_file()
     top = out["top"]  # the parameters the loss reaches most, largest ratio first, the maximum among them
     assert len(top) == 5 and all(t["name"].startswith("backbone") for t in top)

@@ -137,8 +137,9 @@ def fpt_kwargs_from_cfg(cfg) -> dict:
         self_transformer=dict(mixtures=c.SELF.MIXTURES, pool_kv=c.SELF.POOL_KV, share_qk=c.SELF.SHARE_QK,
                               dropout=c.SELF.DROPOUT, scale=c.SELF.SCALE, attn_impl=c.ATTN_IMPL,
                               query_chunk=c.QUERY_CHUNK) if c.SELF.ENABLED else None,
-        grounding_transformer=dict(inter_channels=c.GROUNDING.INTER_CHANNELS, mode=c.GROUNDING.MODE, mixtures=c.GROUNDING.MIXTURES,  # noqa: E501
-                                   temperature=c.GROUNDING.TEMPERATURE, attn_impl=c.ATTN_IMPL,
+        grounding_transformer=dict(inter_channels=c.GROUNDING.INTER_CHANNELS, mode=c.GROUNDING.MODE,
+                                   mixtures=c.GROUNDING.MIXTURES, temperature=c.GROUNDING.TEMPERATURE,
+                                   attn_impl=c.ATTN_IMPL,
                                    query_chunk=c.QUERY_CHUNK) if c.GROUNDING.ENABLED else None,
         rendering_transformer=dict(order=c.RENDERING.ORDER) if c.RENDERING.ENABLED else None,
         cross_range=c.CROSS_RANGE,

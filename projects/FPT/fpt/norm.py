@@ -23,7 +23,8 @@ def zero_init_norm(module: nn.Module) -> None:
 
 def conv_norm(in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, bias: bool = True,
               norm: NormSpec = "") -> nn.Sequential:
-    """``Norm(Conv(x))`` (submodules ``conv``, ``norm``) with padding ``kernel_size // 2`` and c2_xavier_fill init (zero bias)."""  # noqa: E501
+    """``Norm(Conv(x))`` (submodules ``conv``, ``norm``) with padding ``kernel_size // 2`` and c2_xavier_fill init
+    (zero bias)."""
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
     c2_xavier_fill(conv)
     return nn.Sequential(OrderedDict(conv=conv, norm=get_norm(norm, out_channels) or nn.Identity()))

@@ -35,7 +35,8 @@ class SelfTransformer(nn.Module):
                  query_chunk: int = 4096):
         super().__init__()
         if mixtures < 1 or channels % mixtures != 0:
-            raise ValueError(f"self-transformer: channels ({channels}) must be divisible by MODEL.FPT.SELF.MIXTURES ({mixtures})")  # noqa: E501
+            raise ValueError(f"self-transformer: channels ({channels}) must be divisible by "
+                             f"MODEL.FPT.SELF.MIXTURES ({mixtures})")
         self.channels = channels
         self.mixtures = mixtures
         self.pool_kv = pool_kv
