@@ -222,7 +222,7 @@ def checkpoint_trunk(path):
 
 def detection_pretext(args):
     """Train (or resume) the detection pretext with train_net.py and take its trunk: (trunk, the record's fields)."""
-    from d2_refine.benchmark.logs import final_results, train_speed
+    from d2_refine.benchmark.logs import final_results, train_speed, train_time
     from d2_refine.data.datasets import register_shapes
     from d2_refine.data.shapes import SOURCE_CLASSES
 
@@ -246,8 +246,10 @@ def detection_pretext(args):
         "source_set": {"classes": list(SOURCE_CLASSES), "train": "shapes_source_train", "val": "shapes_source_val",
                        "num_train": sizes.get("num_source_train"), "num_val": sizes.get("num_source_val"),
                        "renderer": "d2_refine.data.shapes.render_image", "seed_namespace": "<seed>/source_<split>"},
-        "source_val_results": results, "s_per_it": train_speed(log) if os.path.isfile(log) else None,
-        "train_s": None if args.checkpoint else round(time.time() - start, 1),
+        "source_val_results": results,
+        # detectron2's "Overall training speed" of the last training logged (a resumed run: its last part)
+        "last_training_s": train_time(log), "last_training_s_per_it": train_speed(log),
+        "command_s": round(time.time() - start, 1),  # this command's wall time (a finished run is only scored)
     }
     return trunk, what
 

@@ -26,6 +26,7 @@ TRUNK_FILE = os.path.join(ROOT, "d2_refine", "pretrained", "R-18-shapes-pretrain
 RECORD = os.path.join(ROOT, "docs", "results", "pretrain_trunk.json")
 FINETUNE = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*_pretrained.yaml")))
 RECIPE = {"MODEL.WEIGHTS": TRUNK, "MODEL.BACKBONE.FREEZE_AT": 2, "MODEL.RESNETS.NORM": "FrozenBN"}
+FINETUNE_ITERS = 1000  # the fine-tune schedule, chosen on shapes_tune (docs/results/finetune_recipe_detection_tune.md)
 
 
 def _sha256(path):
@@ -93,12 +94,19 @@ def test_only_the_trunk_is_loaded_the_fpn_and_heads_start_fresh():
 
 @pytest.mark.parametrize("finetune", FINETUNE, ids=[os.path.basename(p) for p in FINETUNE])
 def test_each_finetune_config_is_its_scratch_config_in_the_imagenet_recipe(finetune):
+    """The scratch config + detectron2's ImageNet recipe + the fine-tune schedule, which is the campaign's
+    (``tools/benchmark_table.py --regime finetune --iters 1000``): nothing else differs."""
+    from d2_refine.benchmark.entries import ENTRIES, schedule_opts
+
     scratch = finetune.replace("_pretrained.yaml", ".yaml")
     a, b = setup_cfg(scratch), setup_cfg(finetune)
     assert (a.MODEL.WEIGHTS, a.MODEL.RESNETS.NORM, a.MODEL.BACKBONE.FREEZE_AT) == ("", "BN", 0)
     assert (b.MODEL.WEIGHTS, b.MODEL.BACKBONE.FREEZE_AT, b.MODEL.RESNETS.NORM) == tuple(RECIPE.values())
+    assert b.SOLVER.MAX_ITER == FINETUNE_ITERS < a.SOLVER.MAX_ITER
+    entry = next(e for e in ENTRIES if os.path.join(ROOT, e.config) == scratch)
     a.defrost()
-    a.merge_from_list([v for k, val in RECIPE.items() for v in (k, val)] + ["OUTPUT_DIR", b.OUTPUT_DIR])
+    a.merge_from_list([v for k, val in RECIPE.items() for v in (k, val)] + schedule_opts(FINETUNE_ITERS, a.SEED)
+                      + entry.opts(FINETUNE_ITERS) + ["OUTPUT_DIR", b.OUTPUT_DIR])
     assert a.dump() == b.dump()
 
 
