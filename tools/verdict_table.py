@@ -21,11 +21,13 @@ START, END = "<!-- verdict_table:start -->", "<!-- verdict_table:end -->"
 
 
 def rows_of(path: str):
-    """The summarized rows of the record at ``path``; [] where it does not exist."""
+    """The summarized rows of the record at ``path`` and its schedule (iterations); [], None where it does not
+    exist."""
     if not os.path.isfile(path):
-        return []
+        return [], None
     try:
-        return summarize(load_results(path)["records"])
+        doc = load_results(path)
+        return summarize(doc["records"]), doc.get("iters")
     except ValueError as e:
         raise SystemExit(f"{path}: {e}") from None
 
@@ -38,7 +40,9 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     command = "python tools/verdict_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     sources = {k: report.relative(getattr(args, k), REPO) for k in ("scratch", "finetune")}
-    table = report.verdict_markdown(rows_of(args.scratch), rows_of(args.finetune), command.strip(), sources)
+    (scratch, scratch_iters), (finetune, finetune_iters) = rows_of(args.scratch), rows_of(args.finetune)
+    table = report.verdict_markdown(scratch, finetune, command.strip(), sources,
+                                    {"scratch": scratch_iters, "finetune": finetune_iters})
     if args.readme:
         report.embed(args.readme, table, START, END)
     print(table)

@@ -164,9 +164,9 @@ def _variant_of_finetune(name: str) -> bool:
 
 
 def verdict_markdown(scratch: List[dict], finetune: List[dict], command: str,
-                     sources: Dict[str, str]) -> str:
+                     sources: Dict[str, str], iters: Optional[Dict[str, Optional[int]]] = None) -> str:
     """Per method (every model with a baseline), the verdict and Δ box / Δ mask AP from scratch and from the
-    pretrained trunk, and what the paper reports."""
+    pretrained trunk, and what the paper reports. ``iters``: each regime's schedule (its record's "iters")."""
     by = {"scratch": {r["name"]: r for r in scratch}, "finetune": {r["name"]: r for r in finetune}}
     body = []
     for name in ROW_ORDER:
@@ -178,10 +178,17 @@ def verdict_markdown(scratch: List[dict], finetune: List[dict], command: str,
                      verdict_cell(by["finetune"].get(name), "finetune", name), PAPER.get(name, "–")])
     lines = [f"Written from {', '.join(f'`{p}`' for p in sources.values())} by:", "", "```bash", command, "```", "",
              f"Δ box / Δ mask AP against the baseline trained with the same seed, mean ± std over the seeds; "
-             f"{VERDICT_RULE}. R-18-FPN on `shapes`, 2,000 iterations; paper: what its authors report, not "
-             "re-measured here.", ""]
+             f"{VERDICT_RULE}. R-18-FPN on `shapes`, {_schedules(iters or {})}; paper: what its authors report, "
+             "not re-measured here.", ""]
     lines += _table(["method", "baseline", "from scratch", "pretrained trunk", "paper (setting: reported)"], body)
     return "\n".join(lines) + "\n"
+
+
+def _schedules(iters: Dict[str, Optional[int]]) -> str:
+    """"from scratch 2,000 iterations, from the pretrained trunk 1,000" (the regimes whose schedule is known)."""
+    words = {"scratch": "from scratch", "finetune": "from the pretrained trunk"}
+    known = [f"{words[k]} {n:,} iterations" for k, n in iters.items() if n]
+    return ", ".join(known) if known else "schedule as recorded"
 
 
 def embed(readme: str, table: str, start: str, end: str) -> None:

@@ -40,3 +40,6 @@ def test_verdict_table_puts_both_regimes_and_the_paper_side_by_side():
     assert rows["RDSNet"][1] == "not run"  # its baseline has no record: no Δ to show
     assert "[Mask R-CNN + IFR (implicit)](projects/IFR)" in md  # each method links its README
     assert "Mask R-CNN (FPN)" not in rows  # baselines have no row of their own
+    assert "`shapes`, schedule as recorded;" in md  # no schedule given
+    md = report.verdict_markdown(scratch, finetune, "c", {"scratch": "a.json"}, {"scratch": 2000, "finetune": 1000})
+    assert "`shapes`, from scratch 2,000 iterations, from the pretrained trunk 1,000 iterations;" in md
