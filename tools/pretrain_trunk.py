@@ -22,7 +22,6 @@ the record (``--record``): source set, schedule, seed, time, the pretext's held-
 """
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -223,7 +222,7 @@ def checkpoint_trunk(path):
 def detection_pretext(args):
     """Train (or resume) the detection pretext with train_net.py and take its trunk: (trunk, the record's fields)."""
     from d2_refine.benchmark.logs import final_results, train_speed, train_time
-    from d2_refine.data.datasets import register_shapes
+    from d2_refine.data.datasets import NUM_SOURCE_TRAIN, NUM_SOURCE_VAL
     from d2_refine.data.shapes import SOURCE_CLASSES
 
     command = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", os.path.join(REPO, PRETEXT_CONFIG),
@@ -236,15 +235,14 @@ def detection_pretext(args):
                              + os.path.join(args.output_dir, "log.txt"))
     checkpoint = args.checkpoint or os.path.join(args.output_dir, "model_final.pth")
     trunk = checkpoint_trunk(checkpoint)
-    results = final_results(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "metrics.json"))
-    log = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.txt")
-    sizes = {k: v.default for k, v in inspect.signature(register_shapes).parameters.items()}
+    run_dir = os.path.dirname(os.path.abspath(checkpoint))
+    results, log = final_results(os.path.join(run_dir, "metrics.json")), os.path.join(run_dir, "log.txt")
     what = {
         "what": "R-18 trunk (stem + res2-res5) of Mask R-CNN R-18-FPN trained from scratch on the source set",
         "pretext_config": PRETEXT_CONFIG, "pretext_opts": list(args.opts), "checkpoint":
             os.path.relpath(os.path.abspath(checkpoint), REPO),
         "source_set": {"classes": list(SOURCE_CLASSES), "train": "shapes_source_train", "val": "shapes_source_val",
-                       "num_train": sizes.get("num_source_train"), "num_val": sizes.get("num_source_val"),
+                       "num_train": NUM_SOURCE_TRAIN, "num_val": NUM_SOURCE_VAL,
                        "renderer": "d2_refine.data.shapes.render_image", "seed_namespace": "<seed>/source_<split>"},
         "source_val_results": results,
         # detectron2's "Overall training speed" of the last training logged (a resumed run: its last part)

@@ -28,7 +28,9 @@ from .shapes import (
 # pretrained trunk is made on (tools/pretrain_trunk.py); they share no image and no class with the three above
 SPLITS = {"shapes_train": "train", "shapes_val": "val", "shapes_tune": "tune",
           "shapes_source_train": "source_train", "shapes_source_val": "source_val"}
-SPLIT_CLASSES = {"source_train": SOURCE_CLASSES, "source_val": SOURCE_CLASSES}  # others: SHAPES_CLASSES
+SPLIT_CLASSES = {"train": SHAPES_CLASSES, "val": SHAPES_CLASSES, "tune": SHAPES_CLASSES,
+                 "source_train": SOURCE_CLASSES, "source_val": SOURCE_CLASSES}
+NUM_SOURCE_TRAIN, NUM_SOURCE_VAL = 4000, 300  # the source set's default sizes
 _registered = {}  # dataset name -> (root, ShapesParams)
 _coco_format = {}  # dataset name -> (json file, image folder) registered from DATASETS.COCO_FORMAT
 _categories = {}  # (json file, size, mtime) -> number of categories (None: no top-level "categories" list)
@@ -50,7 +52,8 @@ class DatasetError(ValueError):
 
 def register_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: int = 300, image_size: int = 192,
                     min_objects: int = 2, max_objects: int = 8, difficulty: float = 0.5, seed: int = 0,
-                    num_tune: int = 300, num_source_train: int = 4000, num_source_val: int = 300):
+                    num_tune: int = 300, num_source_train: int = NUM_SOURCE_TRAIN,
+                    num_source_val: int = NUM_SOURCE_VAL):
     """(Re-)register ``shapes_train``, ``shapes_val``, ``shapes_tune`` and the source set's ``shapes_source_train``
     / ``shapes_source_val`` with these parameters. Files are generated on first use (see :func:`prepare_datasets`);
     the metadata already names where they will be."""
@@ -67,7 +70,7 @@ def register_shapes(root: Optional[str] = None, num_train: int = 2000, num_val: 
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
 
-        classes = SPLIT_CLASSES.get(split, SHAPES_CLASSES)
+        classes = SPLIT_CLASSES[split]
 
         def _load(root=root, split=split, params=params, name=name, classes=classes):
             files = generate_shapes_split(root, split, params, classes=classes)
@@ -121,7 +124,7 @@ def check_datasets(cfg, train: bool = True):
                                "shapes_train / shapes_val, or add (name, json file, image folder) to "
                                "DATASETS.COCO_FORMAT")
         if name in SPLITS:
-            _check_num_classes(cfg, name, len(SPLIT_CLASSES.get(SPLITS[name], SHAPES_CLASSES)), "it")
+            _check_num_classes(cfg, name, len(SPLIT_CLASSES[SPLITS[name]]), "it")
             continue
         meta = MetadataCatalog.get(name)
         for key, what, exists in (("json_file", "json file", os.path.isfile),
@@ -216,5 +219,5 @@ def prepare_datasets(cfg):
         for name in names:
             root, params = _registered[name]
             split = SPLITS[name]
-            generate_shapes_split(root, split, params, classes=SPLIT_CLASSES.get(split, SHAPES_CLASSES))
+            generate_shapes_split(root, split, params, classes=SPLIT_CLASSES[split])
     comm.synchronize()
