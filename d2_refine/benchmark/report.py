@@ -82,7 +82,7 @@ def _timing_caption(doc: dict, names: Sequence[str]) -> str:
     return f"inference ms/img: batch 1, measured apart from training ({head}): " + "; ".join(parts) + "."
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True).splitlines()
 
 
@@ -122,7 +122,7 @@ def markdown(rows: List[dict], doc: dict, command: str, source: str = "", short:
             cells = [fmt_stat(st.get(task, {}).get(m), n) for task, m in METRICS]
             body.append([r["title"], r["baseline_title"] or "–", str(n), *cells, *deltas, _range(r["s_per_iter"]),
                          _training(r), ms])
-    lines += _table(headers, body)
+    lines += table(headers, body)
     done = {r["name"] for r in rows}
     missing = [n for n in (expected or ROW_ORDER) if n not in done]
     if missing:
@@ -180,7 +180,7 @@ def verdict_markdown(scratch: List[dict], finetune: List[dict], command: str,
              f"Δ box / Δ mask AP against the baseline trained with the same seed, mean ± std over the seeds; "
              f"{VERDICT_RULE}. R-18-FPN on `shapes`, {_schedules(iters or {})}; paper: what its authors report, "
              "not re-measured here.", ""]
-    lines += _table(["method", "baseline", "from scratch", "pretrained trunk", "paper (setting: reported)"], body)
+    lines += table(["method", "baseline", "from scratch", "pretrained trunk", "paper (setting: reported)"], body)
     return "\n".join(lines) + "\n"
 
 

@@ -39,9 +39,14 @@ def metric(rec: dict, task: str, name: str = "AP") -> Optional[float]:
     return finite((rec["metrics"].get(task) or {}).get(name))
 
 
-def _paired_delta(runs: Dict[int, dict], base_runs: Dict[int, dict], task: str) -> Optional[dict]:
-    pairs = {x: metric(runs[x], task) - metric(base_runs[x], task) for x in sorted(runs)
-             if x in base_runs and metric(runs[x], task) is not None and metric(base_runs[x], task) is not None}
+def paired_delta(runs: Dict[int, dict], base_runs: Dict[int, dict], task: str, name: str = "AP") -> Optional[dict]:
+    """:func:`mean_std` of one metric's difference to the baseline over the seeds both have it (records keyed by
+    seed), with those ``seeds``; None when no seed pairs."""
+    pairs = {}
+    for x in sorted(runs):
+        ours, base = metric(runs[x], task, name), metric(base_runs[x], task, name) if x in base_runs else None
+        if ours is not None and base is not None:
+            pairs[x] = ours - base
     d = mean_std(pairs.values())
     return d and dict(d, seeds=sorted(pairs))
 
@@ -70,7 +75,7 @@ def summarize(records: Sequence[dict]) -> List[dict]:
             s = mean_std(metric(by_seed[x], task, name_) for x in seeds)
             if s:
                 stats.setdefault(task, {})[name_] = s
-        delta = {task: _paired_delta(by_seed, runs[base], task) for task in ("bbox", "segm")} if base in runs else {}
+        delta = {task: paired_delta(by_seed, runs[base], task) for task in ("bbox", "segm")} if base in runs else {}
         if base is None:
             base_title = None
         elif base in runs:

@@ -58,3 +58,16 @@ def test_pairing_follows_the_entry_not_the_baseline_a_record_was_written_with():
     assert rows["cascade_mask_rcnn"]["delta"]["bbox"]["mean"] == pytest.approx(10.0)
     rows = {r["name"]: r for r in stats.summarize(records[:1] + records[2:])}
     assert rows["cascade_ifr"]["verdict"] == "no baseline run"
+
+
+def test_paired_delta_of_any_metric_over_the_seeds_both_have():
+    def rec(seed, **metrics):
+        return dict(model="m", seed=seed, metrics={"bbox": metrics})
+
+    runs = {1: rec(1, AP=50.0, AP90=30.0), 2: rec(2, AP=52.0, AP90=float("nan")), 3: rec(3, AP=54.0, AP90=34.0)}
+    base = {1: rec(1, AP=49.0, AP90=25.0), 2: rec(2, AP=50.0, AP90=26.0)}  # no seed 3
+    assert stats.paired_delta(runs, base, "bbox") == {"mean": pytest.approx(1.5), "std": pytest.approx(0.5 ** 0.5),
+                                                      "n": 2, "seeds": [1, 2]}
+    # seed 2's AP90 is not finite: only seed 1 pairs
+    assert stats.paired_delta(runs, base, "bbox", "AP90") == {"mean": 5.0, "std": None, "n": 1, "seeds": [1]}
+    assert stats.paired_delta(runs, base, "segm") is None and stats.paired_delta(runs, {}, "bbox") is None
