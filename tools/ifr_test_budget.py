@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -161,7 +162,8 @@ def main(argv=None):
         print(json.dumps(val[-1]), flush=True)
         base = val[-1]["ms_per_img"]
         ratio = {f"{r['solver']} {r['budget']}": round(r["ms_per_img"] / base, 2) for r in val if r["model"] == "ifr"}
-    doc = dict(weights=args.weights, baseline_weights=args.baseline_weights, code=git_commit(),
+    doc = dict(command="python tools/ifr_test_budget.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+               weights=args.weights, baseline_weights=args.baseline_weights, code=git_commit(),
                within=args.within, tune=tune, chosen=dict(solver=chosen["solver"], budget=chosen["budget"]),
                best_tune_segm=best, val=val, ratio_vs_mask_rcnn=ratio,
                machine=dict(host=platform.node(), threads=args.num_threads, torch=torch.__version__,

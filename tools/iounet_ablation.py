@@ -12,6 +12,7 @@ same run when ``--baseline-weights`` is given. ms/img = shared part + the row's 
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections import OrderedDict
 
@@ -52,6 +53,7 @@ def main():
     from detectron2.utils.logger import setup_logger
 
     import d2_refine  # noqa: F401
+    from d2_refine.benchmark.record import git_commit
     from d2_refine.benchmark.timer import clock
     from d2_refine.data import prepare_datasets
     from d2_refine.engine import setup_cfg
@@ -120,7 +122,9 @@ def main():
                      "ms_per_img": ms, "refinement": extra})
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "ablation.json"), "w") as f:
-        json.dump({"images": count, "rows": rows, "argv": sys.argv}, f, indent=1)
+        json.dump({"images": count, "rows": rows, "argv": sys.argv,
+                   "command": "python tools/iounet_ablation.py " + shlex.join(sys.argv[1:]), "code": git_commit()},
+                  f, indent=1)
     print(f"images: {count}, torch threads {torch.get_num_threads()}")
     print("| row | AP | AP50 | AP75 | AP90 | ms/img | refinement |")
     print("|---|---|---|---|---|---|---|")
