@@ -59,5 +59,6 @@ def test_scores_every_setting_on_tune_and_the_choice_on_val(tmp_path):
     assert val[0] == ("ifr", *chosen) and val[-1] == ("mask_rcnn", None, None)
     assert ("ifr", "broyden", 15) in val and all(r["images"] == 2 for r in doc["val"])
     assert set(doc["ratio_vs_mask_rcnn"]) == {f"{s} {b}" for m, s, b in val if m == "ifr"}
+    assert doc["command"].startswith("python tools/ifr_test_budget.py --weights ") and "--budgets 2 5" in doc["command"]
     assert json.loads(out.read_text())["chosen"] == doc["chosen"]
     assert len(doc["code"]["commit"]) == 40  # the code that scored it
