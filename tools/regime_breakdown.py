@@ -17,9 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the d2_refine of this checkout, also when it is not installed
 
 from d2_refine.benchmark import report  # noqa: E402
-from d2_refine.benchmark.entries import ENTRY_BY_NAME, ROW_ORDER, VARIANT_OF, row_title  # noqa: E402
+from d2_refine.benchmark.entries import ENTRY_BY_NAME, ROW_ORDER, entry_of, row_title  # noqa: E402
 from d2_refine.benchmark.record import default_results_path, load_results  # noqa: E402
-from d2_refine.benchmark.stats import mean_std, metric, paired_delta  # noqa: E402
+from d2_refine.benchmark.stats import by_model, mean_std, metric, paired_delta  # noqa: E402
 
 START, END = "<!-- regime_breakdown:start -->", "<!-- regime_breakdown:end -->"
 METRICS = ["AP", "AP50", "AP75", "AP90", "APs", "APm", "APl"]
@@ -31,25 +31,16 @@ def runs_by_model(path: str) -> Dict[str, Dict[int, dict]]:
     if not os.path.isfile(path):
         return {}
     try:
-        records = load_results(path)["records"]
+        return by_model(load_results(path)["records"])
     except ValueError as e:
         raise SystemExit(f"{path}: {e}") from None
-    runs: Dict[str, Dict[int, dict]] = {}
-    for r in records:
-        runs.setdefault(r["model"], {})[r["seed"]] = r
-    return runs
-
-
-def baseline_of(name: str):
-    entry = ENTRY_BY_NAME.get(name) or ENTRY_BY_NAME[VARIANT_OF[name]]
-    return entry.baseline
 
 
 def delta_rows(regimes: Dict[str, Dict[str, Dict[int, dict]]], task: str, metrics: Sequence[str]) -> List[list]:
     """One row per (method, regime) with a paired seed: method, regime, seeds, then Δ mean ± std per metric."""
     rows = []
     for name in ROW_ORDER:
-        base = baseline_of(name)
+        base = entry_of(name).baseline
         if base is None:
             continue
         for regime, runs in regimes.items():
@@ -70,13 +61,12 @@ def spread_rows(regimes: Dict[str, Dict[str, Dict[int, dict]]], task: str) -> Li
         if name not in ENTRY_BY_NAME or ENTRY_BY_NAME[name].baseline is not None:
             continue
         for regime, runs in regimes.items():
-            values = [metric(r, task) for _, r in sorted((runs.get(name) or {}).items())]
-            s = mean_std(values)
-            if s is None:
+            values = [v for v in (metric(r, task) for r in (runs.get(name) or {}).values()) if v is not None]
+            if not values:
                 continue
-            vals = [v for v in values if v is not None]
+            s = mean_std(values)
             rows.append([row_title(name), REGIMES[regime], s["n"], report.fmt_stat(s, s["n"]),
-                         f"{min(vals):.1f} – {max(vals):.1f}"])
+                         f"{min(values):.1f} – {max(values):.1f}"])
     return rows
 
 

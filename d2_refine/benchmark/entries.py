@@ -70,11 +70,16 @@ VARIANT_OF = {v: e.name for e in ENTRIES for v in e.variants}
 ROW_ORDER = [n for e in ENTRIES for n in (e.name, *e.variants)]
 
 
+def entry_of(name: str) -> Entry:
+    """The entry of a model, or of a variant the entry that trains its weights."""
+    return ENTRY_BY_NAME.get(name) or ENTRY_BY_NAME[VARIANT_OF[name]]
+
+
 def row_title(name: str) -> str:
     """The title of an entry or of a variant (evaluated with its entry's weights)."""
     if name in ENTRY_BY_NAME:
         return ENTRY_BY_NAME[name].title
-    return ENTRY_BY_NAME[VARIANT_OF[name]].variants[name][0]
+    return entry_of(name).variants[name][0]
 
 
 def pretrained_config(config: str) -> str:

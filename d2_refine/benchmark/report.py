@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 from tabulate import tabulate
 
-from .entries import ENTRY_BY_NAME, FINETUNE_MODELS, ROW_ORDER, VARIANT_OF, row_title
+from .entries import FINETUNE_MODELS, ROW_ORDER, VARIANT_OF, entry_of, row_title
 from .stats import VERDICT_RULE
 
 METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("bbox", "AP90"), ("bbox", "APs"), ("segm", "AP")]
@@ -170,7 +170,7 @@ def verdict_markdown(scratch: List[dict], finetune: List[dict], command: str,
     by = {"scratch": {r["name"]: r for r in scratch}, "finetune": {r["name"]: r for r in finetune}}
     body = []
     for name in ROW_ORDER:
-        entry = ENTRY_BY_NAME.get(name) or ENTRY_BY_NAME[VARIANT_OF[name]]
+        entry = entry_of(name)
         if entry.baseline is None:
             continue
         title = f"[{row_title(name)}](projects/{FOLDER[name]})" if name in FOLDER else row_title(name)

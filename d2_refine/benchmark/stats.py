@@ -55,12 +55,18 @@ def _range(values: List[float]) -> Optional[List[float]]:
     return [min(values), max(values)] if values else None
 
 
-def summarize(records: Sequence[dict]) -> List[dict]:
-    """One row per model of the records: each metric's mean/std/n over its seeds, the paired Δ box/mask AP to
-    its baseline (same seed) with the verdict, and the range of training s/it over the seeds."""
+def by_model(records: Sequence[dict]) -> Dict[str, Dict[int, dict]]:
+    """The records as {model: {seed: record}}."""
     runs: Dict[str, Dict[int, dict]] = {}
     for r in records:
         runs.setdefault(r["model"], {})[r["seed"]] = r
+    return runs
+
+
+def summarize(records: Sequence[dict]) -> List[dict]:
+    """One row per model of the records: each metric's mean/std/n over its seeds, the paired Δ box/mask AP to
+    its baseline (same seed) with the verdict, and the range of training s/it over the seeds."""
+    runs = by_model(records)
     rows = []
     for name in sorted(runs, key=row_key):
         by_seed = runs[name]
