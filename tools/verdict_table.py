@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The one table a user reads first: per method, the verdict against its baseline trained from scratch and from
-the pretrained R-18 trunk, side by side, with the paper's reported gain; written from the two results records
-alone (no checkpoint, no detectron2). A record that does not exist reads "not run".
+the pretrained R-18 trunk, side by side, with the paper's reported gain, then each paper's claim and whether either
+regime reproduces it in direction; written from the two results records alone (no checkpoint, no detectron2). A
+record that does not exist reads "not run".
 
     python tools/verdict_table.py --readme README.md
     python tools/verdict_table.py --scratch docs/results/shapes_2000it.json --finetune docs/results/shapes_finetune.json
@@ -13,21 +14,21 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the d2_refine of this checkout, also when it is not installed
 
-from d2_refine.benchmark import report  # noqa: E402
+from d2_refine.benchmark import claims, report  # noqa: E402
 from d2_refine.benchmark.record import default_results_path, load_results  # noqa: E402
 from d2_refine.benchmark.stats import summarize  # noqa: E402
 
 START, END = "<!-- verdict_table:start -->", "<!-- verdict_table:end -->"
 
 
-def rows_of(path: str):
-    """The summarized rows of the record at ``path`` and its schedule (iterations); [], None where it does not
+def records_of(path: str):
+    """The records of the results file at ``path`` and its schedule (iterations); [], None where it does not
     exist."""
     if not os.path.isfile(path):
         return [], None
     try:
         doc = load_results(path)
-        return summarize(doc["records"]), doc.get("iters")
+        return doc["records"], doc.get("iters")
     except ValueError as e:
         raise SystemExit(f"{path}: {e}") from None
 
@@ -40,9 +41,10 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     command = "python tools/verdict_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     sources = {k: report.relative(getattr(args, k), REPO) for k in ("scratch", "finetune")}
-    (scratch, scratch_iters), (finetune, finetune_iters) = rows_of(args.scratch), rows_of(args.finetune)
-    table = report.verdict_markdown(scratch, finetune, command.strip(), sources,
+    (scratch, scratch_iters), (finetune, finetune_iters) = records_of(args.scratch), records_of(args.finetune)
+    table = report.verdict_markdown(summarize(scratch), summarize(finetune), command.strip(), sources,
                                     {"scratch": scratch_iters, "finetune": finetune_iters})
+    table += "\n" + claims.markdown(scratch, finetune)
     if args.readme:
         report.embed(args.readme, table, START, END)
     print(table)
