@@ -3,7 +3,7 @@ a results record reproduces it in direction: the paired Δ of that metric agains
 import dataclasses
 from typing import Dict, List, Optional, Sequence
 
-from .entries import FINETUNE_MODELS, ROW_ORDER, VARIANT_OF, entry_of, row_title
+from .entries import ROW_ORDER, entry_of, in_regime, row_title
 from .report import table
 from .stats import by_model, paired_delta
 
@@ -56,14 +56,10 @@ def judge(delta: Optional[dict], sign: int) -> Optional[str]:
     return WORDS[3] if resolved else WORDS[2]
 
 
-def _in_regime(name: str, regime: str) -> bool:
-    return regime == "scratch" or name in FINETUNE_MODELS or VARIANT_OF.get(name) in FINETUNE_MODELS
-
-
-def assess(records: Sequence[dict], name: str, claim: Claim) -> Optional[dict]:
+def assess(runs: Dict[str, Dict[int, dict]], name: str, claim: Claim) -> Optional[dict]:
     """The paired Δ of the claim's metric (``delta``, None when no seed has it in both) and its judgement
-    (``word``, None below 2 seeds) in these records; None when the method or its comparison has no record."""
-    runs = by_model(records)
+    (``word``, None below 2 seeds) in these runs ({model: {seed: record}}, stats.by_model); None when the method
+    or its comparison has no record."""
     against = claim.against or entry_of(name).baseline
     if name not in runs or against not in runs:
         return None
@@ -85,14 +81,14 @@ def _cell(result: Optional[dict], in_regime: bool) -> str:
 def markdown(scratch: Sequence[dict], finetune: Sequence[dict]) -> str:
     """The claims table (claim | from scratch | pretrained trunk) and, per regime, one sentence naming the methods
     in each judgement; from the two regimes' records."""
-    regimes = {"scratch": scratch, "finetune": finetune}
+    regimes = {"scratch": by_model(scratch), "finetune": by_model(finetune)}
     body, named = [], {k: {w: [] for w in (*WORDS, "one seed")} for k in regimes}
     for name in ROW_ORDER:
         for claim in CLAIMS.get(name, []):
             cells = []
-            for regime, records in regimes.items():
-                result = assess(records, name, claim)
-                cells.append(_cell(result, _in_regime(name, regime)))
+            for regime, runs in regimes.items():
+                result = assess(runs, name, claim)
+                cells.append(_cell(result, in_regime(name, regime)))
                 if result is not None and result["delta"] is not None:
                     named[regime][result["word"] or "one seed"].append(claim.label)
             body.append([f"{row_title(name)}: {claim.text}", *cells])

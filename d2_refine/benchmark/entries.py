@@ -75,6 +75,11 @@ def entry_of(name: str) -> Entry:
     return ENTRY_BY_NAME.get(name) or ENTRY_BY_NAME[VARIANT_OF[name]]
 
 
+def in_regime(name: str, regime: str) -> bool:
+    """Whether ``regime`` trains the model (for a variant: the entry that trains its weights)."""
+    return regime == "scratch" or entry_of(name).name in FINETUNE_MODELS
+
+
 def row_title(name: str) -> str:
     """The title of an entry or of a variant (evaluated with its entry's weights)."""
     if name in ENTRY_BY_NAME:

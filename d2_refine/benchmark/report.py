@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Sequence
 
 from tabulate import tabulate
 
-from .entries import FINETUNE_MODELS, ROW_ORDER, VARIANT_OF, entry_of, row_title
+from .entries import ROW_ORDER, entry_of, in_regime, row_title
 from .stats import VERDICT_RULE
 
 METRICS = [("bbox", "AP"), ("bbox", "AP50"), ("bbox", "AP75"), ("bbox", "AP90"), ("bbox", "APs"), ("segm", "AP")]
@@ -149,18 +149,13 @@ def table_json(rows: List[dict], doc: dict) -> dict:
 def verdict_cell(row: Optional[dict], regime: str, name: str) -> str:
     """'gain: +4.2 ± 0.6 / +2.9 ± 0.8 (3 seeds)' (Δ box / Δ mask AP), or 'not run'."""
     if row is None or not row["delta"].get("bbox"):
-        return "not run" if regime == "scratch" or name in FINETUNE_MODELS or _variant_of_finetune(name) \
-            else "not in this regime"
+        return "not run" if in_regime(name, regime) else "not in this regime"
     d = row["delta"]
     n = d["bbox"]["n"]
     box, mask = fmt_stat(d["bbox"], n, sign=True), fmt_stat(d.get("segm"), n, sign=True)
     change = box if mask == "–" else f"{box} / {mask}"
     word = "no verdict" if n < 2 else row["verdict"]
     return f"{word}: {change} ({n} seed{'s' if n > 1 else ''})"
-
-
-def _variant_of_finetune(name: str) -> bool:
-    return VARIANT_OF.get(name) in FINETUNE_MODELS
 
 
 def verdict_markdown(scratch: List[dict], finetune: List[dict], command: str,
