@@ -112,21 +112,61 @@ def markdown(rows: List[dict], doc: dict, command: str, source: str = "", short:
                    "Δ mask AP", "verdict", "train s/it", "training", "inference ms/img"]
     body = []
     for r in rows:
-        n, st, d = r["n"], r["stats"], r["delta"]
-        ms = fmt(doc["timing"].get(r["name"], {}).get("ms_per_img"), 0)
-        deltas = [fmt_stat(d.get("bbox"), n, sign=True), fmt_stat(d.get("segm"), n, sign=True), r["verdict"]]
         if short:
-            body.append([r["title"], str(n), fmt_stat(st.get("bbox", {}).get("AP"), n),
-                         fmt_stat(st.get("segm", {}).get("AP"), n), *deltas, ms])
+            body.append([r["title"], *_short_cells(r, doc)])
         else:
+            n, st, d = r["n"], r["stats"], r["delta"]
             cells = [fmt_stat(st.get(task, {}).get(m), n) for task, m in METRICS]
-            body.append([r["title"], r["baseline_title"] or "–", str(n), *cells, *deltas, _range(r["s_per_iter"]),
-                         _training(r), ms])
+            body.append([r["title"], r["baseline_title"] or "–", str(n), *cells, fmt_stat(d.get("bbox"), n, sign=True),
+                         fmt_stat(d.get("segm"), n, sign=True), r["verdict"], _range(r["s_per_iter"]), _training(r),
+                         _ms(doc, r["name"])])
     lines += table(headers, body)
     done = {r["name"] for r in rows}
     missing = [n for n in (expected or ROW_ORDER) if n not in done]
     if missing:
         lines += ["", "Not in the record yet (no run at this schedule): " + ", ".join(map(row_title, missing)) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(doc: dict, name: str) -> str:
+    return fmt((doc.get("timing") or {}).get(name, {}).get("ms_per_img"), 0)
+
+
+def _short_cells(r: dict, doc: dict) -> List[str]:
+    """seeds, box AP, mask AP, Δ box AP, Δ mask AP, verdict, inference ms/img of one summarized row."""
+    n, st, d = r["n"], r["stats"], r["delta"]
+    return [str(n), fmt_stat(st.get("bbox", {}).get("AP"), n), fmt_stat(st.get("segm", {}).get("AP"), n),
+            fmt_stat(d.get("bbox"), n, sign=True), fmt_stat(d.get("segm"), n, sign=True), r["verdict"],
+            _ms(doc, r["name"])]
+
+
+#: how the tables name the two training regimes
+REGIME_WORDS = {"scratch": "from scratch", "finetune": "pretrained trunk"}
+
+
+def method_markdown(parts: Sequence[tuple], names: Sequence[str], command: str, sources: Dict[str, str]) -> str:
+    """A method README's results table: its rows and their baselines (``names``) in both regimes, one block of
+    rows per regime. ``parts``: (regime, summarized rows, results record or None) per regime, in table order."""
+    body, schedules, unmeasured = [], {}, []
+    for regime, rows, doc in parts:
+        by = {r["name"]: r for r in rows}
+        schedules[regime] = (doc or {}).get("iters")
+        for name in names:
+            if name in by:
+                body.append([by[name]["title"], REGIME_WORDS[regime], *_short_cells(by[name], doc)])
+                unmeasured += [] if _ms(doc, name) != "–" else [REGIME_WORDS[regime]]
+            elif in_regime(name, regime):
+                body.append([row_title(name), REGIME_WORDS[regime], *["–"] * 5, "not run yet", "–"])
+    timing = ("inference ms/img: batch 1, the median over the val images of one timing pass in one process (its "
+              "machine, threads and load are in the record)")
+    if unmeasured:
+        timing += f"; –: not timed yet ({', '.join(sorted(set(unmeasured), reverse=True))})"
+    lines = [f"Written from {', '.join(f'`{p}`' for p in sources.values())} by:", "", "```bash", command, "```", "",
+             f"R-18-FPN on `shapes`, {_schedules(schedules)} (the `*_pretrained.yaml` configs), scored by "
+             f"COCOEvaluator on `shapes_val`. Mean ± std over the seeds; Δ: paired with the baseline of the same "
+             f"seed; {VERDICT_RULE}. {timing}.", ""]
+    lines += table(["model", "regime", "seeds", "box AP", "mask AP", "Δ box AP", "Δ mask AP", "verdict",
+                    "inference ms/img"], body)
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,6 @@
 """tools/verdict_table.py: the verdict table and the papers' claims, written from the two records into a README."""
 from d2_refine.benchmark import record
-from helpers import benchmark_record, benchmark_records, load_tool
+from helpers import benchmark_record, benchmark_records, load_tool, table_lines
 
 vt = load_tool("verdict_table")
 
@@ -23,3 +23,36 @@ def test_both_tables_go_between_the_markers(tmp_path):
     # a record that does not exist: its column reads "not run", its sentence "nothing recorded yet"
     md = vt.main(["--scratch", scratch, "--finetune", str(tmp_path / "absent.json")])
     assert "**From the pretrained trunk** — nothing recorded yet." in md
+
+
+def test_a_method_readme_gets_its_rows_in_both_regimes(tmp_path):
+    import json
+
+    scratch, finetune = str(tmp_path / "scratch.json"), str(tmp_path / "finetune.json")
+    record.record_runs(scratch, 100, benchmark_records())
+    doc = json.load(open(scratch))
+    doc["timing"] = {"mask_rcnn": {"ms_per_img": 50.0, "pass": "p1"}, "ifr": {"ms_per_img": 81.0, "pass": "p1"}}
+    json.dump(doc, open(scratch, "w"))
+    record.record_runs(finetune, 50, [benchmark_record("mask_rcnn", s, 60.0 + s, 55.0, iters=50) for s in (1, 2)]
+                       + [benchmark_record("ifr", s, 61.0, 57.0, "mask_rcnn", iters=50) for s in (1, 2)])
+    readme = tmp_path / "README.md"
+    readme.write_text("# IFR\n\n## Results\n\n" + vt.START + "\nOLD\n" + vt.END + "\n\nmore\n")
+    md = vt.main(["--scratch", scratch, "--finetune", finetune, "--only", "ifr", "ifr_ws", "cascade_ifr",
+                  "--readme", str(readme)])
+    text = readme.read_text()
+    assert "OLD" not in text and md in text and text.endswith(vt.END + "\n\nmore\n")
+    assert "python tools/verdict_table.py --scratch" in md and "--only ifr ifr_ws cascade_ifr" in md
+    assert "from scratch 100 iterations, from the pretrained trunk 50 iterations" in md
+    rows = table_lines(md).splitlines()[2:]
+    # from scratch: the baseline, IFR (3 paired seeds: Δ box +3.0, +3.0, +3.5), weight sharing and the cascade
+    # pair not run; from the pretrained trunk: the baseline and IFR only (the others are not in that regime)
+    assert rows == [
+        "| MASK_RCNN | from scratch | 3 | 52.0 ± 2.0 | 46.0 ± 1.0 | – | – | – | 50 |",
+        "| IFR | from scratch | 3 | 55.2 ± 2.3 | 47.0 ± 1.0 | +3.2 ± 0.3 | +1.0 ± 0.0 | gain | 81 |",
+        "| Mask R-CNN + IFR (weight sharing, K = 4) | from scratch | – | – | – | – | – | not run yet | – |",
+        "| Cascade Mask R-CNN (FPN) | from scratch | – | – | – | – | – | not run yet | – |",
+        "| Cascade Mask R-CNN + IFR (implicit) | from scratch | – | – | – | – | – | not run yet | – |",
+        "| MASK_RCNN | pretrained trunk | 2 | 61.5 ± 0.7 | 55.0 ± 0.0 | – | – | – | – |",
+        "| IFR | pretrained trunk | 2 | 61.0 ± 0.0 | 57.0 ± 0.0 | -0.5 ± 0.7 | +2.0 ± 0.0 | level | – |",
+    ]
+    assert "–: not timed yet (pretrained trunk)" in md
