@@ -54,7 +54,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the d2_refine of this checkout, also when it is not installed
 
 from d2_refine.benchmark import report  # noqa: E402
-from d2_refine.benchmark.entries import ENTRIES, ENTRY_BY_NAME, REGIMES, regime_entries, with_baselines  # noqa: E402
+from d2_refine.benchmark.entries import (  # noqa: E402
+    ENTRIES,
+    ENTRY_BY_NAME,
+    REGIMES,
+    regime_entries,
+    rows_with_baselines,
+    with_baselines,
+)
 from d2_refine.benchmark.record import default_results_path, load_results  # noqa: E402
 from d2_refine.benchmark.stats import summarize  # noqa: E402
 
@@ -64,14 +71,11 @@ START, END = "<!-- benchmark_table:start -->", "<!-- benchmark_table:end -->"
 def write_outputs(doc: dict, args, source: str, command: str) -> List[dict]:
     """table.md, table.json, and the README block / the figure where asked, from the results record alone."""
     rows = summarize(doc["records"])
+    expected = rows_with_baselines(args.only or [e.name for e in regime_entries(args.regime)])
     if args.only:
-        keep = with_baselines(args.only)
-        keep += [v for n in keep for v in ENTRY_BY_NAME[n].variants]
-        rows = [r for r in rows if r["name"] in keep]
+        rows = [r for r in rows if r["name"] in expected]
     if not rows:
         raise SystemExit(f"{source} has no records yet: train runs first")
-    expected = [r for n in with_baselines(args.only or [e.name for e in regime_entries(args.regime)])
-                for r in (n, *ENTRY_BY_NAME[n].variants)]
     table = report.markdown(rows, doc, command, f"`{report.relative(source, REPO)}`", short=args.short,
                             regime=args.regime, expected=expected)
     folder = f"{doc['iters']}it" if args.regime == "scratch" else f"{args.regime}_{doc['iters']}it"

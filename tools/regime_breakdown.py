@@ -23,7 +23,7 @@ from d2_refine.benchmark.stats import by_model, mean_std, metric, paired_delta  
 
 START, END = "<!-- regime_breakdown:start -->", "<!-- regime_breakdown:end -->"
 METRICS = ["AP", "AP50", "AP75", "AP90", "APs", "APm", "APl"]
-REGIMES = {"scratch": "from scratch", "finetune": "pretrained trunk"}
+REGIMES = report.REGIME_WORDS
 
 
 def runs_by_model(path: str) -> Dict[str, Dict[int, dict]]:

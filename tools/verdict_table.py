@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the d2_refine of this checkout, also when it is not installed
 
 from d2_refine.benchmark import claims, report  # noqa: E402
-from d2_refine.benchmark.entries import ROW_ORDER, VARIANT_OF, with_baselines  # noqa: E402
+from d2_refine.benchmark.entries import ENTRY_BY_NAME, ROW_ORDER, rows_with_baselines  # noqa: E402
 from d2_refine.benchmark.record import default_results_path, load_results  # noqa: E402
 from d2_refine.benchmark.stats import summarize  # noqa: E402
 
@@ -39,7 +39,7 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scratch", default=default_results_path(2000), help="the from-scratch record")
     p.add_argument("--finetune", default=default_results_path(2000, "finetune"), help="the pretrained-trunk record")
-    p.add_argument("--only", nargs="+", metavar="MODEL", choices=ROW_ORDER,
+    p.add_argument("--only", nargs="+", metavar="MODEL", choices=sorted(ENTRY_BY_NAME),
                    help="a method README's table: these models (and their baselines and variants) in both regimes")
     p.add_argument("--readme", default=None, help=f"put the table between {START} and {END} in this file")
     args = p.parse_args(argv)
@@ -48,8 +48,8 @@ def main(argv=None) -> str:
     docs = {k: load(getattr(args, k)) for k in ("scratch", "finetune")}
     records = {k: (d or {}).get("records", []) for k, d in docs.items()}
     if args.only:
-        keep = with_baselines(args.only)
-        names = [n for n in ROW_ORDER if n in keep or VARIANT_OF.get(n) in args.only]
+        keep = rows_with_baselines(args.only)
+        names = [n for n in ROW_ORDER if n in keep]
         parts = [(k, summarize(records[k]), docs[k]) for k in ("scratch", "finetune")]
         table = report.method_markdown(parts, names, command.strip(), sources)
     else:

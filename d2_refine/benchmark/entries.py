@@ -117,6 +117,11 @@ def with_baselines(names: Sequence[str]) -> List[str]:
     return names
 
 
+def rows_with_baselines(names: Sequence[str]) -> List[str]:
+    """The table rows of ``names`` (entries): :func:`with_baselines`, each followed by its variants."""
+    return [r for n in with_baselines(names) for r in (n, *ENTRY_BY_NAME[n].variants)]
+
+
 def schedule_opts(iters: int, seed: int) -> List[str]:
     """The shapes schedule (2,000 iterations: warm-up 200, decay at 75 % and 90 %) scaled to ``iters``."""
     if iters < 10:

@@ -147,20 +147,22 @@ REGIME_WORDS = {"scratch": "from scratch", "finetune": "pretrained trunk"}
 def method_markdown(parts: Sequence[tuple], names: Sequence[str], command: str, sources: Dict[str, str]) -> str:
     """A method README's results table: its rows and their baselines (``names``) in both regimes, one block of
     rows per regime. ``parts``: (regime, summarized rows, results record or None) per regime, in table order."""
-    body, schedules, unmeasured = [], {}, []
+    body, schedules, unmeasured = [], {}, set()
     for regime, rows, doc in parts:
         by = {r["name"]: r for r in rows}
         schedules[regime] = (doc or {}).get("iters")
         for name in names:
             if name in by:
-                body.append([by[name]["title"], REGIME_WORDS[regime], *_short_cells(by[name], doc)])
-                unmeasured += [] if _ms(doc, name) != "–" else [REGIME_WORDS[regime]]
+                cells = _short_cells(by[name], doc)
+                body.append([by[name]["title"], REGIME_WORDS[regime], *cells])
+                if cells[-1] == "–":  # its inference ms/img
+                    unmeasured.add(REGIME_WORDS[regime])
             elif in_regime(name, regime):
                 body.append([row_title(name), REGIME_WORDS[regime], *["–"] * 5, "not run yet", "–"])
     timing = ("inference ms/img: batch 1, the median over the val images of one timing pass in one process (its "
               "machine, threads and load are in the record)")
     if unmeasured:
-        timing += f"; –: not timed yet ({', '.join(sorted(set(unmeasured), reverse=True))})"
+        timing += f"; –: not timed yet ({', '.join(sorted(unmeasured, reverse=True))})"
     lines = [f"Written from {', '.join(f'`{p}`' for p in sources.values())} by:", "", "```bash", command, "```", "",
              f"R-18-FPN on `shapes`, {_schedules(schedules)} (the `*_pretrained.yaml` configs), scored by "
              f"COCOEvaluator on `shapes_val`. Mean ± std over the seeds; Δ: paired with the baseline of the same "

@@ -56,3 +56,12 @@ def test_a_method_readme_gets_its_rows_in_both_regimes(tmp_path):
         "| IFR | pretrained trunk | 2 | 61.0 ± 0.0 | 57.0 ± 0.0 | -0.5 ± 0.7 | +2.0 ± 0.0 | level | – |",
     ]
     assert "–: not timed yet (pretrained trunk)" in md
+
+
+def test_only_takes_entries_not_variants(capsys):
+    # a variant (evaluated with its entry's weights) is shown with its entry: asking for it alone is a usage error
+    import pytest
+
+    with pytest.raises(SystemExit):
+        vt.main(["--only", "rdsnet_mbrm"])
+    assert "invalid choice: 'rdsnet_mbrm'" in capsys.readouterr().err
