@@ -223,7 +223,8 @@ def r50_case(device, min_run_time, cands_per_box, profiles=None):
     return rows
 
 
-def shapes_case(device, min_run_time, weights, num_images, opts=(), profiles=None):
+def shapes_case(device, min_run_time, weights, num_images, opts=(), profiles=None,
+                config="configs/IoUNet/iounet_R_18_FPN_shapes.yaml"):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
@@ -231,7 +232,7 @@ def shapes_case(device, min_run_time, weights, num_images, opts=(), profiles=Non
 
     from d2_refine.data import prepare_datasets
 
-    cfg = _cfg("configs/IoUNet/iounet_R_18_FPN_shapes.yaml", ["MODEL.DEVICE", device] + list(opts))
+    cfg = _cfg(config, ["MODEL.DEVICE", device] + list(opts))
     prepare_datasets(cfg)
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(weights)
@@ -268,6 +269,8 @@ def main():
     ap.add_argument("--cands-per-box", type=int, default=2)
     ap.add_argument("--shapes-weights", default="/tmp/iounet/model_final.pth")
     ap.add_argument("--shapes-images", type=int, default=20)
+    ap.add_argument("--shapes-config", default="configs/IoUNet/iounet_R_18_FPN_shapes.yaml",
+                    help="the config the shapes weights were trained with (*_pretrained.yaml: from the trunk)")
     ap.add_argument("--skip-r50", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")
     ap.add_argument("--profile", action="store_true",
@@ -286,7 +289,7 @@ def main():
     rows = [] if args.skip_r50 else r50_case(args.device, args.min_run_time, args.cands_per_box, profiles)
     if args.shapes_weights and os.path.exists(args.shapes_weights):
         rows += shapes_case(args.device, args.min_run_time, args.shapes_weights, args.shapes_images, args.opts,
-                            profiles)
+                            profiles, config=args.shapes_config)
     else:
         print(f"# no trained shapes weights at {args.shapes_weights!r}: shapes case skipped")
     print("case | base ms | ours ms | ratio")
