@@ -68,6 +68,12 @@ from d2_refine.benchmark.stats import summarize  # noqa: E402
 START, END = "<!-- benchmark_table:start -->", "<!-- benchmark_table:end -->"
 
 
+def markers(regime: str):
+    """The --readme markers: a regime's table has its own, so that one file can hold both regimes' tables."""
+    return (START, END) if regime == "scratch" else tuple(m.replace("benchmark_table", f"benchmark_table_{regime}")
+                                                          for m in (START, END))
+
+
 def write_outputs(doc: dict, args, source: str, command: str) -> List[dict]:
     """table.md, table.json, and the README block / the figure where asked, from the results record alone."""
     rows = summarize(doc["records"])
@@ -86,7 +92,7 @@ def write_outputs(doc: dict, args, source: str, command: str) -> List[dict]:
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
         json.dump(report.table_json(rows, doc), f, indent=1)
     if args.readme:
-        report.embed(args.readme, table, START, END)
+        report.embed(args.readme, table, *markers(args.regime))
     if args.figure:
         import plots  # a sibling script: tools/ is on sys.path when a script of it runs
 
@@ -122,7 +128,8 @@ def parse_args(argv=None):
     p.add_argument("--short", action="store_true", help="the short table (box / mask AP, Δ, verdict, ms/img)")
     p.add_argument("--num-threads", type=int, default=None, help="OMP_NUM_THREADS of the training processes")
     p.add_argument("--out", default=None, help="the Markdown table (default: <output-dir>/<iters>it/table.md)")
-    p.add_argument("--readme", default=None, help=f"also put the table between {START} and {END} in this file")
+    p.add_argument("--readme", default=None, help=f"also put the table between {START} and {END} in this file "
+                        f"({markers('finetune')[0]} ... with --regime finetune)")
     p.add_argument("--figure", default=None, help="also draw Δ vs baseline into this PNG (tools/plots.py)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run (kept for older callers)
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[],

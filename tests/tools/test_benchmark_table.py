@@ -75,6 +75,20 @@ def test_from_json_writes_table_readme_and_json_without_detectron2(tmp_path):
         bt.main(["--from-json", path, "--out", str(out)])
 
 
+def test_each_regime_writes_between_its_own_markers(tmp_path):
+    """One file holds both regimes' tables (docs/results/shapes.md): --regime finetune leaves the scratch one."""
+    path = str(tmp_path / "shapes_finetune.json")
+    record.record_runs(path, 100, benchmark_records())
+    start, end = bt.markers("finetune")
+    assert (start, end) == ("<!-- benchmark_table_finetune:start -->", "<!-- benchmark_table_finetune:end -->")
+    doc = tmp_path / "shapes.md"
+    doc.write_text(f"{bt.START}\nscratch table\n{bt.END}\nwords\n{start}\nold\n{end}\n")
+    bt.main(["--from-json", path, "--regime", "finetune", "--out", str(tmp_path / "t.md"), "--readme", str(doc)])
+    text = doc.read_text()
+    assert text.startswith(f"{bt.START}\nscratch table\n{bt.END}\nwords\n{start}\n") and "old" not in text
+    assert "from the pretrained R-18 trunk" in text and "--regime finetune" in text and text.endswith(f"{end}\n")
+
+
 def _tiny_opts(tmp_path):
     """tiny_shapes_opts less the schedule, the checkpoint period and the output folder, which the tool sets."""
     tiny = tiny_shapes_opts(tmp_path / "unused")
