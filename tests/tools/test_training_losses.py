@@ -1,0 +1,51 @@
+"""tools/training_losses.py: a method's training losses against its baseline's, same seed, from metrics.json alone."""
+import json
+
+import pytest
+
+from helpers import load_tool
+
+tl = load_tool("training_losses")
+
+
+def _run(folder, losses_at):
+    """A run folder whose metrics.json logs ``losses_at(iteration)`` every 20 iterations, then an evaluation."""
+    folder.mkdir(parents=True)
+    lines = [dict(iteration=i, total_loss=sum(losses_at(i).values()), **losses_at(i)) for i in range(19, 1000, 20)]
+    lines.append({"iteration": 999, "bbox/AP": 50.0})
+    (folder / "metrics.json").write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json (cut off)\n")
+
+
+def test_means_per_window_paired_by_seed(tmp_path):
+    for seed, mask in ((1, 0.1), (2, 0.3)):
+        _run(tmp_path / f"seed{seed}" / "mask_rcnn", lambda i: {"loss_cls": 0.5, "loss_mask": 0.2})
+        # IFR: the mask loss lower than the baseline's on seed 1, higher on seed 2, and only after iteration 500
+        _run(tmp_path / f"seed{seed}" / "ifr",
+             lambda i, m=mask: {"loss_cls": 0.5, "loss_mask": 0.2 if i < 500 else m, "loss_extra": 9.0})
+    out = tmp_path / "losses.json"
+    rows = tl.main([str(tmp_path), "--models", "ifr", "--seeds", "1", "2", "--windows", "0:500", "500:1000",
+                    "--json", str(out)])
+    by = {(r["seed"], tuple(r["window"]), r["loss"]): r for r in rows}
+    assert {r["loss"] for r in rows} == {"loss_cls", "loss_mask"}  # shared losses only
+    assert by[1, (0, 500), "loss_mask"]["rel"] == pytest.approx(0.0)
+    assert by[1, (500, 1000), "loss_mask"]["method"] == pytest.approx(0.1)
+    assert by[1, (500, 1000), "loss_mask"]["rel"] == pytest.approx(-0.5)
+    assert by[2, (500, 1000), "loss_mask"]["rel"] == pytest.approx(0.5)
+    summary = {(tuple(s["window"]), s["loss"]): s for s in tl.summary(rows)}
+    assert summary[(500, 1000), "loss_mask"]["lower"] == 1 and summary[(0, 500), "loss_cls"]["lower"] == 0
+    doc = json.loads(out.read_text())
+    assert doc["command"].startswith("python tools/training_losses.py ") and "--windows 0:500 500:1000" in \
+        doc["command"]
+    assert "commit" in doc["code"] and len(doc["rows"]) == len(rows)
+
+
+def test_clear_errors(tmp_path):
+    _run(tmp_path / "seed1" / "mask_rcnn", lambda i: {"loss_cls": 0.5})
+    with pytest.raises(SystemExit, match="ifr/metrics.json: no training losses"):
+        tl.main([str(tmp_path), "--models", "ifr"])
+    _run(tmp_path / "seed1" / "ifr", lambda i: {"loss_cls": 0.4})
+    with pytest.raises(SystemExit, match="no logged iteration in 2000:3000"):
+        tl.main([str(tmp_path), "--models", "ifr", "--windows", "2000:3000"])
+    for bad in (["--windows", "5"], ["--windows", "9:3"], ["--models", "mask_rcnn"]):  # a baseline has none
+        with pytest.raises(SystemExit):
+            tl.parse_args([str(tmp_path), "--models", "ifr", *bad] if bad[0] == "--windows" else [str(tmp_path), *bad])
