@@ -1,4 +1,5 @@
-"""The Markdown files name files that exist: every repository path they quote and every relative link."""
+"""The Markdown files name files that exist: every repository path they quote, every relative link, and the
+heading a link's #anchor names in another Markdown file."""
 import pathlib
 import re
 
@@ -13,12 +14,29 @@ TOP = "configs|tools|benchmarks|docs|projects|d2_refine|csrc|tests"
 PATH = re.compile(rf"(?<![\w/.:-])((?:{TOP})/[\w./<>{{}}*-]*[\w>}}*])")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 TEMPLATE = re.compile(r"[<>{}*\[\]]")  # a pattern or placeholder, not one file
+ANCHORED = re.compile(r"\]\(([^)#\s]*)#([^)\s]+)\)")
+
+
+def _slug(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path):
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {_slug(h) for h in re.findall(r"^#{1,6}\s+(.*)$", text, flags=re.M)}
 
 
 def _missing(doc, text):
     named = PATH.findall(text) + [t for t in LINK.findall(text) if not re.match(r"[a-z]+:", t)]
-    return [t for t in named
-            if not TEMPLATE.search(t) and not (ROOT / t).exists() and not (doc.parent / t).exists()]
+    missing = [t for t in named
+               if not TEMPLATE.search(t) and not (ROOT / t).exists() and not (doc.parent / t).exists()]
+    for target, anchor in ANCHORED.findall(text):
+        path = doc if not target else doc.parent / target
+        if not re.match(r"[a-z]+:", target) and path.suffix == ".md" and path.exists() \
+                and anchor not in _anchors(path):
+            missing.append(f"{target}#{anchor}")
+    return missing
 
 
 def test_there_are_docs():
@@ -35,7 +53,12 @@ def test_named_paths_and_links_exist(doc):
 def test_the_check_sees_a_missing_file(tmp_path):
     doc = tmp_path / "README.md"
     text = ("Run `python tools/no_such_tool.py`, then read [this](docs/nowhere.md), [GPU](docs/GPU.md#the-check) "
-            "and [a sibling](../README.md); see https://example.org/tools/x.py and configs/FPT/Base-FPT-*.yaml.\n")
+            "and [a sibling](../README.md); see https://example.org/tools/x.py and configs/FPT/Base-FPT-*.yaml. "
+            "[Here](#a-heading), [gone](#no-such-heading).\n\n## A heading\n")
+    doc.write_text(text)
     assert PATH.findall(text) == ["tools/no_such_tool.py", "docs/nowhere.md", "docs/GPU.md",
                                   "configs/FPT/Base-FPT-*.yaml"]
-    assert _missing(doc, text) == ["tools/no_such_tool.py", "docs/nowhere.md", "docs/nowhere.md", "../README.md"]
+    assert _missing(doc, text) == ["tools/no_such_tool.py", "docs/nowhere.md", "docs/nowhere.md", "../README.md",
+                                   "#no-such-heading"]
+    assert _slug("Why a regime moves a verdict, or does not") == "why-a-regime-moves-a-verdict-or-does-not"
+    assert _slug("`shapes`: default schedule (2,000 iterations)") == "shapes-default-schedule-2000-iterations"
