@@ -24,7 +24,9 @@ from helpers import ROOT  # noqa: E402
 TRUNK = "d2_refine://pretrained/R-18-shapes-pretrain.pkl"
 TRUNK_FILE = os.path.join(ROOT, "d2_refine", "pretrained", "R-18-shapes-pretrain.pkl")
 RECORD = os.path.join(ROOT, "docs", "results", "pretrain_trunk.json")
-FINETUNE = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*_pretrained.yaml")))
+FINETUNE = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "*", "*_pretrained.yaml"))
+                  if os.path.basename(os.path.dirname(p)) != "Combined")
+COMBINED = sorted(glob.glob(os.path.join(ROOT, "configs", "Combined", "*_pretrained.yaml")))
 RECIPE = {"MODEL.WEIGHTS": TRUNK, "MODEL.BACKBONE.FREEZE_AT": 2, "MODEL.RESNETS.NORM": "FrozenBN"}
 FINETUNE_ITERS = 1000  # the fine-tune schedule, chosen on shapes_tune (docs/results/finetune_recipe_detection_tune.md)
 
@@ -92,22 +94,48 @@ def test_only_the_trunk_is_loaded_the_fpn_and_heads_start_fresh():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.bottom_up.modules())
 
 
-@pytest.mark.parametrize("finetune", FINETUNE, ids=[os.path.basename(p) for p in FINETUNE])
-def test_each_finetune_config_is_its_scratch_config_in_the_imagenet_recipe(finetune):
-    """The scratch config + detectron2's ImageNet recipe + the fine-tune schedule, which is the campaign's
-    (``tools/benchmark_table.py --regime finetune --iters 1000``): nothing else differs."""
+def _is_scratch_config_in_the_imagenet_recipe(scratch, finetune, method_config):
+    """``finetune`` is ``scratch`` + the recipe + the schedule the campaign gives ``method_config``'s entry."""
     from d2_refine.benchmark.entries import ENTRIES, schedule_opts
 
-    scratch = finetune.replace("_pretrained.yaml", ".yaml")
     a, b = setup_cfg(scratch), setup_cfg(finetune)
     assert (a.MODEL.WEIGHTS, a.MODEL.RESNETS.NORM, a.MODEL.BACKBONE.FREEZE_AT) == ("", "BN", 0)
     assert (b.MODEL.WEIGHTS, b.MODEL.BACKBONE.FREEZE_AT, b.MODEL.RESNETS.NORM) == tuple(RECIPE.values())
     assert b.SOLVER.MAX_ITER == FINETUNE_ITERS < a.SOLVER.MAX_ITER
-    entry = next(e for e in ENTRIES if os.path.join(ROOT, e.config) == scratch)
+    entry = next(e for e in ENTRIES if os.path.join(ROOT, e.config) == method_config)
     a.defrost()
     a.merge_from_list([v for k, val in RECIPE.items() for v in (k, val)] + schedule_opts(FINETUNE_ITERS, a.SEED)
                       + entry.opts(FINETUNE_ITERS) + ["OUTPUT_DIR", b.OUTPUT_DIR])
     assert a.dump() == b.dump()
+
+
+@pytest.mark.parametrize("finetune", FINETUNE, ids=[os.path.basename(p) for p in FINETUNE])
+def test_each_finetune_config_is_its_scratch_config_in_the_imagenet_recipe(finetune):
+    """The scratch config + detectron2's ImageNet recipe + the fine-tune schedule, which is the campaign's
+    (``tools/benchmark_table.py --regime finetune --iters 1000``): nothing else differs."""
+    scratch = finetune.replace("_pretrained.yaml", ".yaml")
+    _is_scratch_config_in_the_imagenet_recipe(scratch, finetune, scratch)
+
+
+@pytest.mark.parametrize("combined", COMBINED, ids=[os.path.basename(p) for p in COMBINED])
+def test_each_combined_finetune_config_is_its_scratch_combination_in_the_imagenet_recipe(combined):
+    """configs/Combined: the from-scratch combination + the recipe and schedule of its method's fine-tune config;
+    the trunk loads into FPT's bottom-up ResNet as into the FPN's."""
+    import yaml
+
+    scratch = combined.replace("_pretrained.yaml", ".yaml")
+    with open(scratch) as f:
+        method = os.path.normpath(os.path.join(os.path.dirname(scratch), yaml.safe_load(f)["_BASE_"][0]))
+    _is_scratch_config_in_the_imagenet_recipe(scratch, combined, method)
+    cfg = setup_cfg(combined, ["MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    with open(TRUNK_FILE, "rb") as f:
+        trunk = pickle.load(f)["model"]
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    bottom_up = next(m for n, m in model.backbone.named_modules() if n.endswith("bottom_up")).state_dict()
+    assert set(trunk) == set(bottom_up)
+    for key in trunk:
+        assert torch.equal(bottom_up[key], torch.as_tensor(trunk[key]).to(bottom_up[key].dtype)), key
 
 
 def test_every_row_of_the_campaign_has_a_finetune_config():
