@@ -91,7 +91,8 @@ def main(argv=None):
     args = parse_args(argv)
     rows = [r for m in args.models for r in compare(args.campaign, m, args.seeds, args.windows)]
     for s in summary(rows):
-        per = ", ".join(f"{r['method']:.3f}/{r['base']:.3f} ({r['rel']:+.0%})" for r in rows
+        per = ", ".join(f"{r['method']:.3f}/{r['base']:.3f} ("
+                        + (f"{r['rel']:+.0%}" if r["rel"] is not None else "baseline 0") + ")" for r in rows
                         if (r["model"], r["window"], r["loss"]) == (s["model"], s["window"], s["loss"]))
         print(f"{s['model']} vs {ENTRY_BY_NAME[s['model']].baseline}, iterations {s['window'][0]}-"
               f"{s['window'][1] - 1}, {s['loss']}: seeds {s['seeds']}: {per}; lower on {s['lower']} of "

@@ -39,6 +39,13 @@ def test_means_per_window_paired_by_seed(tmp_path):
     assert "commit" in doc["code"] and len(doc["rows"]) == len(rows)
 
 
+def test_a_zero_baseline_loss_has_no_ratio(tmp_path, capsys):
+    _run(tmp_path / "seed1" / "mask_rcnn", lambda i: {"loss_cls": 0.0})
+    _run(tmp_path / "seed1" / "ifr", lambda i: {"loss_cls": 0.1})
+    (row,) = tl.main([str(tmp_path), "--models", "ifr"])
+    assert row["rel"] is None and "0.100/0.000 (baseline 0); lower on 0 of 1" in capsys.readouterr().out
+
+
 def test_clear_errors(tmp_path):
     _run(tmp_path / "seed1" / "mask_rcnn", lambda i: {"loss_cls": 0.5})
     with pytest.raises(SystemExit, match="ifr/metrics.json: no training losses"):
