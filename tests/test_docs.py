@@ -39,6 +39,38 @@ def _missing(doc, text):
     return missing
 
 
+# a section cited by its file and title, as comments and prose do: `docs/results/rdsnet.md, "One-stage recipe"`
+CITED = re.compile(r'(?:\[[^\]]*\]\()?([\w./-]+\.md)\)?,\s*"([^"]+)"')
+SOURCES = sorted(p for p in ROOT.rglob("*") if p.suffix in (".md", ".yaml", ".py") and p.is_file()
+                 and not SKIP.intersection(p.relative_to(ROOT).parts) and p != pathlib.Path(__file__).resolve())
+
+
+def _headings(path):
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return [h.lower() for h in re.findall(r"^#{1,6}\s+(.*)$", text, flags=re.M)]
+
+
+def _stale_citations(source, text):
+    """The ``file.md, "Section"`` citations whose file does not exist or has no heading containing the title."""
+    stale = []
+    for target, section in CITED.findall(text):
+        path = next((p for p in (ROOT / target, source.parent / target) if p.exists()), None)
+        if path is None or not any(section.lower() in h for h in _headings(path)):
+            stale.append(f'{target}, "{section}"')
+    return stale
+
+
+def test_cited_sections_exist():
+    """A comment or a doc that sends the reader to a section of a Markdown file names one that is there."""
+    stale = {str(p.relative_to(ROOT)): s for p in SOURCES if (s := _stale_citations(p, p.read_text()))}
+    assert not stale, f"sections cited that their file does not have: {stale}"
+    readme = ROOT / "README.md"
+    assert _stale_citations(readme, 'see (docs/results/rdsnet.md, "One-stage recipe") and '
+                                    '[this](docs/results/shapes.md), "What reproduces"') == []
+    assert _stale_citations(readme, '(projects/RDSNet/README.md, "One-stage recipe"), (nowhere.md, "X")') == [
+        'projects/RDSNet/README.md, "One-stage recipe"', 'nowhere.md, "X"']
+
+
 def test_there_are_docs():
     names = {p.relative_to(ROOT).as_posix() for p in DOCS}
     assert {"README.md", "docs/GPU.md", "projects/IoUNet/README.md"} <= names
