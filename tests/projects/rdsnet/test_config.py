@@ -76,7 +76,8 @@ def test_shapes_configs_share_the_retinanet_baselines_one_stage_recipe(path):
         base.SOLVER.update({k: ours.SOLVER[k] for k in ("MAX_ITER", "STEPS", "CHECKPOINT_PERIOD")})
     for node in ("SOLVER", "INPUT", "DATASETS"):
         assert ours[node] == base[node], node
-    assert base.MODEL.RETINANET.FOCAL_LOSS_GAMMA == 1.0  # the shapes recipe (docs/results/rdsnet.md, "One-stage recipe")
+    # the shapes recipe (docs/results/rdsnet.md, "One-stage recipe")
+    assert base.MODEL.RETINANET.FOCAL_LOSS_GAMMA == 1.0
     ours.MODEL.DEVICE = "cpu"
     model = build_model(ours)
     assert (model.focal_loss_gamma, model.focal_loss_alpha) == (1.0, 0.25)
