@@ -33,6 +33,7 @@ import torch
 from torch.utils import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES_CONFIG = "configs/IoUNet/iounet_R_18_FPN_shapes.yaml"  # the --shapes-config default
 
 
 def _cfg(config, opts):
@@ -223,8 +224,7 @@ def r50_case(device, min_run_time, cands_per_box, profiles=None):
     return rows
 
 
-def shapes_case(device, min_run_time, weights, num_images, opts=(), profiles=None,
-                config="configs/IoUNet/iounet_R_18_FPN_shapes.yaml"):
+def shapes_case(device, min_run_time, weights, num_images, opts=(), profiles=None, config=SHAPES_CONFIG):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog
     from detectron2.data.detection_utils import read_image
@@ -269,7 +269,7 @@ def main():
     ap.add_argument("--cands-per-box", type=int, default=2)
     ap.add_argument("--shapes-weights", default="/tmp/iounet/model_final.pth")
     ap.add_argument("--shapes-images", type=int, default=20)
-    ap.add_argument("--shapes-config", default="configs/IoUNet/iounet_R_18_FPN_shapes.yaml",
+    ap.add_argument("--shapes-config", default=SHAPES_CONFIG,
                     help="the config the shapes weights were trained with (*_pretrained.yaml: from the trunk)")
     ap.add_argument("--skip-r50", action="store_true")
     ap.add_argument("--json", metavar="PATH", help="also write the rows to this JSON file")

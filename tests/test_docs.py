@@ -1,5 +1,6 @@
 """The Markdown files name files that exist: every repository path they quote, every relative link, and the
 heading a link's #anchor names in another Markdown file."""
+import functools
 import pathlib
 import re
 
@@ -22,19 +23,25 @@ def _slug(heading):
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def _anchors(path):
+@functools.lru_cache(maxsize=None)
+def _headings(path):
+    """The headings of a Markdown file, outside code blocks (read once per file)."""
     text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
-    return {_slug(h) for h in re.findall(r"^#{1,6}\s+(.*)$", text, flags=re.M)}
+    return tuple(re.findall(r"^#{1,6}\s+(.*)$", text, flags=re.M))
+
+
+def _external(target):
+    return re.match(r"[a-z]+:", target) is not None  # https:, mailto:, ...
 
 
 def _missing(doc, text):
-    named = PATH.findall(text) + [t for t in LINK.findall(text) if not re.match(r"[a-z]+:", t)]
+    named = PATH.findall(text) + [t for t in LINK.findall(text) if not _external(t)]
     missing = [t for t in named
                if not TEMPLATE.search(t) and not (ROOT / t).exists() and not (doc.parent / t).exists()]
     for target, anchor in ANCHORED.findall(text):
         path = doc if not target else doc.parent / target
-        if not re.match(r"[a-z]+:", target) and path.suffix == ".md" and path.exists() \
-                and anchor not in _anchors(path):
+        if not _external(target) and path.suffix == ".md" and path.exists() \
+                and anchor not in {_slug(h) for h in _headings(path)}:
             missing.append(f"{target}#{anchor}")
     return missing
 
@@ -45,17 +52,12 @@ SOURCES = sorted(p for p in ROOT.rglob("*") if p.suffix in (".md", ".yaml", ".py
                  and not SKIP.intersection(p.relative_to(ROOT).parts) and p != pathlib.Path(__file__).resolve())
 
 
-def _headings(path):
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
-    return [h.lower() for h in re.findall(r"^#{1,6}\s+(.*)$", text, flags=re.M)]
-
-
 def _stale_citations(source, text):
     """The ``file.md, "Section"`` citations whose file does not exist or has no heading containing the title."""
     stale = []
     for target, section in CITED.findall(text):
         path = next((p for p in (ROOT / target, source.parent / target) if p.exists()), None)
-        if path is None or not any(section.lower() in h for h in _headings(path)):
+        if path is None or not any(section.lower() in h.lower() for h in _headings(path)):
             stale.append(f'{target}, "{section}"')
     return stale
 

@@ -13,6 +13,7 @@ run folders are read: no model, no detectron2.
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 
@@ -77,33 +78,40 @@ def compare(campaign, model, seeds, windows):
     return out
 
 
-def summary(rows):
-    """Per (model, window, loss): the relative differences over the seeds and how many are below zero."""
+def _groups(rows):
+    """The rows by (model, window, loss), each group in seed order."""
     groups = {}
     for r in rows:
         groups.setdefault((r["model"], tuple(r["window"]), r["loss"]), []).append(r)
+    return groups
+
+
+def _summary(groups):
     return [dict(model=m, window=list(w), loss=loss, seeds=[r["seed"] for r in g],
                  rel=[r["rel"] for r in g], lower=sum(r["rel"] is not None and r["rel"] < 0 for r in g))
             for (m, w, loss), g in groups.items()]
 
 
+def summary(rows):
+    """Per (model, window, loss): the relative differences over the seeds and how many are below zero."""
+    return _summary(_groups(rows))
+
+
 def main(argv=None):
     args = parse_args(argv)
     rows = [r for m in args.models for r in compare(args.campaign, m, args.seeds, args.windows)]
-    for s in summary(rows):
+    groups = _groups(rows)
+    summarized = _summary(groups)
+    for s, group in zip(summarized, groups.values()):
         per = ", ".join(f"{r['method']:.3f}/{r['base']:.3f} ("
-                        + (f"{r['rel']:+.0%}" if r["rel"] is not None else "baseline 0") + ")" for r in rows
-                        if (r["model"], r["window"], r["loss"]) == (s["model"], s["window"], s["loss"]))
+                        + (f"{r['rel']:+.0%}" if r["rel"] is not None else "baseline 0") + ")" for r in group)
         print(f"{s['model']} vs {ENTRY_BY_NAME[s['model']].baseline}, iterations {s['window'][0]}-"
               f"{s['window'][1] - 1}, {s['loss']}: seeds {s['seeds']}: {per}; lower on {s['lower']} of "
               f"{len(s['seeds'])}")
     if args.json:
-        command = "python tools/training_losses.py " + " ".join(
-            [os.path.relpath(args.campaign, REPO) if os.path.isabs(args.campaign) else args.campaign,
-             "--models", *args.models, "--seeds", *map(str, args.seeds),
-             "--windows", *(f"{lo}:{hi}" for lo, hi in args.windows), "--json", args.json])
+        command = "python tools/training_losses.py " + shlex.join(sys.argv[1:] if argv is None else argv)
         with open(args.json, "w") as f:
-            json.dump(dict(command=command, code=git_commit(), rows=rows, summary=summary(rows)), f, indent=1)
+            json.dump(dict(command=command, code=git_commit(), rows=rows, summary=summarized), f, indent=1)
     return rows
 
 

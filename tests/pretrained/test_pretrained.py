@@ -31,6 +31,12 @@ RECIPE = {"MODEL.WEIGHTS": TRUNK, "MODEL.BACKBONE.FREEZE_AT": 2, "MODEL.RESNETS.
 FINETUNE_ITERS = 1000  # the fine-tune schedule, chosen on shapes_tune (docs/results/finetune_recipe_detection_tune.md)
 
 
+def _trunk():
+    """The shipped trunk's tensors by name (stem.*, res2.* ... res5.*)."""
+    with open(TRUNK_FILE, "rb") as f:
+        return pickle.load(f)["model"]
+
+
 def _sha256(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -76,8 +82,7 @@ def test_only_the_trunk_is_loaded_the_fpn_and_heads_start_fresh():
     torch.manual_seed(0)
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    with open(TRUNK_FILE, "rb") as f:
-        trunk = pickle.load(f)["model"]
+    trunk = _trunk()
     loaded = model.state_dict()
     prefix = "backbone.bottom_up."
     trunk_keys = {k for k in loaded if k.startswith(prefix)}
@@ -129,8 +134,7 @@ def test_each_combined_finetune_config_is_its_scratch_combination_in_the_imagene
     _is_scratch_config_in_the_imagenet_recipe(scratch, combined, method)
     cfg = setup_cfg(combined, ["MODEL.DEVICE", "cpu"])
     model = build_model(cfg)
-    with open(TRUNK_FILE, "rb") as f:
-        trunk = pickle.load(f)["model"]
+    trunk = _trunk()
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     bottom_up = next(m for n, m in model.backbone.named_modules() if n.endswith("bottom_up")).state_dict()
     assert set(trunk) == set(bottom_up)
