@@ -24,8 +24,13 @@ def default_results_path(iters: int, regime: str = "scratch") -> str:
     return os.path.join(RESULTS_DIR, name)
 
 
+def utc(timestamp: float) -> str:
+    """A POSIX time as the records write it."""
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return utc(datetime.datetime.now(datetime.timezone.utc).timestamp())
 
 
 @contextlib.contextmanager
@@ -156,4 +161,10 @@ def make_record(name: str, seed: int, iters: int, metrics: Dict[str, Dict[str, f
         rec["train"]["resumed"] = True  # s/it, train and wall time: the part after the resume
     if not info:
         rec["note"] = "no run_info.json (not trained by this tool's current version): machine, load, commit unknown"
+    elif "finished" not in info:
+        final = os.path.join(out_dir, "model_final.pth")
+        if os.path.isfile(final):
+            rec["trained"] = utc(os.path.getmtime(final))
+        rec["note"] = ("cut off after it started (train_net.py did not exit; scored again from model_final.pth, "
+                       "written at 'trained'): commit and machine from its start, load and wall time unknown")
     return rec

@@ -64,7 +64,6 @@ def train(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str
     ``<out_dir>/run_info.json``) what the record keeps of it: the commit, the machine, the load average sampled
     while it trained, its wall time. The intermediate checkpoints are removed once ``model_final.pth`` is
     written."""
-    import json
     import time
 
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", os.path.join(REPO, entry.config),
@@ -72,6 +71,12 @@ def train(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str
     print(f"  $ {' '.join(cmd)}", flush=True)
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(num_threads)} if num_threads else {}))
     info = dict(code=git_commit(), machine=machine_info(num_threads), started=now())
+    if resume:  # the wall time and the load will be those of the resumed part
+        info["resumed"] = True
+    # written now and again at the end: a run cut off after model_final.pth (in train_net.py's final evaluation,
+    # which the next invocation redoes) keeps its commit and machine
+    os.makedirs(out_dir, exist_ok=True)
+    _write_run_info(out_dir, info)
     samples, t0 = [], time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
     while True:
@@ -86,16 +91,21 @@ def train(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str
     if rc != 0:
         raise subprocess.CalledProcessError(rc, cmd)
     info.update(run_wall_s=round(time.time() - t0, 1), finished=now(), load=_load_summary(samples))
-    if resume:  # the wall time and the load are those of the resumed part
-        info["resumed"] = True
-    os.makedirs(out_dir, exist_ok=True)
     if os.path.isfile(os.path.join(out_dir, "model_final.pth")):
         for name in os.listdir(out_dir):  # model_0000499.pth ...: ~120 MB each, needed only to resume
             if re.fullmatch(r"model_\d+\.pth", name):
                 os.remove(os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, "run_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    _write_run_info(out_dir, info)
     return info
+
+
+def _write_run_info(out_dir: str, info: dict):
+    import json
+
+    tmp = os.path.join(out_dir, "run_info.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "run_info.json"))
 
 
 def inference_parameters(model, batches) -> int:

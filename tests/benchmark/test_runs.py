@@ -36,3 +36,56 @@ def test_inference_parameters_leave_out_what_inference_does_not_run():
     total = sum(p.numel() for p in model.parameters())
     assert total == 632 and runs.inference_parameters(model, [torch.zeros(1, 4)] * 2) == 31
     assert not any(m._forward_pre_hooks for m in model.modules())  # the hooks are gone afterwards
+
+
+class _Process:
+    """Stands for train_net.py: checks what is on disk while it 'runs', then exits with ``rc``."""
+
+    def __init__(self, out_dir, rc, writes_final):
+        self.out_dir, self.rc, self.writes_final = out_dir, rc, writes_final
+
+    def wait(self, timeout=None):
+        import json
+
+        with open(self.out_dir / "run_info.json") as f:  # written before the training starts
+            info = json.load(f)
+        assert info["code"]["commit"] and info["machine"] and "finished" not in info
+        if self.writes_final:
+            (self.out_dir / "model_final.pth").write_bytes(b"x")
+        (self.out_dir / "model_0000249.pth").write_bytes(b"x")
+        return self.rc
+
+
+@pytest.mark.parametrize("rc", [0, -9])
+def test_a_run_keeps_its_commit_and_machine_when_cut_off_after_its_final_checkpoint(rc, tmp_path, monkeypatch):
+    """A run killed in train_net.py's final evaluation (after model_final.pth) is scored again by the next
+    invocation; its record still names the commit and machine it trained with, and says what is unknown."""
+    import json
+    import subprocess
+
+    from d2_refine.benchmark.entries import ENTRY_BY_NAME
+    from d2_refine.benchmark.record import make_record
+
+    out = tmp_path / "mask_rcnn"
+    popen = subprocess.Popen  # git (the commit) still runs
+
+    def fake_popen(cmd, **kwargs):
+        return _Process(out, rc, writes_final=True) if cmd[1].endswith("train_net.py") else popen(cmd, **kwargs)
+
+    monkeypatch.setattr(runs.subprocess, "Popen", fake_popen)
+    metrics = {"bbox": {"AP": 50.0}}
+    if rc:
+        with pytest.raises(subprocess.CalledProcessError):
+            runs.train(ENTRY_BY_NAME["mask_rcnn"], str(out), 10, 1, [], 1, sample_every=0.01)
+    else:
+        runs.train(ENTRY_BY_NAME["mask_rcnn"], str(out), 10, 1, [], 1, sample_every=0.01)
+    with open(out / "run_info.json") as f:
+        info = json.load(f)
+    rec = make_record("mask_rcnn", 1, 10, metrics, str(out))
+    assert rec["code"] == info["code"] and rec["code"]["commit"] and rec["machine"] == info["machine"]
+    assert rec["trained"]
+    if rc:
+        assert "finished" not in info and rec["load"] is None and "cut off" in rec["note"]
+        assert (out / "model_0000249.pth").exists()  # not cleaned up: the run did not end
+    else:
+        assert info["finished"] == rec["trained"] and "note" not in rec and not (out / "model_0000249.pth").exists()
