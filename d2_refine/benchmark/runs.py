@@ -91,12 +91,17 @@ def train(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str
     if rc != 0:
         raise subprocess.CalledProcessError(rc, cmd)
     info.update(run_wall_s=round(time.time() - t0, 1), finished=now(), load=_load_summary(samples))
-    if os.path.isfile(os.path.join(out_dir, "model_final.pth")):
-        for name in os.listdir(out_dir):  # model_0000499.pth ...: ~120 MB each, needed only to resume
-            if re.fullmatch(r"model_\d+\.pth", name):
-                os.remove(os.path.join(out_dir, name))
+    drop_intermediate_checkpoints(out_dir)
     _write_run_info(out_dir, info)
     return info
+
+
+def drop_intermediate_checkpoints(out_dir: str) -> None:
+    """Remove ``model_0000499.pth`` ... (~120 MB each, needed only to resume) where ``model_final.pth`` exists."""
+    if os.path.isfile(os.path.join(out_dir, "model_final.pth")):
+        for name in os.listdir(out_dir):
+            if re.fullmatch(r"model_\d+\.pth", name):
+                os.remove(os.path.join(out_dir, name))
 
 
 def _write_run_info(out_dir: str, info: dict):
@@ -208,6 +213,7 @@ def run_one(entry: Entry, seed: int, args, blocking: bool = True) -> Optional[Li
             if fresh is None:  # scored again from the checkpoint
                 fresh = evaluate(entry, out_dir, args.iters, seed, args.opts, 0, True)[0]
                 scored = dict(code=git_commit(), at=now())  # may differ from the code that trained it
+                drop_intermediate_checkpoints(out_dir)  # left by a run cut off in its final evaluation
             records.append(make_record(entry.name, seed, args.iters, fresh, out_dir, args.opts, config=entry.config))
             if scored:
                 records[-1]["scored_again"] = scored

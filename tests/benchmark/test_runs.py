@@ -89,3 +89,32 @@ def test_a_run_keeps_its_commit_and_machine_when_cut_off_after_its_final_checkpo
         assert (out / "model_0000249.pth").exists()  # not cleaned up: the run did not end
     else:
         assert info["finished"] == rec["trained"] and "note" not in rec and not (out / "model_0000249.pth").exists()
+
+
+def test_a_run_cut_off_in_its_final_evaluation_is_scored_again_and_recorded(tmp_path, monkeypatch):
+    """The next invocation finds model_final.pth and no result in metrics.json: it scores the checkpoint, records
+    it with the commit and machine of the start and a note, and removes the checkpoints kept for resuming."""
+    import json
+    import types
+
+    from d2_refine.benchmark.entries import ENTRY_BY_NAME
+    from d2_refine.benchmark.record import load_results
+
+    out = tmp_path / "runs" / "seed1" / "mask_rcnn"
+    out.mkdir(parents=True)
+    for name in ("model_final.pth", "model_0000249.pth"):
+        (out / name).write_bytes(b"x")
+    start = dict(code=dict(commit="0123abc", dirty=False), machine=dict(host="h"), started="2026-01-01 00:00:00 UTC")
+    (out / "run_info.json").write_text(json.dumps(start))
+    scored = []
+    monkeypatch.setattr(runs, "regime_root", lambda output_dir, iters, regime: str(tmp_path / "runs"))
+    monkeypatch.setattr(runs, "final_results", lambda path, iters: None)
+    monkeypatch.setattr(runs, "evaluate", lambda entry, out_dir, *a, **k: scored.append(out_dir)
+                        or ({"bbox": {"AP": 50.0}}, None, None))
+    args = types.SimpleNamespace(output_dir=str(tmp_path), iters=10, regime="finetune", eval_only=False,
+                                 results=str(tmp_path / "results.json"), opts=[], num_threads=1)
+    (rec,) = runs.run_one(ENTRY_BY_NAME["mask_rcnn"], 1, args)
+    assert scored == [str(out)] and rec["scored_again"]["code"]["commit"]
+    assert rec["code"] == start["code"] and rec["machine"] == start["machine"] and "cut off" in rec["note"]
+    assert load_results(args.results)["records"] == [rec]
+    assert (out / "model_final.pth").exists() and not (out / "model_0000249.pth").exists()
