@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import subprocess
+import time
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import portalocker
@@ -30,7 +31,7 @@ def utc(timestamp: float) -> str:
 
 
 def now() -> str:
-    return utc(datetime.datetime.now(datetime.timezone.utc).timestamp())
+    return utc(time.time())
 
 
 @contextlib.contextmanager
@@ -115,12 +116,17 @@ def update_results(path: str, iters: int, change: Callable[[dict], dict]) -> dic
         if doc["iters"] != iters:
             raise ValueError(f"{path} records {doc['iters']}-iteration runs, not {iters}")
         doc = change(doc)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json(path, doc)
     return doc
+
+
+def write_json(path: str, doc) -> None:
+    """Write ``doc`` to ``path`` as indented JSON, atomically: a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def record_runs(path: str, iters: int, records: Sequence[dict]) -> dict:

@@ -14,7 +14,7 @@ from d2_refine.collect_env import machine_info
 
 from .entries import Entry, regime_entries, run_opts
 from .logs import final_results
-from .record import REPO, git_commit, make_record, now, record_runs, recorded, update_results
+from .record import REPO, git_commit, make_record, now, record_runs, recorded, update_results, write_json
 from .stats import metric
 from .timer import time_call
 
@@ -76,7 +76,7 @@ def train(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str
     # written now and again at the end: a run cut off after model_final.pth (in train_net.py's final evaluation,
     # which the next invocation redoes) keeps its commit and machine
     os.makedirs(out_dir, exist_ok=True)
-    _write_run_info(out_dir, info)
+    write_json(os.path.join(out_dir, "run_info.json"), info)
     samples, t0 = [], time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
     while True:
@@ -92,7 +92,7 @@ def train(entry: Entry, out_dir: str, iters: int, seed: int, extra: Sequence[str
         raise subprocess.CalledProcessError(rc, cmd)
     info.update(run_wall_s=round(time.time() - t0, 1), finished=now(), load=_load_summary(samples))
     drop_intermediate_checkpoints(out_dir)
-    _write_run_info(out_dir, info)
+    write_json(os.path.join(out_dir, "run_info.json"), info)
     return info
 
 
@@ -102,15 +102,6 @@ def drop_intermediate_checkpoints(out_dir: str) -> None:
         for name in os.listdir(out_dir):
             if re.fullmatch(r"model_\d+\.pth", name):
                 os.remove(os.path.join(out_dir, name))
-
-
-def _write_run_info(out_dir: str, info: dict):
-    import json
-
-    tmp = os.path.join(out_dir, "run_info.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "run_info.json"))
 
 
 def inference_parameters(model, batches) -> int:

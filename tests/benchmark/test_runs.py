@@ -39,10 +39,10 @@ def test_inference_parameters_leave_out_what_inference_does_not_run():
 
 
 class _Process:
-    """Stands for train_net.py: checks what is on disk while it 'runs', then exits with ``rc``."""
+    """Stands for train_net.py: checks what is on disk while it 'runs', writes its checkpoints, exits with ``rc``."""
 
-    def __init__(self, out_dir, rc, writes_final):
-        self.out_dir, self.rc, self.writes_final = out_dir, rc, writes_final
+    def __init__(self, out_dir, rc):
+        self.out_dir, self.rc = out_dir, rc
 
     def wait(self, timeout=None):
         import json
@@ -50,8 +50,7 @@ class _Process:
         with open(self.out_dir / "run_info.json") as f:  # written before the training starts
             info = json.load(f)
         assert info["code"]["commit"] and info["machine"] and "finished" not in info
-        if self.writes_final:
-            (self.out_dir / "model_final.pth").write_bytes(b"x")
+        (self.out_dir / "model_final.pth").write_bytes(b"x")
         (self.out_dir / "model_0000249.pth").write_bytes(b"x")
         return self.rc
 
@@ -70,7 +69,7 @@ def test_a_run_keeps_its_commit_and_machine_when_cut_off_after_its_final_checkpo
     popen = subprocess.Popen  # git (the commit) still runs
 
     def fake_popen(cmd, **kwargs):
-        return _Process(out, rc, writes_final=True) if cmd[1].endswith("train_net.py") else popen(cmd, **kwargs)
+        return _Process(out, rc) if cmd[1].endswith("train_net.py") else popen(cmd, **kwargs)
 
     monkeypatch.setattr(runs.subprocess, "Popen", fake_popen)
     metrics = {"bbox": {"AP": 50.0}}
