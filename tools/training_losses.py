@@ -7,8 +7,16 @@ adds the method's own losses) over iteration windows, and prints, per loss and w
 baseline's for each seed with the relative difference, and on how many seeds the method's is the lower. Only the
 run folders are read: no model, no detectron2.
 
+``--against`` reads each method beside other models instead of its baseline (an ablation beside the full
+method). A run whose folder is gone (run folders live in ``output/``, which does not travel between machines) is
+read from ``--reference``: an earlier ``--json`` of this tool that holds its means over the same windows; each row
+says where its two means came from.
+
     python tools/training_losses.py output/benchmark_table/finetune_1000it --models ifr internet_l2 fpt_lite \\
         --seeds 1 2 3 --windows 400:600 900:1000 --json docs/results/training_losses_finetune.json
+    python tools/training_losses.py output/benchmark_table/finetune_1000it --models internet_makeup \\
+        --against mask_rcnn internet_l2 --seeds 1 2 --windows 400:600 900:1000 \\
+        --reference docs/results/training_losses_finetune.json
 """
 import argparse
 import json
@@ -44,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
     p.add_argument("--windows", type=_window, nargs="+", default=[(900, 1000)], metavar="FIRST:END",
                    help="iteration windows to average over (default: 900:1000)")
+    p.add_argument("--against", nargs="+", choices=sorted(ENTRY_BY_NAME), metavar="MODEL",
+                   help="read each method beside these models instead of its baseline")
+    p.add_argument("--reference", metavar="JSON",
+                   help="an earlier --json of this tool: the means of runs whose folder is missing")
     p.add_argument("--json", help="also write the figures here, with the command and the commit")
     return p.parse_args(argv)
 
@@ -56,56 +68,86 @@ def window_means(rows, window):
     return {k: statistics.mean(r[k] for r in inside if k in r) for k in keys}
 
 
-def compare(campaign, model, seeds, windows):
-    """Per window, loss and seed: the method's mean, its baseline's, and the relative difference."""
-    baseline = ENTRY_BY_NAME[model].baseline
+def load_reference(path):
+    """``{(model, seed, window, loss): mean}`` from an earlier ``--json`` of this tool (both sides of each row)."""
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    out = {}
+    for r in rows:
+        w = tuple(r["window"])
+        out[r["model"], r["seed"], w, r["loss"]] = r["method"]
+        out[r["baseline"], r["seed"], w, r["loss"]] = r["base"]
+    return out
+
+
+def _means(campaign, name, seed, windows, reference):
+    """Per window, each loss's mean of one run: from its ``metrics.json``, else from the reference; and where
+    they came from ("run" or "reference")."""
+    path = os.path.join(campaign, f"seed{seed}", name, "metrics.json")
+    rows = read_metrics(path)
+    if any(k.startswith("loss_") for r in rows for k in r):
+        means = {w: window_means(rows, w) for w in windows}
+        for w, m in means.items():
+            if not m:
+                raise SystemExit(f"{path}: no logged iteration in {w[0]}:{w[1]}")
+        return means, "run"
+    if reference:
+        means = {w: {loss: v for (n, s, rw, loss), v in reference.items() if (n, s, rw) == (name, seed, w)}
+                 for w in windows}
+        if all(means.values()):
+            return means, "reference"
+    raise SystemExit(f"{path}: no training losses (missing, or not a detectron2 run)"
+                     + (", and the reference has none of this run over these windows" if reference else ""))
+
+
+def compare(campaign, model, seeds, windows, against=None, reference=None):
+    """Per window, loss and seed: the method's mean, the mean of its baseline (or of each model of
+    ``against``), and the relative difference."""
     out = []
-    for seed in seeds:
-        runs = {}
-        for name in (model, baseline):
-            path = os.path.join(campaign, f"seed{seed}", name, "metrics.json")
-            runs[name] = read_metrics(path)
-            if not any(k.startswith("loss_") for r in runs[name] for k in r):
-                raise SystemExit(f"{path}: no training losses (missing, or not a detectron2 run)")
-        for w in windows:
-            mine, theirs = window_means(runs[model], w), window_means(runs[baseline], w)
-            if not mine or not theirs:
-                raise SystemExit(f"{model} / {baseline} seed {seed}: no logged iteration in {w[0]}:{w[1]}")
-            for loss in sorted(set(mine) & set(theirs)):
-                out.append(dict(model=model, baseline=baseline, seed=seed, window=list(w), loss=loss,
-                                method=mine[loss], base=theirs[loss],
-                                rel=(mine[loss] - theirs[loss]) / theirs[loss] if theirs[loss] else None))
+    for other in against or [ENTRY_BY_NAME[model].baseline]:
+        if other == model:
+            raise SystemExit(f"--against {other}: the method itself")
+        for seed in seeds:
+            (mine, src), (theirs, other_src) = (_means(campaign, n, seed, windows, reference)
+                                                for n in (model, other))
+            for w in windows:
+                for loss in sorted(set(mine[w]) & set(theirs[w])):
+                    a, b = mine[w][loss], theirs[w][loss]
+                    out.append(dict(model=model, baseline=other, seed=seed, window=list(w), loss=loss, method=a,
+                                    base=b, rel=(a - b) / b if b else None, source=[src, other_src]))
     return out
 
 
 def _groups(rows):
-    """The rows by (model, window, loss), each group in seed order."""
+    """The rows by (model, baseline, window, loss), each group in seed order."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["model"], tuple(r["window"]), r["loss"]), []).append(r)
+        groups.setdefault((r["model"], r["baseline"], tuple(r["window"]), r["loss"]), []).append(r)
     return groups
 
 
 def _summary(groups):
-    return [dict(model=m, window=list(w), loss=loss, seeds=[r["seed"] for r in g],
+    return [dict(model=m, baseline=b, window=list(w), loss=loss, seeds=[r["seed"] for r in g],
                  rel=[r["rel"] for r in g], lower=sum(r["rel"] is not None and r["rel"] < 0 for r in g))
-            for (m, w, loss), g in groups.items()]
+            for (m, b, w, loss), g in groups.items()]
 
 
 def summary(rows):
-    """Per (model, window, loss): the relative differences over the seeds and how many are below zero."""
+    """Per (model, baseline, window, loss): the relative differences over the seeds and how many are below zero."""
     return _summary(_groups(rows))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = [r for m in args.models for r in compare(args.campaign, m, args.seeds, args.windows)]
+    reference = load_reference(args.reference) if args.reference else None
+    rows = [r for m in args.models
+            for r in compare(args.campaign, m, args.seeds, args.windows, args.against, reference)]
     groups = _groups(rows)
     summarized = _summary(groups)
     for s, group in zip(summarized, groups.values()):
         per = ", ".join(f"{r['method']:.3f}/{r['base']:.3f} ("
                         + (f"{r['rel']:+.0%}" if r["rel"] is not None else "baseline 0") + ")" for r in group)
-        print(f"{s['model']} vs {ENTRY_BY_NAME[s['model']].baseline}, iterations {s['window'][0]}-"
+        print(f"{s['model']} vs {s['baseline']}, iterations {s['window'][0]}-"
               f"{s['window'][1] - 1}, {s['loss']}: seeds {s['seeds']}: {per}; lower on {s['lower']} of "
               f"{len(s['seeds'])}")
     if args.json:

@@ -56,3 +56,36 @@ def test_clear_errors(tmp_path):
     for bad in (["--windows", "5"], ["--windows", "9:3"], ["--models", "mask_rcnn"]):  # a baseline has none
         with pytest.raises(SystemExit):
             tl.parse_args([str(tmp_path), "--models", "ifr", *bad] if bad[0] == "--windows" else [str(tmp_path), *bad])
+
+
+def test_against_other_models_and_missing_runs_from_a_reference(tmp_path, capsys):
+    first = tmp_path / "first"
+    for name, cls in (("mask_rcnn", 0.5), ("internet_l2", 0.4)):
+        _run(first / "seed1" / name, lambda i, c=cls: {"loss_cls": c, "loss_mask": 0.2})
+    reference = tmp_path / "reference.json"
+    tl.main([str(first), "--models", "internet_l2", "--windows", "0:500", "500:1000", "--json", str(reference)])
+    # a later machine: the ablation's own run, its baseline's and the full method's folders gone
+    later = tmp_path / "later"
+    _run(later / "seed1" / "internet_makeup", lambda i: {"loss_cls": 0.45, "loss_mask": 0.2})
+    rows = tl.main([str(later), "--models", "internet_makeup", "--against", "mask_rcnn", "internet_l2",
+                    "--windows", "0:500", "500:1000", "--reference", str(reference)])
+    by = {(r["baseline"], tuple(r["window"]), r["loss"]): r for r in rows}
+    assert len(rows) == 8 and all(r["source"] == ["run", "reference"] for r in rows)
+    assert by["mask_rcnn", (500, 1000), "loss_cls"]["rel"] == pytest.approx(-0.1)
+    assert by["internet_l2", (500, 1000), "loss_cls"]["rel"] == pytest.approx(0.125)
+    assert {(s["baseline"], s["lower"]) for s in tl.summary(rows) if s["loss"] == "loss_cls"} == \
+        {("mask_rcnn", 1), ("internet_l2", 0)}
+    assert "internet_makeup vs internet_l2, iterations 500-999, loss_cls" in capsys.readouterr().out
+    # a run folder that exists wins over the reference
+    _run(later / "seed1" / "mask_rcnn", lambda i: {"loss_cls": 0.9, "loss_mask": 0.2})
+    (row,) = [r for r in tl.main([str(later), "--models", "internet_makeup", "--windows", "0:500",
+                                  "--reference", str(reference)]) if r["loss"] == "loss_cls"]
+    assert row["base"] == pytest.approx(0.9) and row["source"] == ["run", "run"]
+    # the reference lacks the window, or the seed: the error says so
+    with pytest.raises(SystemExit, match="the reference has none of this run over these windows"):
+        tl.main([str(later), "--models", "internet_makeup", "--against", "internet_l2", "--windows", "100:200",
+                 "--reference", str(reference)])
+    with pytest.raises(SystemExit, match="seed2/internet_makeup/metrics.json: no training losses"):
+        tl.main([str(later), "--models", "internet_makeup", "--seeds", "2", "--reference", str(reference)])
+    with pytest.raises(SystemExit, match="the method itself"):
+        tl.main([str(later), "--models", "internet_makeup", "--against", "internet_makeup"])
