@@ -46,14 +46,12 @@ def setup(args):
 
 
 def main(args):
-    from detectron2.checkpoint import DetectionCheckpointer
-
-    from d2_refine.engine import Trainer
+    from d2_refine.engine import CheckedCheckpointer, Trainer
 
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        CheckedCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.evaluate(cfg, model)  # + TEST.AUG (keys "<task>_TTA"), checked against TEST.EXPECTED_RESULTS
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -61,8 +59,8 @@ def main(args):
 
 
 def cli(argv=None):
-    """Parse, check the config, weights, test-time augmentation and datasets (one line for each usual mistake,
-    before any worker starts), then launch :func:`main` on every process."""
+    """Parse, check the config, weights, test-time augmentation, the model's config values and datasets (one line
+    for each usual mistake, before any worker starts), then launch :func:`main` on every process."""
     args = get_parser().parse_args(argv)
     try:
         require_detectron2("train_net.py")
@@ -72,21 +70,24 @@ def cli(argv=None):
 
     import d2_refine  # noqa: F401  (registers every component)
     from d2_refine.data import DatasetError, check_datasets
-    from d2_refine.engine import ConfigError, check_test_aug, check_weights, setup_cfg
+    from d2_refine.engine import ConfigError, check_model, check_test_aug, check_weights, setup_cfg
 
     try:
         cfg = setup_cfg(args.config_file, args.opts)
         check_weights(cfg, eval_only=args.eval_only, resume=args.resume)
         check_test_aug(cfg)
+        check_model(cfg)
         check_datasets(cfg, train=not args.eval_only)
     except (ConfigError, DatasetError) as e:
         sys.exit(f"error: {e}")
     print("Command Line Args:", args)
-    try:  # an image that cannot be read (d2_refine.data.CheckedDatasetMapper), in one process
+    try:  # an image or a json that cannot be read, a checkpoint that cannot be loaded: in one process
         launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
     except DatasetError as e:
         sys.exit(f"error: {DatasetError.line(e)}")
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def output_paths(images, output):
     ``output/<image name>.png`` (distinct names for equal base names in different folders)."""
     if len(images) == 1 and output.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(output):
         return [output]
+    if os.path.isfile(output):
+        raise FileExistsError(f"--output {output} is a file: with {len(images)} inputs, or an output name that is "
+                              f"not an image file ({', '.join(IMAGE_EXTENSIONS)}), it must be a folder")
     names = [os.path.splitext(os.path.basename(p))[0] for p in images]
     if len(set(names)) < len(names):
         names = [f"{i:04d}_{n}" for i, n in enumerate(names)]
@@ -56,7 +59,7 @@ def output_paths(images, output):
 
 def setup(args):
     from d2_refine.data import configure_shapes
-    from d2_refine.engine import setup_cfg
+    from d2_refine.engine import check_model, setup_cfg
 
     thr = str(args.confidence_threshold)
     # the models' own score filters at the threshold (detectron2's demo does the same), then the user's options
@@ -68,6 +71,7 @@ def setup(args):
                                 f"{os.path.join(cfg.OUTPUT_DIR, 'model_final.pth')}")
     if "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS not found: {weights}")
+    check_model(cfg)  # a config value the model refuses, in one line
     configure_shapes(cfg)  # the shapes metadata (class names) with the config's parameters; no files generated
     return cfg
 
@@ -75,18 +79,26 @@ def setup(args):
 def run(args):
     """Predict and draw every input; returns the list of written files."""
     from detectron2.data import MetadataCatalog
-    from detectron2.data.detection_utils import read_image
     from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import ColorMode, Visualizer
     from PIL import Image
 
+    from d2_refine.data import read_image_checked
+    from d2_refine.engine import CheckedCheckpointer
+
     images = list_images(args.input)  # input errors first, before the model is built
+    outputs = output_paths(images, args.output)
     cfg = setup(args)
-    predictor = DefaultPredictor(cfg)
+    # built without weights, then loaded by a checkpointer that names a checkpoint it cannot read in one line
+    no_weights = cfg.clone()
+    no_weights.defrost()
+    no_weights.MODEL.WEIGHTS = ""
+    predictor = DefaultPredictor(no_weights)
+    CheckedCheckpointer(predictor.model).load(cfg.MODEL.WEIGHTS)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else predictor.metadata
     written = []
-    for path, out in zip(images, output_paths(images, args.output)):
-        image = read_image(path, format="RGB")
+    for path, out in zip(images, outputs):
+        image = read_image_checked(path, format="RGB")
         instances = predictor(image[:, :, ::-1])["instances"].to("cpu")  # DefaultPredictor takes BGR
         instances = instances[instances.scores >= args.confidence_threshold]
         vis = Visualizer(image, metadata, instance_mode=ColorMode.IMAGE).draw_instance_predictions(instances)
@@ -106,11 +118,12 @@ def main(argv=None):
     except MissingDetectron2Error as e:
         sys.exit(f"error: {e}")
     import d2_refine  # noqa: F401  (registers every component)
+    from d2_refine.data import DatasetError
     from d2_refine.engine import ConfigError
 
     try:
         return run(args)
-    except (ConfigError, FileNotFoundError) as e:  # one line instead of a traceback
+    except (ConfigError, DatasetError, FileNotFoundError, FileExistsError) as e:  # one line instead of a traceback
         sys.exit(f"error: {e}")
 
 

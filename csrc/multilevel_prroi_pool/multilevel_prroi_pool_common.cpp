@@ -75,7 +75,10 @@ at::Tensor box_levels(const at::Tensor& boxes, double canonical_box_size, int64_
   at::Tensor level = at::floor(at::log2(at::sqrt(area) / canonical_box_size + 1e-8) + canonical_level);
   level = at::clamp(level, min_level, min_level + num_levels - 1);
   const at::Tensor index = at::nan_to_num(level, 0.0).to(at::kLong) - min_level;
-  return at::where(at::isnan(level), at::full({}, -1, index.options()), index);
+  // -1 (pools zeros): a NaN level (negative area), and a box with a NaN or infinite coordinate, whose level would
+  // depend on the sign of the infinity (checked on the device: no host synchronisation)
+  const at::Tensor none = at::isnan(level).logical_or(boxes.isfinite().all(1).logical_not());
+  return at::where(none, at::full({}, -1, index.options()), index);
 }
 
 at::Tensor box_images(const at::Tensor& boxes, at::IntArrayRef boxes_per_image) {

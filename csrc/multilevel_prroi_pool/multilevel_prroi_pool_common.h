@@ -20,8 +20,8 @@ int64_t check_args(at::TensorList inputs, const at::Tensor& boxes, at::IntArrayR
 void check_grad(const at::Tensor& grad, at::TensorList inputs, const at::Tensor& boxes, int64_t pooled_height,
                 int64_t pooled_width);
 
-// Tensor[K] int64: index in [0, L) of the level of each box, -1 when it is NaN (detectron2's
-// assign_boxes_to_levels, in the dtype of boxes).
+// Tensor[K] int64: index in [0, L) of the level of each box (detectron2's assign_boxes_to_levels, in the dtype of
+// boxes), -1 when it is NaN or the box has a coordinate that is not finite.
 at::Tensor box_levels(const at::Tensor& boxes, double canonical_box_size, int64_t canonical_level, int64_t min_level,
                       int64_t num_levels);
 

@@ -4,6 +4,8 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
+#include <iomanip>
+#include <sstream>
 
 namespace d2_refine {
 namespace prroi {
@@ -35,8 +37,10 @@ void check_prroi_pool_grad(const at::Tensor& grad, const at::Tensor& input, cons
 }
 
 void fail_batch_index(double value, int64_t row, int64_t num_images) {
+  std::ostringstream shown;  // every digit: 1.0000001 must not read as 1
+  shown << std::setprecision(17) << value;
   TORCH_CHECK(false, "prroi_pool: rois[:, 0] (batch index) must be an integer in [0, N) with N = ", num_images,
-              " images in input; got ", value, " in row ", row);
+              " images in input; got ", shown.str(), " in row ", row);
 }
 
 // One host synchronisation on CUDA.

@@ -53,7 +53,7 @@ def add_coco_format_config(cfg):
     (d2_refine/data/datasets.py)."""
     if "COCO_FORMAT" in cfg.DATASETS:
         return
-    # A list of (name, json file, image folder): each is registered with detectron2's register_coco_instances
+    # A list of (name, json file, image folder): each is registered as detectron2's register_coco_instances does
     # before training/evaluation and can then be named in DATASETS.TRAIN / DATASETS.TEST, e.g.
     #   COCO_FORMAT: [["mine_train", "data/mine/train.json", "data/mine/images"]]
     cfg.DATASETS.COCO_FORMAT = []

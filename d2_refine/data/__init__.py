@@ -13,6 +13,6 @@ if has_detectron2():
         register_coco_format,
         register_shapes,
     )
-    from .mapper import CheckedDatasetMapper  # noqa: F401
+    from .mapper import CheckedDatasetMapper, read_image_checked  # noqa: F401
 
     register_shapes()

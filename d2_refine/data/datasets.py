@@ -10,7 +10,7 @@ import os
 from typing import Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets.coco import load_coco_json, register_coco_instances
+from detectron2.data.datasets.coco import load_coco_json
 from detectron2.utils import comm
 
 from .shapes import (
@@ -93,9 +93,10 @@ def configure_shapes(cfg):
 
 
 def register_coco_format(cfg):
-    """Register each ``(name, json file, image folder)`` of ``cfg.DATASETS.COCO_FORMAT`` with detectron2's
-    ``register_coco_instances`` (class names are read from the json's categories). Registering the same entry again
-    does nothing; a name that another dataset already has is refused."""
+    """Register each ``(name, json file, image folder)`` of ``cfg.DATASETS.COCO_FORMAT`` as detectron2's
+    ``register_coco_instances`` does, loaded by :func:`load_coco_format` (class names are read from the json's
+    categories). Registering the same entry again does nothing; a name that another dataset already has is
+    refused."""
     for entry in cfg.DATASETS.COCO_FORMAT:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 3 and all(isinstance(v, str) and v for v in entry)):
             raise DatasetError(f"DATASETS.COCO_FORMAT entries are (name, json file, image folder); got {entry!r}")
@@ -108,8 +109,29 @@ def register_coco_format(cfg):
         elif name in DatasetCatalog.list():
             raise DatasetError(f"DATASETS.COCO_FORMAT: {name!r} is already the name of a registered dataset "
                                "(detectron2's or d2_refine's): choose another name")
-        register_coco_instances(name, {}, json_file, image_root)
+        DatasetCatalog.register(name, lambda n=name, j=json_file, r=image_root: load_coco_format(n, j, r))
+        # what detectron2's register_coco_instances sets (class names come from the json when it is loaded)
+        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, evaluator_type="coco")
         _coco_format[name] = (json_file, image_root)
+
+
+def load_coco_format(name: str, json_file: str, image_root: str):
+    """detectron2's ``load_coco_json``, with one :class:`DatasetError` line naming the dataset and its json for a
+    file that is not JSON, not COCO's layout, names a category it does not define, or holds no image."""
+    where = f"dataset {name!r}: {json_file}"
+    try:
+        dicts = load_coco_json(json_file, image_root, name)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: not valid JSON ({e})") from None
+    except (KeyError, AssertionError, TypeError, AttributeError) as e:  # pycocotools' and detectron2's
+        text = (e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)).strip()
+        msg = text.splitlines()[0] if text else type(e).__name__
+        if isinstance(e, KeyError) and not msg.startswith("Encountered"):
+            msg = f"an entry lacks the key {msg!r}"
+        raise DatasetError(f"{where}: not a COCO-format json ({msg})") from None
+    if not dicts:
+        raise DatasetError(f"{where}: holds no images (its \"images\" list is empty or missing)")
+    return dicts
 
 
 def check_datasets(cfg, train: bool = True):

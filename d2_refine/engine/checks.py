@@ -1,12 +1,22 @@
 """Checks of a run's config before any process starts (train_net.py's ``cli``): one line for each usual mistake
-about the weights or test-time augmentation, instead of a download error or an assertion deep inside a worker."""
+about the weights, the model's config values or test-time augmentation, instead of a download error or a traceback
+from deep inside a worker; and a checkpointer that names a checkpoint file it cannot read."""
 import os
+import pickle
+import re
+import zipfile
 
-from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
 
 from .config import ConfigError
 
-__all__ = ["BACKBONE_ONLY_PREFIXES", "check_weights", "check_test_aug"]
+__all__ = ["BACKBONE_ONLY_PREFIXES", "CheckedCheckpointer", "check_model", "check_weights", "check_test_aug"]
+
+# a config key at the start of a word: the methods' checks name the key they refuse ("MODEL.IFR.MODE must be ...")
+_CONFIG_KEY = re.compile(r"\b(MODEL|INPUT|SOLVER|DATASETS|DATALOADER|TEST)\.[A-Z][A-Z0-9_]*")
+_NOT_REGISTERED = re.compile(r"No object named '([^']*)' found in '([^']*)' registry")
 
 #: MODEL.WEIGHTS prefixes of weights that initialise a backbone only (the heads stay random): ImageNet
 #: classification trunks of detectron2's model zoo (detectron2://, the https address it resolves to, and the
@@ -39,6 +49,45 @@ def check_weights(cfg, eval_only: bool = False, resume: bool = False) -> None:
         raise ConfigError(f"MODEL.WEIGHTS not found: {weights}")
 
 
+def _keys_with_value(node, value, prefix=""):
+    """The full names of the keys of a CfgNode whose value is ``value``."""
+    out = []
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out += _keys_with_value(v, value, f"{prefix}{k}.")
+        elif v == value:
+            out.append(prefix + k)
+    return out
+
+
+def check_model(cfg) -> None:
+    """Build the model once on the CPU (random weights, nothing loaded, then dropped) and raise one
+    :class:`ConfigError` line for a config value it refuses: a ValueError that names a config key (the methods'
+    checks, e.g. "MODEL.IOU_NET.NMS_TEST must be one of ...") or a component name that no registry holds (a
+    ``NAME`` key with a typo). Other errors propagate as they are."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
+    try:
+        with torch.random.fork_rng(devices=[]):  # the run's own initialisation is not shifted by this build
+            build_model(cfg)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        line = (str(e).strip().splitlines() or [""])[0]
+        if not _CONFIG_KEY.search(line):
+            raise
+        raise ConfigError(line) from None
+    except KeyError as e:
+        found = _NOT_REGISTERED.search(str(e))
+        if not found:
+            raise
+        name, registry = found.groups()
+        keys = _keys_with_value(cfg, name)
+        raise ConfigError(f"{' / '.join(keys) or 'a config key'} {name!r}: no such component in detectron2's "
+                          f"{registry} registry (a typo, or the module that registers it is not imported)") from None
+
+
 def check_test_aug(cfg) -> None:
     """Raise one :class:`ConfigError` line when TEST.AUG.ENABLED asks for test-time augmentation of a model that
     detectron2's ``GeneralizedRCNNWithTTA`` cannot wrap: a meta-architecture that is not a GeneralizedRCNN
@@ -55,3 +104,19 @@ def check_test_aug(cfg) -> None:
         if cfg.MODEL[key]:
             raise ConfigError(f"TEST.AUG.ENABLED: detectron2's GeneralizedRCNNWithTTA does not support {what} "
                               f"(MODEL.{key} True): set TEST.AUG.ENABLED False")
+
+
+class CheckedCheckpointer(DetectionCheckpointer):
+    """detectron2's ``DetectionCheckpointer`` (same arguments and behaviour) that raises one :class:`ConfigError`
+    line naming a checkpoint file it cannot read (corrupt, truncated, not a checkpoint) instead of torch's or
+    pickle's traceback (whose advice, to load it with ``weights_only=False``, is wrong for a corrupt file)."""
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, UnicodeDecodeError, RuntimeError) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            # torch's weights-only refusal: the reason is on its "WeightsUnpickler error:" line
+            reason = next((line for line in lines if "WeightsUnpickler error:" in line), lines[0] if lines else "")
+            raise ConfigError(f"checkpoint {filename} cannot be read ({type(e).__name__}: {reason[:160]}): a "
+                              "corrupt or truncated file, or not a PyTorch / detectron2 checkpoint") from None

@@ -6,7 +6,6 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.evaluation import verify_results
@@ -14,8 +13,9 @@ from detectron2.modeling import GeneralizedRCNNWithTTA
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..data import CheckedDatasetMapper
+from ..data import CheckedDatasetMapper, DatasetError
 from ..solver import build_optimizer
+from .checks import CheckedCheckpointer
 from .evaluator import D2RefineCOCOEvaluator
 from .resume import ExactResumeHook
 
@@ -30,7 +30,8 @@ class Trainer(DefaultTrainer):
         CPU processes with gloo). The alternatives were to replace detectron2's ``create_ddp_model`` module global
         while ``DefaultTrainer.__init__`` runs (a patch of another package, visible to every thread meanwhile) or to
         wrap the model after it (impossible: the constructor fails first). Writing the constructor here costs a
-        dozen lines that call detectron2's public builders only, and passes ``device_ids=None`` on the CPU."""
+        dozen lines that call detectron2's public builders only, and passes ``device_ids=None`` on the CPU. Its
+        checkpointer is :class:`CheckedCheckpointer` (one line for a checkpoint file it cannot read)."""
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger is not called for d2
             setup_logger()
@@ -41,7 +42,7 @@ class Trainer(DefaultTrainer):
         model = create_ddp_model(model, broadcast_buffers=False, **ddp_device_kwargs(cfg))
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = CheckedCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -90,8 +91,16 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """detectron2's train loader, with :class:`CheckedDatasetMapper` (one line naming an unreadable image)."""
-        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+        """detectron2's train loader, with :class:`CheckedDatasetMapper` (one line naming an unreadable image), and
+        one :class:`DatasetError` line when no image is left to train on."""
+        try:
+            return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+        except AssertionError as e:  # detectron2's get_detection_dataset_dicts, after it drops the empty images
+            if "No valid data found" not in str(e):
+                raise
+            raise DatasetError(f"DATASETS.TRAIN {', '.join(cfg.DATASETS.TRAIN)}: no image to train on: every image "
+                               "has no annotation or only crowd ones (DATALOADER.FILTER_EMPTY_ANNOTATIONS drops "
+                               "them from training)") from None
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

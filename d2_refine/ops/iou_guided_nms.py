@@ -26,7 +26,11 @@ def _check(boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_thresh
             raise TypeError(f"iou_guided_nms: {name} must be a floating-point tensor, got {t.dtype}")
     if idxs.is_floating_point() or idxs.dtype == torch.bool or idxs.is_complex():
         raise TypeError(f"iou_guided_nms: idxs (class indices) must be an integer tensor, got {idxs.dtype}")
-    if math.isnan(iou_threshold):
+    try:
+        nan = math.isnan(iou_threshold)
+    except TypeError:
+        raise TypeError(f"iou_guided_nms: iou_threshold must be a number, got {iou_threshold!r}") from None
+    if nan:
         raise ValueError("iou_guided_nms: iou_threshold must be a number, got nan")
 
 

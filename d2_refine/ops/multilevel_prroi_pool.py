@@ -8,10 +8,9 @@ from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
-from torch.nn.modules.utils import _pair
 
 from ._library import autocast_enabled, compute_dtype, has_kernel, warn_fallback
-from .prroi_pool import _prroi_pool_reference
+from .prroi_pool import _prroi_pool_reference, output_size_pair
 
 __all__ = ["multilevel_prroi_pool"]
 
@@ -51,10 +50,12 @@ def multilevel_prroi_pool(
 
     Returns:
         Tensor[sum L_n, C, PH, PW], the boxes in order (image 0 first), in the dtype of ``inputs[0]``. A box whose
-        level is NaN (negative area) pools zeros, as in ROIPooler. Differentiable w.r.t. the maps and the boxes.
+        level is NaN (negative area) pools zeros, as in ROIPooler, and so does a box with a NaN or infinite
+        coordinate (``prroi_pool`` raises for one, but that check would wait for the device). Differentiable
+        w.r.t. the maps and the boxes (zero gradients for the boxes that pool zeros).
     """
     _check(inputs, boxes, spatial_scales)
-    pooled_height, pooled_width = _pair(output_size)
+    pooled_height, pooled_width = output_size_pair(output_size, "multilevel_prroi_pool")
     counts = [b.size(0) for b in boxes]
     flat = torch.cat(list(boxes)) if boxes else inputs[0].new_zeros((0, 4))
     scales = [float(s) for s in spatial_scales]
@@ -84,13 +85,15 @@ class _null:
 
 def box_levels(boxes: Tensor, canonical_box_size: float, canonical_level: int, min_level: int,
                num_levels: int) -> Tensor:
-    """Tensor[K] int64: level index in [0, num_levels) of each box, -1 where it is NaN (detectron2's
-    ``assign_boxes_to_levels``, op for op, in the dtype of ``boxes``)."""
+    """Tensor[K] int64: level index in [0, num_levels) of each box (detectron2's ``assign_boxes_to_levels``, op for
+    op, in the dtype of ``boxes``), -1 where it is NaN or the box has a coordinate that is not finite (whose level
+    would depend on the sign of the infinity); checked on the device, without a host synchronisation."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_box_size + 1e-8))
     level = torch.clamp(level, min=min_level, max=min_level + num_levels - 1)
     index = torch.nan_to_num(level, 0.0).to(torch.int64) - min_level
-    return torch.where(torch.isnan(level), torch.full_like(index, -1), index)
+    none = torch.isnan(level) | ~torch.isfinite(boxes).all(1)
+    return torch.where(none, torch.full_like(index, -1), index)
 
 
 def _multilevel_prroi_pool_reference(

@@ -30,6 +30,14 @@ def _as_roi_tensor(rois: Union[Tensor, List[Tensor], Tuple[Tensor, ...]]) -> Ten
     return torch.cat([index, torch.cat(list(rois), dim=0)], dim=1)
 
 
+def output_size_pair(output_size, op: str) -> Tuple[int, int]:
+    """(PH, PW) from an int or a pair; a ValueError naming ``op`` for any other length."""
+    pair = _pair(output_size)
+    if len(pair) != 2:
+        raise ValueError(f"{op}: output_size must be an int or a pair (PH, PW), got {output_size!r}")
+    return pair[0], pair[1]
+
+
 def prroi_pool(
     input: Tensor,
     rois: Union[Tensor, List[Tensor]],
@@ -65,7 +73,7 @@ def prroi_pool(
     ``SOLVER.AMP``) and on CPU, and natively in float16 / bfloat16 on CUDA otherwise. Gradients come back in each
     argument's own dtype.
     """
-    pooled_height, pooled_width = _pair(output_size)
+    pooled_height, pooled_width = output_size_pair(output_size, "prroi_pool")
     rois = _as_roi_tensor(rois)
     for name, t in (("input", input), ("rois", rois)):
         if not t.is_floating_point():
@@ -92,7 +100,7 @@ class PrRoIPool2d(nn.Module):
 
     def __init__(self, output_size: Union[int, Tuple[int, int]], spatial_scale: float, aligned: bool = False):
         super().__init__()
-        self.output_size = _pair(output_size)
+        self.output_size = output_size_pair(output_size, "PrRoIPool2d")
         self.spatial_scale = float(spatial_scale)
         self.aligned = bool(aligned)
 
@@ -175,7 +183,7 @@ def _prroi_pool_reference(
     """Pure-PyTorch Precise RoI Pooling: the exact cell-integral formula, vectorised over RoIs (one dense
     contraction per image), differentiable by autograd w.r.t. input and rois. Same arguments as :func:`prroi_pool`.
     Memory grows as K * C * H * PW: it is the test oracle and the fallback, not a fast path."""
-    pooled_height, pooled_width = _pair(output_size)
+    pooled_height, pooled_width = output_size_pair(output_size, "prroi_pool")
     rois = _as_roi_tensor(rois)
     if input.dim() != 4:
         raise ValueError(f"prroi_pool: input must be Tensor[N, C, H, W], got shape {tuple(input.shape)}")
@@ -192,7 +200,7 @@ def _prroi_pool_reference(
             row = int(bad.nonzero()[0, 0])
             raise RuntimeError(
                 f"prroi_pool: rois[:, 0] (batch index) must be an integer in [0, N) with N = {num_images} images "
-                f"in input; got {float(batch[row])} in row {row}"
+                f"in input; got {float(batch[row])!r} in row {row}"
             )
     offset = 0.5 if aligned else 0.0
     x1 = rois[:, 1] * spatial_scale - offset

@@ -183,3 +183,57 @@ def test_truncated_image_stops_train_net_in_one_line(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: image {json_file.parent / 'images' / 'truncated.png'}: cannot be read (image "
                            "file is truncated"), last
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_json", r"not valid JSON \(Unterminated string starting at: line 1 column \d+"),
+    ("not_coco", r"not a COCO-format json \(annotation file format <class 'list'> not supported\)"),
+    ("unknown_category", r"not a COCO-format json \(Encountered category_id=7 but this id does not exist"),
+    ("no_images", r"holds no images"),
+])
+def test_a_json_that_cannot_be_used_is_named_in_one_line(tmp_path, case, message):
+    """Loading the dataset (what training and evaluation do first): one DatasetError naming the dataset and its
+    json, instead of pycocotools' or detectron2's traceback."""
+    from detectron2.data import DatasetCatalog
+
+    from d2_refine.data import DatasetError, register_coco_format
+    from d2_refine.engine import setup_cfg
+
+    json_file = write_broken_coco(tmp_path / "data", [], num_good=1)
+    coco = json.loads(json_file.read_text())
+    if case == "not_json":
+        json_file.write_text('{"images": [' + json.dumps(coco["images"][0])[:20])  # cut off mid-write
+    elif case == "not_coco":
+        json_file.write_text(json.dumps(coco["images"]))
+    elif case == "unknown_category":
+        coco["annotations"][0]["category_id"] = 7
+        json_file.write_text(json.dumps(coco))
+    else:
+        json_file.write_text(json.dumps(dict(coco, images=[], annotations=[])))
+    register_coco_format(setup_cfg(MASK_RCNN, _opts(json_file)))
+    with pytest.raises(DatasetError, match=rf"^dataset 'broken': {json_file}: {message}"):
+        DatasetCatalog.get("broken")
+
+
+def test_no_image_left_to_train_on_is_one_line(tmp_path):
+    """Every image without annotations or crowd-only: detectron2 filters them all out of training; the train loader
+    says so in one DatasetError line instead of its assertion."""
+    from d2_refine.data import DatasetError, register_coco_format
+    from d2_refine.engine import Trainer, setup_cfg
+
+    json_file = write_broken_coco(tmp_path / "data", ["no_annotations", "crowd_only"], num_good=0)
+    cfg = setup_cfg(MASK_RCNN, _opts(json_file, test=False) + ["DATALOADER.NUM_WORKERS", "0"])
+    register_coco_format(cfg)
+    with pytest.raises(DatasetError, match=r"^DATASETS.TRAIN broken: no image to train on: every image has no "
+                                           r"annotation or only crowd ones"):
+        Trainer.build_train_loader(cfg)
+
+
+def test_train_net_names_a_broken_json_in_one_line(tmp_path):
+    """End to end: the loader's DatasetError reaches the user as train_net.py's one error line."""
+    json_file = write_broken_coco(tmp_path / "data", [], num_good=1)
+    json_file.write_text(json_file.read_text()[:30])
+    r = _train_net(tmp_path, json_file, test=False)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: dataset 'broken': {json_file}: not valid JSON")

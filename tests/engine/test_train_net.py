@@ -77,8 +77,11 @@ def test_trainer_builds_what_default_trainer_builds(tmp_path):
     ours = smoke_trainer(os.path.join(ROOT, BASELINES["faster_rcnn"][0]), tmp_path, ["SOLVER.EXACT_RESUME", "False"])
     theirs = DefaultTrainer(ours.cfg)
     assert set(vars(ours)) == set(vars(theirs))
-    for name in ("_trainer", "scheduler", "checkpointer", "model", "optimizer", "data_loader"):
+    for name in ("_trainer", "scheduler", "model", "optimizer", "data_loader"):
         # by name: detectron2 makes a new optimizer class (gradient clipping) for each optimizer it builds
         assert type(getattr(ours, name)).__qualname__ == type(getattr(theirs, name)).__qualname__, name
+    # a DetectionCheckpointer that names a checkpoint it cannot read
+    assert isinstance(ours.checkpointer, type(theirs.checkpointer))
+    assert type(ours.checkpointer).__qualname__ == "CheckedCheckpointer"
     assert [type(h) for h in ours._hooks] == [type(h) for h in theirs._hooks]
     assert (ours.start_iter, ours.max_iter) == (theirs.start_iter, theirs.max_iter)

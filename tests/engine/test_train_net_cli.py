@@ -84,3 +84,62 @@ def test_test_time_augmentation_of_retinanet_refuses(tmp_path):
     config = os.path.join(ROOT, "configs", "Baselines", "retinanet_R_18_FPN_shapes.yaml")
     line = _one_line_error(_train_net(tmp_path, "--config-file", config, "TEST.AUG.ENABLED", "True"))
     assert "TEST.AUG.ENABLED" in line and "RetinaNet" in line and "GeneralizedRCNN" in line
+
+
+@pytest.mark.parametrize("config, opts, expected", [
+    ("IoUNet/iounet_R_18_FPN_shapes.yaml", ("MODEL.IOU_NET.NMS_TEST", "bogus"),
+     "error: MODEL.IOU_NET.NMS_TEST must be one of"),
+    ("IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml", ("MODEL.IFR.MODE", "implict"),
+     "error: MODEL.IFR.MODE must be 'implicit' or 'explicit', got 'implict'"),
+    ("Baselines/faster_rcnn_R_18_FPN_shapes.yaml", ("MODEL.ROI_HEADS.NAME", "StandardROIHead"),
+     "error: MODEL.ROI_HEADS.NAME 'StandardROIHead': no such component in detectron2's ROI_HEADS registry"),
+])
+def test_a_config_value_the_model_refuses_is_one_line_before_launch(tmp_path, config, opts, expected):
+    """The methods check their config values when the model is built; train_net.py builds it once on the CPU before
+    anything starts, so a wrong value is one line, not a traceback after the dataset is made."""
+    line = _one_line_error(_train_net(tmp_path, "--config-file", os.path.join(ROOT, "configs", config), *opts))
+    assert line.startswith(expected), line
+    assert not (tmp_path / "out" / "shapes").exists(), "the dataset was made first"
+
+
+def test_check_model_turns_only_config_errors_into_one_line(monkeypatch):
+    import torch
+
+    from d2_refine.engine import ConfigError, check_model, checks, setup_cfg
+
+    cfg = setup_cfg(CONFIG, ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(3)
+    check_model(cfg)  # a valid config: nothing raised, and the caller's generator did not move
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(1))
+
+    def raising(exc):
+        def build(cfg):
+            raise exc
+        return build
+
+    monkeypatch.setattr(checks, "build_model", raising(ValueError("MODEL.FPT.INPUT must be one of ('a',)\nmore")))
+    with pytest.raises(ConfigError, match=r"^MODEL.FPT.INPUT must be one of \('a',\)$"):
+        check_model(cfg)
+    for exc in (ValueError("shape mismatch in a layer"), KeyError("bbox"), RuntimeError("MODEL.X.Y")):
+        monkeypatch.setattr(checks, "build_model", raising(exc))
+        with pytest.raises(type(exc)) as e:  # not a config value: propagates as it is
+            check_model(cfg)
+        assert type(e.value) is type(exc)
+    monkeypatch.setattr(checks, "build_model", raising(KeyError("No object named 'Nope' found in 'X' registry!")))
+    with pytest.raises(ConfigError, match=r"^a config key 'Nope': no such component in detectron2's X registry"):
+        check_model(cfg)
+
+
+def test_a_checkpoint_that_cannot_be_read_is_one_line(tmp_path):
+    """A corrupt MODEL.WEIGHTS: one line naming the file (torch's own message advises weights_only=False, wrong for a
+    corrupt file), with --eval-only and for training alike."""
+    bad = tmp_path / "corrupt.pth"
+    bad.write_text("garbage")
+    for extra in (["--eval-only"], []):
+        r = _train_net(tmp_path, "--config-file", CONFIG, *extra, "MODEL.WEIGHTS", str(bad))
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: checkpoint {bad} cannot be read (UnpicklingError: ") and \
+            "not a PyTorch / detectron2 checkpoint" in last, last

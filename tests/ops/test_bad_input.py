@@ -256,6 +256,8 @@ def test_iou_guided_nms_bad_dtypes_and_threshold(device):
     for fn in (iou_guided_nms, _iou_guided_nms_reference):
         with pytest.raises(ValueError, match="iou_threshold must be a number, got nan"):
             fn(boxes, p, p, idxs, math.nan)
+        with pytest.raises(TypeError, match="iou_threshold must be a number, got None"):
+            fn(boxes, p, p, idxs, None)
     if has_ops():
         with pytest.raises(ValueError, match="iou_threshold must be a number, got nan"):
             torch.ops.d2_refine.iou_guided_nms(boxes, p, p, idxs, math.nan, "rank")

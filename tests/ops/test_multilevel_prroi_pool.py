@@ -101,6 +101,29 @@ def test_degenerate_boxes_pool_zeros_and_empty_input(device):
     assert empty.shape == (0, 3, 3, 3)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("bad", [(0, math.nan), (2, math.inf), (2, -math.inf), (0, -math.inf), (0, math.inf)])
+def test_a_non_finite_coordinate_pools_zeros_whatever_its_sign(device, bad):
+    """Whatever the sign of the infinity (which decides the level: +inf the largest, -inf a NaN area), the box pools
+    zeros with zero gradients, in the kernel and the reference alike; the other boxes are untouched."""
+    maps, boxes = _case(device, counts=(3, 2), channels=2, size=128, seed=7)
+    column, value = bad
+    broken = [b.clone() for b in boxes]
+    broken[1][1, column] = value  # image 1, box 1: row 4 of the flat list
+    fns = [lambda m, b: _multilevel_prroi_pool_reference(m, torch.cat(b), [3, 2], list(SCALES), 224.0, 4, 3, 3,
+                                                         False)]
+    if has_ops():
+        fns.append(lambda m, b: multilevel_prroi_pool(m, b, 3, SCALES))
+    weights = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device)
+    for fn in fns:
+        good, _, _ = _pool_and_grads(fn, maps, boxes, weights)
+        out, map_grads, box_grads = _pool_and_grads(fn, maps, broken, weights)
+        assert torch.equal(out[4], torch.zeros_like(out[4]))
+        assert torch.equal(out[:4], good[:4])
+        assert torch.equal(box_grads[1][1], torch.zeros(4, dtype=torch.float64, device=device))
+        assert all(torch.isfinite(g).all() for g in map_grads + box_grads if g is not None)  # None: a level unused
+
+
 @needs_ops
 def test_bad_arguments_raise_naming_them():
     maps, boxes = _case(counts=(2, 1))
@@ -112,6 +135,9 @@ def test_bad_arguments_raise_naming_them():
         multilevel_prroi_pool(maps, boxes[:1], 3, SCALES)
     with pytest.raises(RuntimeError, match=r"inputs\[1\] must be Tensor\[N, C, H, W\]"):
         multilevel_prroi_pool([maps[0], maps[1][:, :2]] + maps[2:], boxes, 3, SCALES)
+    with pytest.raises(ValueError, match=r"multilevel_prroi_pool: output_size must be an int or a pair \(PH, PW\), "
+                                         r"got \(2, 2, 2\)"):
+        multilevel_prroi_pool(maps, boxes, (2, 2, 2), SCALES)
 
 
 @needs_ops

@@ -376,6 +376,16 @@ def test_batch_index_out_of_range_raises(device, bad):
         _prroi_pool_reference(x, rois, 2, 1.0)
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_a_batch_index_near_an_integer_is_shown_with_every_digit(device):
+    """1.0000001 is not an integer: the message must not round it to 1."""
+    x = torch.randn(2, 3, 5, 5, device=device, dtype=torch.float64)
+    rois = torch.tensor([[1.0000001, 1.0, 1.0, 3.0, 3.0]], device=device, dtype=torch.float64)
+    for fn in (prroi_pool, _prroi_pool_reference):
+        with pytest.raises(RuntimeError, match=r"got 1\.0000001\d* in row 0"):
+            fn(x, rois, 2, 1.0)
+
+
 @needs_ops
 def test_bad_arguments_raise_clear_errors():
     x = torch.randn(1, 2, 5, 5)
@@ -389,6 +399,9 @@ def test_bad_arguments_raise_clear_errors():
         prroi_pool(x, torch.zeros(1, 5, dtype=torch.int64), 2, 1.0)
     with pytest.raises(RuntimeError, match="output_size must be positive"):
         prroi_pool(x, torch.zeros(1, 5), (0, 2), 1.0)
+    for fn in (prroi_pool, _prroi_pool_reference, lambda *a: PrRoIPool2d(a[2], a[3])(*a[:2])):
+        with pytest.raises(ValueError, match=r"output_size must be an int or a pair \(PH, PW\), got \(2, 2, 2\)"):
+            fn(x, torch.zeros(1, 5), (2, 2, 2), 1.0)
     with pytest.raises(RuntimeError, match="spatial_scale must be positive"):
         prroi_pool(x, torch.zeros(1, 5), 2, 0.0)
 

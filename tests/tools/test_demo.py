@@ -77,6 +77,10 @@ def test_demo_writes_drawings_at_image_size(images_and_weights, tmp_path):
     ("no_weights", "MODEL.WEIGHTS is empty"),
     ("missing_weights", "MODEL.WEIGHTS not found: "),
     ("config", "config file not found: "),
+    ("unreadable", "empty.png: not an image (empty or corrupt file)"),
+    ("output_file", "is a file: with 2 inputs"),
+    ("config_value", "MODEL.ROI_HEADS.NAME 'Nope': no such component"),
+    ("corrupt_weights", "corrupt.pth cannot be read (UnpicklingError"),
 ])
 def test_demo_errors_are_one_line(demo, images_and_weights, tmp_path, capsys, case, needle):
     image_root, weights = images_and_weights
@@ -90,9 +94,20 @@ def test_demo_errors_are_one_line(demo, images_and_weights, tmp_path, capsys, ca
         argv[-1] = ""
     elif case == "missing_weights":
         argv[-1] = str(tmp_path / "missing.pth")
+    elif case == "unreadable":
+        argv[3] = str(tmp_path / "empty.png")
+        (tmp_path / "empty.png").write_bytes(b"")
+    elif case == "output_file":
+        argv[5] = str(tmp_path / "out")
+        (tmp_path / "out").write_text("")
+    elif case == "config_value":
+        argv += ["MODEL.ROI_HEADS.NAME", "Nope"]
+    elif case == "corrupt_weights":
+        argv[-1] = str(tmp_path / "corrupt.pth")
+        (tmp_path / "corrupt.pth").write_text("garbage")
     else:
         argv[1] = str(tmp_path / "missing.yaml")
     with pytest.raises(SystemExit) as e:
         demo.main(argv)
     assert str(e.value).startswith("error: ") and needle in str(e.value)
-    assert not os.path.exists(tmp_path / "out")
+    assert case == "output_file" or not os.path.exists(tmp_path / "out")
