@@ -69,14 +69,14 @@ def window_means(rows, window):
 
 
 def load_reference(path):
-    """``{(model, seed, window, loss): mean}`` from an earlier ``--json`` of this tool (both sides of each row)."""
+    """``{(model, seed, window): {loss: mean}}`` from an earlier ``--json`` of this tool (both sides of each row)."""
     with open(path) as f:
         rows = json.load(f)["rows"]
     out = {}
     for r in rows:
         w = tuple(r["window"])
-        out[r["model"], r["seed"], w, r["loss"]] = r["method"]
-        out[r["baseline"], r["seed"], w, r["loss"]] = r["base"]
+        out.setdefault((r["model"], r["seed"], w), {})[r["loss"]] = r["method"]
+        out.setdefault((r["baseline"], r["seed"], w), {})[r["loss"]] = r["base"]
     return out
 
 
@@ -92,8 +92,7 @@ def _means(campaign, name, seed, windows, reference):
                 raise SystemExit(f"{path}: no logged iteration in {w[0]}:{w[1]}")
         return means, "run"
     if reference:
-        means = {w: {loss: v for (n, s, rw, loss), v in reference.items() if (n, s, rw) == (name, seed, w)}
-                 for w in windows}
+        means = {w: reference.get((name, seed, w), {}) for w in windows}
         if all(means.values()):
             return means, "reference"
     raise SystemExit(f"{path}: no training losses (missing, or not a detectron2 run)"

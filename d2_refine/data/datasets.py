@@ -13,6 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 from detectron2.utils import comm
 
+from ..utils.messages import exception_line
 from .shapes import (
     SHAPES_CLASSES,
     SOURCE_CLASSES,
@@ -124,8 +125,7 @@ def load_coco_format(name: str, json_file: str, image_root: str):
     except json.JSONDecodeError as e:
         raise DatasetError(f"{where}: not valid JSON ({e})") from None
     except (KeyError, AssertionError, TypeError, AttributeError) as e:  # pycocotools' and detectron2's
-        text = (e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else str(e)).strip()
-        msg = text.splitlines()[0] if text else type(e).__name__
+        msg = exception_line(e)
         if isinstance(e, KeyError) and not msg.startswith("Encountered"):
             msg = f"an entry lacks the key {msg!r}"
         raise DatasetError(f"{where}: not a COCO-format json ({msg})") from None

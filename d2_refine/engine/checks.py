@@ -10,6 +10,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
 
+from ..utils.messages import exception_line
 from .config import ConfigError
 
 __all__ = ["BACKBONE_ONLY_PREFIXES", "CheckedCheckpointer", "check_model", "check_weights", "check_test_aug"]
@@ -74,7 +75,7 @@ def check_model(cfg) -> None:
     except ConfigError:
         raise
     except ValueError as e:
-        line = (str(e).strip().splitlines() or [""])[0]
+        line = exception_line(e)
         if not _CONFIG_KEY.search(line):
             raise
         raise ConfigError(line) from None

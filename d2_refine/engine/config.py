@@ -8,6 +8,7 @@ import torch
 from detectron2.config import get_cfg
 
 from ..config import add_d2_refine_config
+from ..utils.messages import exception_line
 
 
 class ConfigError(ValueError):
@@ -15,13 +16,8 @@ class ConfigError(ValueError):
 
 
 def _describe(exc: Exception) -> str:
-    # a KeyError's str() is the repr of its message (yacs raises KeyErrors): take the message itself, so that no
-    # quote of the message is stripped with the repr's
-    single = len(exc.args) == 1 and isinstance(exc.args[0], str)
-    msg = (exc.args[0] if isinstance(exc, KeyError) and single else str(exc)).strip()
-    msg = msg.splitlines()[0] if msg else type(exc).__name__
     return re.sub(r"Non-existent (config )?key: (\S+)",
-                  r"unknown config key \2 (not defined by detectron2 or d2_refine)", msg)
+                  r"unknown config key \2 (not defined by detectron2 or d2_refine)", exception_line(exc))
 
 
 def setup_cfg(config_file: str = "", opts=(), freeze: bool = True):
