@@ -70,12 +70,14 @@ def cli(argv=None):
 
     import d2_refine  # noqa: F401  (registers every component)
     from d2_refine.data import DatasetError, check_datasets
-    from d2_refine.engine import ConfigError, check_model, check_test_aug, check_weights, setup_cfg
+    from d2_refine.engine import ConfigError, check_amp, check_model, check_test_aug, check_weights, setup_cfg
 
     try:
         cfg = setup_cfg(args.config_file, args.opts)
         check_weights(cfg, eval_only=args.eval_only, resume=args.resume)
         check_test_aug(cfg)
+        if not args.eval_only:
+            check_amp(cfg)
         check_model(cfg)
         check_datasets(cfg, train=not args.eval_only)
     except (ConfigError, DatasetError) as e:

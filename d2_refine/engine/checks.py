@@ -13,7 +13,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_model
 from ..utils.messages import exception_line
 from .config import ConfigError
 
-__all__ = ["BACKBONE_ONLY_PREFIXES", "CheckedCheckpointer", "check_model", "check_weights", "check_test_aug"]
+__all__ = ["BACKBONE_ONLY_PREFIXES", "CheckedCheckpointer", "check_amp", "check_model", "check_weights",
+           "check_test_aug"]
 
 # a config key at the start of a word: the methods' checks name the key they refuse ("MODEL.IFR.MODE must be ...")
 _CONFIG_KEY = re.compile(r"\b(MODEL|INPUT|SOLVER|DATASETS|DATALOADER|TEST)\.[A-Z][A-Z0-9_]*")
@@ -105,6 +106,18 @@ def check_test_aug(cfg) -> None:
         if cfg.MODEL[key]:
             raise ConfigError(f"TEST.AUG.ENABLED: detectron2's GeneralizedRCNNWithTTA does not support {what} "
                               f"(MODEL.{key} True): set TEST.AUG.ENABLED False")
+
+
+def check_amp(cfg) -> None:
+    """Raise one :class:`ConfigError` line when SOLVER.AMP.ENABLED asks for mixed-precision training on a device
+    that is not CUDA: detectron2's ``AMPTrainer`` autocasts with ``torch.cuda.amp`` and asserts CUDA at its first
+    step, after the data and the model are built. Evaluation does not read the key, so only training is checked."""
+    if not cfg.SOLVER.AMP.ENABLED or cfg.MODEL.DEVICE.startswith("cuda"):
+        return
+    why = " (CUDA is not available here)" if not torch.cuda.is_available() else ""
+    raise ConfigError(f"SOLVER.AMP.ENABLED: mixed-precision training (detectron2's AMPTrainer) needs a CUDA device, "
+                      f"and MODEL.DEVICE is {cfg.MODEL.DEVICE!r}{why}: set SOLVER.AMP.ENABLED False to train on the "
+                      "CPU")
 
 
 class CheckedCheckpointer(DetectionCheckpointer):

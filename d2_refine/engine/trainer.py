@@ -15,7 +15,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data import CheckedDatasetMapper, DatasetError
 from ..solver import build_optimizer
-from .checks import CheckedCheckpointer
+from .checks import CheckedCheckpointer, check_amp
 from .evaluator import D2RefineCOCOEvaluator
 from .resume import ExactResumeHook
 
@@ -31,7 +31,9 @@ class Trainer(DefaultTrainer):
         while ``DefaultTrainer.__init__`` runs (a patch of another package, visible to every thread meanwhile) or to
         wrap the model after it (impossible: the constructor fails first). Writing the constructor here costs a
         dozen lines that call detectron2's public builders only, and passes ``device_ids=None`` on the CPU. Its
-        checkpointer is :class:`CheckedCheckpointer` (one line for a checkpoint file it cannot read)."""
+        checkpointer is :class:`CheckedCheckpointer` (one line for a checkpoint file it cannot read); AMP off CUDA
+        is refused first (:func:`check_amp`), before the model and the data are built."""
+        check_amp(cfg)
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger is not called for d2
             setup_logger()

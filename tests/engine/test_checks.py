@@ -34,6 +34,28 @@ def test_trained_model_zoo_weights_are_accepted():
     check_weights(setup_cfg(CONFIG, ["MODEL.WEIGHTS", trained]), eval_only=True)
 
 
+def test_amp_off_cuda_is_refused_in_one_line_before_the_trainer_builds_anything(monkeypatch):
+    """detectron2's AMPTrainer asserts CUDA at its first step, after the data and the model are built; the check
+    names the key and the fix instead, and lets AMP through on CUDA and with AMP off."""
+    import d2_refine.engine.trainer as trainer_module
+    from d2_refine.engine import ConfigError, Trainer, check_amp, setup_cfg
+
+    cfg = setup_cfg(CONFIG, ["SOLVER.AMP.ENABLED", "True", "MODEL.DEVICE", "cpu"])
+    with pytest.raises(ConfigError, match=r"^SOLVER.AMP.ENABLED: .*needs a CUDA device, and MODEL.DEVICE is 'cpu'") \
+            as e:
+        check_amp(cfg)
+    assert "set SOLVER.AMP.ENABLED False" in str(e.value) and "\n" not in str(e.value)
+    built = []
+    monkeypatch.setattr(trainer_module.Trainer, "build_model", classmethod(lambda cls, cfg: built.append(cfg)))
+    with pytest.raises(ConfigError, match="SOLVER.AMP.ENABLED"):
+        Trainer(cfg)
+    assert not built, "the model was built before the check"
+    check_amp(setup_cfg(CONFIG, ["MODEL.DEVICE", "cpu"]))  # AMP off: nothing to refuse
+    on_cuda = setup_cfg(CONFIG, ["SOLVER.AMP.ENABLED", "True"], freeze=False)
+    on_cuda.MODEL.DEVICE = "cuda:0"  # set after setup_cfg, which falls back to the CPU where CUDA is absent
+    check_amp(on_cuda)
+
+
 @pytest.mark.parametrize("device,device_ids", [("cpu", {"device_ids": None}), ("cpu:0", {"device_ids": None}),
                                                ("cuda", {}), ("cuda:1", {})])
 def test_ddp_gets_no_device_ids_for_any_cpu_spelling(device, device_ids):

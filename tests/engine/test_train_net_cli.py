@@ -86,6 +86,15 @@ def test_test_time_augmentation_of_retinanet_refuses(tmp_path):
     assert "TEST.AUG.ENABLED" in line and "RetinaNet" in line and "GeneralizedRCNN" in line
 
 
+def test_amp_on_the_cpu_refuses_before_the_dataset_is_made(tmp_path):
+    """SOLVER.AMP.ENABLED on a CPU run was detectron2's AMPTrainer assertion after the dataset and the model were
+    built; --eval-only does not train, so it is not refused there."""
+    line = _one_line_error(_train_net(tmp_path, "--config-file", CONFIG, "SOLVER.AMP.ENABLED", "True",
+                                      "MODEL.DEVICE", "cpu"))
+    assert line.startswith("error: SOLVER.AMP.ENABLED: mixed-precision training") and "MODEL.DEVICE is 'cpu'" in line
+    assert not (tmp_path / "out" / "shapes").exists(), "the dataset was made first"
+
+
 @pytest.mark.parametrize("config, opts, expected", [
     ("IoUNet/iounet_R_18_FPN_shapes.yaml", ("MODEL.IOU_NET.NMS_TEST", "bogus"),
      "error: MODEL.IOU_NET.NMS_TEST must be one of"),
