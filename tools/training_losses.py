@@ -4,8 +4,9 @@
 Reads detectron2's ``metrics.json`` of each run of a benchmark campaign (``tools/benchmark_table.py``'s
 ``<campaign>/seed<S>/<model>/``), averages every loss the two models share (``loss_*``; not ``total_loss``, which
 adds the method's own losses) over iteration windows, and prints, per loss and window, the method's mean and its
-baseline's for each seed with the relative difference, and on how many seeds the method's is the lower. Only the
-run folders are read: no model, no detectron2.
+baseline's for each seed with the relative difference, and on how many seeds the method's is the lower. A loss that
+one of the two logs as 0 at every iteration of a window is switched off there (e.g. by a loss weight of 0) and is
+left out of that window. Only the run folders are read: no model, no detectron2.
 
 ``--against`` reads each method beside other models instead of its baseline (an ablation beside the full
 method). A run whose folder is gone (run folders live in ``output/``, which does not travel between machines) is
@@ -101,7 +102,8 @@ def _means(campaign, name, seed, windows, reference):
 
 def compare(campaign, model, seeds, windows, against=None, reference=None):
     """Per window, loss and seed: the method's mean, the mean of its baseline (or of each model of
-    ``against``), and the relative difference."""
+    ``against``), and the relative difference. A loss whose mean is 0 in either run (logged as 0 at every
+    iteration of the window: switched off) has no row."""
     out = []
     for other in against or [ENTRY_BY_NAME[model].baseline]:
         if other == model:
@@ -112,8 +114,10 @@ def compare(campaign, model, seeds, windows, against=None, reference=None):
             for w in windows:
                 for loss in sorted(set(mine[w]) & set(theirs[w])):
                     a, b = mine[w][loss], theirs[w][loss]
+                    if a == 0 or b == 0:  # losses are positive while they are on
+                        continue
                     out.append(dict(model=model, baseline=other, seed=seed, window=list(w), loss=loss, method=a,
-                                    base=b, rel=(a - b) / b if b else None, source=[src, other_src]))
+                                    base=b, rel=(a - b) / b, source=[src, other_src]))
     return out
 
 
@@ -127,7 +131,7 @@ def _groups(rows):
 
 def _summary(groups):
     return [dict(model=m, baseline=b, window=list(w), loss=loss, seeds=[r["seed"] for r in g],
-                 rel=[r["rel"] for r in g], lower=sum(r["rel"] is not None and r["rel"] < 0 for r in g))
+                 rel=[r["rel"] for r in g], lower=sum(r["rel"] < 0 for r in g))
             for (m, b, w, loss), g in groups.items()]
 
 
@@ -144,8 +148,7 @@ def main(argv=None):
     groups = _groups(rows)
     summarized = _summary(groups)
     for s, group in zip(summarized, groups.values()):
-        per = ", ".join(f"{r['method']:.3f}/{r['base']:.3f} ("
-                        + (f"{r['rel']:+.0%}" if r["rel"] is not None else "baseline 0") + ")" for r in group)
+        per = ", ".join(f"{r['method']:.3f}/{r['base']:.3f} ({r['rel']:+.0%})" for r in group)
         print(f"{s['model']} vs {s['baseline']}, iterations {s['window'][0]}-"
               f"{s['window'][1] - 1}, {s['loss']}: seeds {s['seeds']}: {per}; lower on {s['lower']} of "
               f"{len(s['seeds'])}")

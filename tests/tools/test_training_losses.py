@@ -39,11 +39,18 @@ def test_means_per_window_paired_by_seed(tmp_path):
     assert "commit" in doc["code"] and len(doc["rows"]) == len(rows)
 
 
-def test_a_zero_baseline_loss_has_no_ratio(tmp_path, capsys):
-    _run(tmp_path / "seed1" / "mask_rcnn", lambda i: {"loss_cls": 0.0})
-    _run(tmp_path / "seed1" / "ifr", lambda i: {"loss_cls": 0.1})
-    (row,) = tl.main([str(tmp_path), "--models", "ifr"])
-    assert row["rel"] is None and "0.100/0.000 (baseline 0); lower on 0 of 1" in capsys.readouterr().out
+def test_a_loss_switched_off_in_either_run_is_left_out(tmp_path, capsys):
+    """InterNet's make-up-only ablation logs loss_intertwiner = 0 at every iteration (loss weight 0): against l2 it
+    was a row of -100 %. A loss that is 0 over a window in one run is left out of that window only."""
+    _run(tmp_path / "seed1" / "internet_l2", lambda i: {"loss_cls": 0.5, "loss_intertwiner": 0.01})
+    _run(tmp_path / "seed1" / "internet_makeup", lambda i: {"loss_cls": 0.4, "loss_intertwiner": 0.0})
+    _run(tmp_path / "seed1" / "mask_rcnn", lambda i: {"loss_cls": 0.5 if i < 500 else 0.0})
+    rows = tl.main([str(tmp_path), "--models", "internet_makeup", "--against", "internet_l2", "mask_rcnn",
+                    "--windows", "0:500", "500:1000"])
+    assert {(r["baseline"], tuple(r["window"]), r["loss"]) for r in rows} == {
+        ("internet_l2", (0, 500), "loss_cls"), ("internet_l2", (500, 1000), "loss_cls"),
+        ("mask_rcnn", (0, 500), "loss_cls")}
+    assert "loss_intertwiner" not in capsys.readouterr().out
 
 
 def test_clear_errors(tmp_path):
