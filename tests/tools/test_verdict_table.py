@@ -65,3 +65,25 @@ def test_only_takes_entries_not_variants(capsys):
     with pytest.raises(SystemExit):
         vt.main(["--only", "rdsnet_mbrm"])
     assert "invalid choice: 'rdsnet_mbrm'" in capsys.readouterr().err
+
+
+def test_a_method_readme_names_where_each_regime_was_timed(tmp_path):
+    """The two regimes' timing passes may differ (two CPU threads from scratch, one from the pretrained trunk): the
+    caption says so, so that 76 and 190 ms/img for the same baseline are not read as one comparison."""
+    import json
+
+    paths = {}
+    for regime, iters, threads, device, gpu in (("scratch", 100, 2, "cpu", None), ("finetune", 50, 1, "cpu", None)):
+        path = paths[regime] = str(tmp_path / f"{regime}.json")
+        record.record_runs(path, iters, [benchmark_record("mask_rcnn", s, 60.0, 55.0, iters=iters) for s in (1, 2)])
+        doc = json.load(open(path))
+        doc["timing"] = {"mask_rcnn": {"ms_per_img": 50.0 * threads, "pass": "p"}}
+        doc["timing_passes"] = {"p": {"device": device, "machine": {"torch_threads": threads, "gpu": gpu}}}
+        json.dump(doc, open(path, "w"))
+    md = vt.main(["--scratch", paths["scratch"], "--finetune", paths["finetune"], "--only", "ifr"])
+    assert "on 2 CPU threads (from scratch), 1 CPU thread (pretrained trunk); compare rows of one regime" in md
+    doc = json.load(open(paths["finetune"]))
+    doc["timing_passes"]["p"].update(device="cuda", machine={"torch_threads": 16, "gpu": "NVIDIA H100"})
+    json.dump(doc, open(paths["finetune"], "w"))
+    md = vt.main(["--scratch", paths["scratch"], "--finetune", paths["finetune"], "--only", "ifr"])
+    assert "on 2 CPU threads (from scratch), NVIDIA H100 (pretrained trunk)" in md
