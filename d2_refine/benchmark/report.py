@@ -156,14 +156,14 @@ REGIME_WORDS = {"scratch": "from scratch", "finetune": "pretrained trunk"}
 def method_markdown(parts: Sequence[tuple], names: Sequence[str], command: str, sources: Dict[str, str]) -> str:
     """A method README's results table: its rows and their baselines (``names``) in both regimes, one block of
     rows per regime. ``parts``: (regime, summarized rows, results record or None) per regime, in table order."""
-    body, schedules, unmeasured, threads = [], {}, set(), {}
+    body, schedules, unmeasured, timed_on = [], {}, set(), {}
     for regime, rows, doc in parts:
         by = {r["name"]: r for r in rows}
         schedules[regime] = (doc or {}).get("iters")
         passes = {(doc or {}).get("timing", {})[n]["pass"] for n in names if n in (doc or {}).get("timing", {})}
         where = sorted({_where(doc["timing_passes"].get(p) or {}) for p in passes})
         if where:
-            threads[REGIME_WORDS[regime]] = " / ".join(where)
+            timed_on[REGIME_WORDS[regime]] = " / ".join(where)
         for name in names:
             if name in by:
                 cells = _short_cells(by[name], doc)
@@ -174,8 +174,8 @@ def method_markdown(parts: Sequence[tuple], names: Sequence[str], command: str, 
                 body.append([row_title(name), REGIME_WORDS[regime], *["–"] * 5, "not run yet", "–"])
     timing = ("inference ms/img: batch 1, the median over the val images of one timing pass in one process (its "
               "machine, threads and load are in the record)")
-    if len(threads) > 1:  # the regimes' passes may differ in threads: their times compare within a regime only
-        timing += " on " + ", ".join(f"{w} ({regime})" for regime, w in threads.items()) + \
+    if len(timed_on) > 1:  # the regimes' passes may differ in threads: their times compare within a regime only
+        timing += " on " + ", ".join(f"{w} ({regime})" for regime, w in timed_on.items()) + \
             "; compare rows of one regime"
     if unmeasured:
         timing += f"; –: not timed yet ({', '.join(sorted(unmeasured, reverse=True))})"
