@@ -63,25 +63,30 @@ def _training(r: dict) -> str:
     return f"{_range(r['train_min'], 0)} min{load}"
 
 
-def _where(timing_pass: dict) -> str:
-    """Where a timing pass ran, in a few words: the GPU's name, or the CPU threads."""
+def _passes(doc: Optional[dict], names: Sequence[str]) -> List[str]:
+    """The ids of the timing passes of a results record (None: no record) that timed any of ``names``."""
+    timing = (doc or {}).get("timing", {})
+    return sorted({timing[n]["pass"] for n in names if n in timing})
+
+
+def _where(timing_pass: dict, cpu_name: bool = False) -> str:
+    """Where a timing pass ran, in a few words: the GPU's name, or the CPU threads ("2 CPU threads"; with
+    ``cpu_name``, "<CPU>, 2 threads")."""
     m = timing_pass.get("machine") or {}
     if str(timing_pass.get("device", "")).startswith("cuda"):
         return str(m.get("gpu") or "a GPU")
     n = m.get("torch_threads", "?")
-    return f"{n} CPU thread{'' if n == 1 else 's'}"
+    return f"{m.get('cpu') or 'CPU'}, {n} threads" if cpu_name else f"{n} CPU thread{'' if n == 1 else 's'}"
 
 
 def _timing_caption(doc: dict, names: Sequence[str]) -> str:
-    used = sorted({doc["timing"][n]["pass"] for n in names if n in doc["timing"]})
+    used = _passes(doc, names)
     if not used:
         return "inference ms/img: not measured yet (`--timing-only`)."
     parts = []
     for pid in used:
         p = doc["timing_passes"].get(pid, {})
-        m = p.get("machine") or {}
-        where = m.get("gpu") if str(p.get("device", "")).startswith("cuda") else \
-            f"{m.get('cpu') or 'CPU'}, {m.get('torch_threads', '?')} threads"
+        where = _where(p, cpu_name=True)
         timed = [n for n in names if doc["timing"].get(n, {}).get("pass") == pid]
         rows = "" if len(used) == 1 else f" ({', '.join(timed)})"
         la = (p.get("load_before") or ["?"])[0]
@@ -160,8 +165,7 @@ def method_markdown(parts: Sequence[tuple], names: Sequence[str], command: str, 
     for regime, rows, doc in parts:
         by = {r["name"]: r for r in rows}
         schedules[regime] = (doc or {}).get("iters")
-        passes = {(doc or {}).get("timing", {})[n]["pass"] for n in names if n in (doc or {}).get("timing", {})}
-        where = sorted({_where(doc["timing_passes"].get(p) or {}) for p in passes})
+        where = sorted({_where(doc["timing_passes"].get(p) or {}) for p in _passes(doc, names)})
         if where:
             timed_on[REGIME_WORDS[regime]] = " / ".join(where)
         for name in names:
