@@ -24,8 +24,8 @@ CONFIGS = {
 #: "scratch": every model from random weights; "finetune": the models below from a pretrained R-18 trunk
 #: (tools/pretrain_trunk.py), each with the config ``<config>_pretrained.yaml``.
 REGIMES = ("scratch", "finetune")
-FINETUNE_MODELS = ("mask_rcnn", "faster_rcnn", "retinanet", "iounet", "fpt_lite", "ifr", "internet_l2",
-                   "internet_makeup", "rdsnet")
+FINETUNE_MODELS = ("mask_rcnn", "faster_rcnn", "retinanet", "iounet", "fpt_lite", "ifr", "ifr_ws",
+                   "internet_l2", "internet_ot", "internet_makeup", "rdsnet")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,11 +29,12 @@ def test_claims_table_and_sentences_from_both_regimes():
         "contradicted: -2.5 ± 0.5 (3 seeds)", "not run"]
     # the weight-sharing model's claim is against implicit IFR (−0.5, −0.8, −0.3), not against its baseline
     assert rows["Mask R-CNN + IFR (weight sharing, K = 4): mask AP below implicit IFR (−0.4)"] == [
-        "reproduced: -0.5 ± 0.3 (3 seeds)", "not in this regime"]
+        "reproduced: -0.5 ± 0.3 (3 seeds)", "not run"]
     # fpt_lite: −1 and +1 box, seed 3 missing; fpt_paper has no mask AP to pair
     assert rows["Mask R-CNN + FPT `fpt_lite`: box AP above Mask R-CNN (up to +8.5)"][0] == \
         "not in direction: +0.0 ± 1.4 (2 seeds)"
-    assert rows["Mask R-CNN + FPT `fpt_paper`: mask AP above Mask R-CNN (up to +6.0)"][0] == "no paired value"
+    assert rows["Mask R-CNN + FPT `fpt_paper`: mask AP above Mask R-CNN (up to +6.0)"] == [
+        "no paired value", "not in this regime"]
     assert rows["IoU-Net (IoU-NMS + refinement): box AP90 above Faster R-CNN (+5.7): the gain is at high IoU"][0] \
         == "one seed: +2.0"
     # MBRM: RDSNet's baseline has no record, and MBRM is judged against RDSNet, which has no MBRM record here

@@ -54,6 +54,7 @@ def test_a_method_readme_gets_its_rows_in_both_regimes(tmp_path):
         "| Cascade Mask R-CNN + IFR (implicit) | from scratch | – | – | – | – | – | not run yet | – |",
         "| MASK_RCNN | pretrained trunk | 2 | 61.5 ± 0.7 | 55.0 ± 0.0 | – | – | – | – |",
         "| IFR | pretrained trunk | 2 | 61.0 ± 0.0 | 57.0 ± 0.0 | -0.5 ± 0.7 | +2.0 ± 0.0 | level | – |",
+        "| Mask R-CNN + IFR (weight sharing, K = 4) | pretrained trunk | – | – | – | – | – | not run yet | – |",
     ]
     assert "–: not timed yet (pretrained trunk)" in md
 
