@@ -12,7 +12,10 @@ threshold 0; default 27, the trained IFR's mean on shapes_tune in docs/results/i
 runs all its evaluations (its tolerance is set to 0, as a trained model's does at this budget: f_evals_mean = 8.0
 in that record), so random weights cost what a checkpoint costs.
 Time: median over ``--repeats`` images (random 192x192 images, the same for both), runs interleaved (Mask R-CNN,
-IFR, ...) so that a change of load hits both. Rows: ``case | Mask R-CNN ms | IFR ms | ratio``.
+IFR, ...) so that a change of load hits both. Rows: ``case | Mask R-CNN ms | IFR ms | ratio``. On the CPU, IFR's
+block convolves on NNPACK at test time (d2_refine/layers/nnpack_conv.py); the run also times IFR with NNPACK
+switched off (``torch.backends.nnpack.flags``, PyTorch's default oneDNN convs, as Mask R-CNN's head runs), the last
+two columns.
 """
 import argparse
 import json
@@ -68,6 +71,18 @@ def time_pair(models, inputs, device):
     return [statistics.median(r) for r in runs]
 
 
+class _NoNNPACK(torch.nn.Module):
+    """``model`` with ``torch.backends.nnpack`` switched off during its calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs):
+        with torch.backends.nnpack.flags(enabled=False):
+            return self.model(inputs)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -89,11 +104,14 @@ def main():
         f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
     print(f"# device: {dev}, torch {torch.__version__}, python {sys.version.split()[0]}, batch 1, "
           f"{args.size}x{args.size}, random weights, {n_base} / {n_ifr} detections (Mask R-CNN / IFR)")
-    base_ms, ifr_ms = time_pair([base, ifr], inputs, args.device)
+    cpu = args.device == "cpu"
+    base_ms, ifr_ms, *off = time_pair([base, ifr] + ([_NoNNPACK(ifr)] if cpu else []), inputs, args.device)
+    off_ms = off[0] if off else None
     solver = ifr.roi_heads.mask_head.deq
     case = f"R-18 {args.size}px, {args.detections} RoIs, IFR {solver.f_solver_test} {solver.f_max_iter_test}"
-    print("case | Mask R-CNN ms | IFR ms | ratio")
-    print(f"{case} | {base_ms:.1f} | {ifr_ms:.1f} | {ifr_ms / base_ms:.2f}x", flush=True)
+    print("case | Mask R-CNN ms | IFR ms | ratio" + (" | IFR without NNPACK ms | ratio" if cpu else ""))
+    print(f"{case} | {base_ms:.1f} | {ifr_ms:.1f} | {ifr_ms / base_ms:.2f}x"
+          + (f" | {off_ms:.1f} | {off_ms / base_ms:.2f}x" if cpu else ""), flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -105,7 +123,8 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(dict(device=dev, torch=torch.__version__, rows=[dict(
-                case=case, base_ms=base_ms, ours_ms=ifr_ms, ratio=ifr_ms / base_ms, detections=args.detections,
+                case=case, base_ms=base_ms, ours_ms=ifr_ms, ratio=ifr_ms / base_ms, ours_ms_without_nnpack=off_ms,
+                ratio_without_nnpack=off_ms / base_ms if off_ms else None, detections=args.detections,
                 size=args.size, solver=solver.f_solver_test, budget=solver.f_max_iter_test)]), f, indent=1)
 
 

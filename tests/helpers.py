@@ -23,6 +23,21 @@ def cpu_and_cuda():
                                                                    reason="CUDA is not available")))
 
 
+def dispatched_ops(fn):
+    """The names ("aten::<op>") of the ops ``fn()`` dispatches, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(f"{func.namespace}::{func._opname}")
+            return func(*args, **(kwargs or {}))
+
+    names = []
+    with Record():
+        fn()
+    return names
+
+
 def load_script(path):
     """The script ``path`` (relative to the repository root, e.g. "train_net.py") imported as a module."""
     name = "d2_refine_script_" + os.path.splitext(path)[0].replace(os.sep, "_").replace("/", "_")
