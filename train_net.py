@@ -35,12 +35,17 @@ def get_parser():
 
 def setup(args):
     from detectron2.engine import default_setup
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
 
     from d2_refine.data import prepare_datasets
     from d2_refine.engine import setup_cfg
 
     cfg = setup_cfg(args.config_file, args.opts)
     default_setup(cfg, args)
+    # default_setup sets up detectron2's and fvcore's loggers; d2_refine's own lines (IFR's solver statistics after
+    # each evaluation, the resume message) go to the same console and log.txt
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2_refine", abbrev_name="d2r")
     prepare_datasets(cfg)
     return cfg
 

@@ -152,3 +152,14 @@ def test_a_checkpoint_that_cannot_be_read_is_one_line(tmp_path):
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: checkpoint {bad} cannot be read (UnpicklingError: ") and \
             "not a PyTorch / detectron2 checkpoint" in last, last
+
+
+def test_the_package_lines_reach_log_txt(tmp_path):
+    # d2_refine's own loggers (here IFR's solver statistics after the evaluation) were set up by nobody: detectron2's
+    # default_setup configures its own and fvcore's, and Python drops INFO lines without a handler
+    config = os.path.join(ROOT, "configs", "IFR", "ifr_mask_rcnn_R_18_FPN_shapes.yaml")
+    r = _train_net(tmp_path, "--config-file", config, "MODEL.IFR.PRETRAIN_STEPS", "0")
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "IFRMaskHead: implicit fixed-point refinement from iteration 0 on." in log
+    assert "IFRMaskHead test-time solves:" in log
