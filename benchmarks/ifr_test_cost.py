@@ -3,6 +3,9 @@
     python benchmarks/ifr_test_cost.py                       # CPU, 1 thread, shapes configs (R-18, 192 px)
     python benchmarks/ifr_test_cost.py --device cuda --json out.json
     python benchmarks/ifr_test_cost.py --profile             # also IFR's top ops (torch.profiler)
+    python benchmarks/ifr_test_cost.py --weights W.pth --baseline-weights B.pth \
+        --config configs/IFR/ifr_mask_rcnn_R_18_FPN_shapes_pretrained.yaml \
+        --baseline-config configs/Baselines/mask_rcnn_R_18_FPN_shapes_pretrained.yaml   # trained, on shapes_val
 
 Models: configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml and configs/IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml
 (its test-time solve: Anderson, F_MAX_ITER_TEST evaluations), random weights. Both are built after the same seed:
@@ -12,15 +15,17 @@ threshold 0; default 27, the trained IFR's mean on shapes_tune in docs/results/i
 runs all its evaluations (its tolerance is set to 0, as a trained model's does at this budget: f_evals_mean = 8.0
 in that record), so random weights cost what a checkpoint costs.
 Time: median over ``--repeats`` images (random 192x192 images, the same for both), runs interleaved (Mask R-CNN,
-IFR, ...) so that a change of load hits both. Rows: ``case | Mask R-CNN ms | IFR ms | ratio``. On the CPU, IFR's
-block convolves on NNPACK at test time (d2_refine/layers/nnpack_conv.py); the run also times IFR with NNPACK
-switched off (``torch.backends.nnpack.flags``, PyTorch's default oneDNN convs, as Mask R-CNN's head runs), the last
-two columns.
+IFR, ...) so that a change of load hits both. With ``--weights`` and ``--baseline-weights`` (trained checkpoints)
+the models keep their configs' detection settings and run on the first ``--repeats`` images of ``--dataset``.
+Rows: ``case | Mask R-CNN ms | IFR ms | ratio``. On one CPU thread IFR's block convolves on NNPACK at test time
+(d2_refine/layers/nnpack_conv.py); on the CPU the run also times IFR with NNPACK switched off
+(``torch.backends.nnpack.flags``: PyTorch's default oneDNN convs, as Mask R-CNN's head runs), the last two columns.
 """
 import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -32,16 +37,38 @@ BASELINE = "configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml"
 IFR = "configs/IFR/ifr_mask_rcnn_R_18_FPN_shapes.yaml"
 
 
-def build(config, device, detections, opts=()):
+def build(config, device, detections, opts=(), weights=None):
+    """The model of ``config``: random weights (seed 0) and ``detections`` RoIs per image, or ``weights``."""
+    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
     from d2_refine.engine import setup_cfg
 
-    cfg = setup_cfg(os.path.join(ROOT, config), ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "",
-                                                 "TEST.DETECTIONS_PER_IMAGE", str(detections),
-                                                 "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", *opts])
+    fixed = [] if weights else ["TEST.DETECTIONS_PER_IMAGE", str(detections),
+                                "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    cfg = setup_cfg(os.path.join(ROOT, config),
+                    ["MODEL.DEVICE", device, "MODEL.WEIGHTS", weights or "", *fixed, *opts])
     torch.manual_seed(0)
-    return build_model(cfg).eval()
+    model = build_model(cfg).eval()
+    if weights:
+        DetectionCheckpointer(model).load(weights)
+    return model, cfg
+
+
+def dataset_images(cfg, name, n, device):
+    """The first ``n`` images of the registered dataset ``name`` (shapes splits are generated if missing)."""
+    from detectron2.data import DatasetCatalog
+    from detectron2.data import detection_utils as utils
+
+    from d2_refine.data import prepare_datasets
+
+    prepare_datasets(cfg)
+    out = []
+    for d in DatasetCatalog.get(name)[:n]:
+        img = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
+        out.append([{"image": torch.as_tensor(img.transpose(2, 0, 1).copy()).to(device), "height": d["height"],
+                     "width": d["width"]}])
+    return out
 
 
 def images(n, size, device):
@@ -91,24 +118,41 @@ def main():
     parser.add_argument("--detections", type=int, default=27, help="RoIs per image through the mask head")
     parser.add_argument("--repeats", type=int, default=30, help="timed images per model (median)")
     parser.add_argument("--profile", action="store_true", help="print IFR's top ops (torch.profiler, 5 images)")
+    parser.add_argument("--config", default=IFR)
+    parser.add_argument("--baseline-config", default=BASELINE)
+    parser.add_argument("--weights", help="IFR checkpoint (with --baseline-weights: trained models, real images)")
+    parser.add_argument("--baseline-weights", help="Mask R-CNN checkpoint")
+    parser.add_argument("--dataset", default="shapes_val", help="images of the trained models' run")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
+    if bool(args.weights) != bool(args.baseline_weights):
+        parser.error("--weights and --baseline-weights go together")
+    for path in (args.weights, args.baseline_weights):
+        if path and not os.path.isfile(path):
+            parser.error(f"no such checkpoint: {path}")
     torch.set_num_threads(args.threads)
-    base = build(BASELINE, args.device, args.detections)
-    ifr = build(IFR, args.device, args.detections, ["MODEL.IFR.F_TOL", "0.0"])
-    inputs = images(args.repeats, args.size, args.device)
-    with torch.no_grad():
-        n_base = len(base(inputs[0])[0]["instances"])
-        n_ifr = len(ifr(inputs[0])[0]["instances"])
+    base, cfg = build(args.baseline_config, args.device, args.detections, weights=args.baseline_weights)
+    # random weights: every solve runs all its evaluations, as a trained model's does at this budget
+    ifr, _ = build(args.config, args.device, args.detections, [] if args.weights else ["MODEL.IFR.F_TOL", "0.0"],
+                   weights=args.weights)
+    trained = bool(args.weights)
+    inputs = dataset_images(cfg, args.dataset, args.repeats, args.device) if trained else \
+        images(args.repeats, args.size, args.device)
+    with torch.no_grad():  # detections per image (the mask head's RoIs), over the first 10 images
+        n_base = statistics.mean(len(base(x)[0]["instances"]) for x in inputs[:10])
+        n_ifr = statistics.mean(len(ifr(x)[0]["instances"]) for x in inputs[:10])
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
-    print(f"# device: {dev}, torch {torch.__version__}, python {sys.version.split()[0]}, batch 1, "
-          f"{args.size}x{args.size}, random weights, {n_base} / {n_ifr} detections (Mask R-CNN / IFR)")
+    what = (f"trained weights, the first {len(inputs)} images of {args.dataset}" if trained else
+            f"random weights, {args.size}x{args.size} random images")
+    print(f"# device: {dev}, torch {torch.__version__}, python {sys.version.split()[0]}, batch 1, {what}, "
+          f"{n_base:.1f} / {n_ifr:.1f} detections per image (Mask R-CNN / IFR)")
     cpu = args.device == "cpu"
     base_ms, ifr_ms, *off = time_pair([base, ifr] + ([_NoNNPACK(ifr)] if cpu else []), inputs, args.device)
     off_ms = off[0] if off else None
     solver = ifr.roi_heads.mask_head.deq
-    case = f"R-18 {args.size}px, {args.detections} RoIs, IFR {solver.f_solver_test} {solver.f_max_iter_test}"
+    case = (f"trained, {args.dataset}" if trained else f"R-18 {args.size}px, {args.detections} RoIs") + \
+        f", IFR {solver.f_solver_test} {solver.f_max_iter_test}"
     print("case | Mask R-CNN ms | IFR ms | ratio" + (" | IFR without NNPACK ms | ratio" if cpu else ""))
     print(f"{case} | {base_ms:.1f} | {ifr_ms:.1f} | {ifr_ms / base_ms:.2f}x"
           + (f" | {off_ms:.1f} | {off_ms / base_ms:.2f}x" if cpu else ""), flush=True)
@@ -120,11 +164,17 @@ def main():
                 ifr(batch)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     if args.json:
+        from d2_refine.benchmark.record import git_commit
+
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(dict(device=dev, torch=torch.__version__, rows=[dict(
+            json.dump(dict(command="python benchmarks/ifr_test_cost.py " + shlex.join(sys.argv[1:]), code=git_commit(),
+                           device=dev, torch=torch.__version__, rows=[dict(
                 case=case, base_ms=base_ms, ours_ms=ifr_ms, ratio=ifr_ms / base_ms, ours_ms_without_nnpack=off_ms,
-                ratio_without_nnpack=off_ms / base_ms if off_ms else None, detections=args.detections,
+                ratio_without_nnpack=off_ms / base_ms if off_ms else None,
+                detections=None if trained else args.detections, detections_mean=[n_base, n_ifr],
+                weights=[args.baseline_weights, args.weights] if trained else None,
+                images=f"{args.dataset}[:{len(inputs)}]" if trained else f"random {args.size}px",
                 size=args.size, solver=solver.f_solver_test, budget=solver.f_max_iter_test)]), f, indent=1)
 
 
