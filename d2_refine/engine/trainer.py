@@ -37,8 +37,6 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):  # setup_logger is not called for d2
             setup_logger()
-        if not logging.getLogger("d2_refine").isEnabledFor(logging.INFO):  # nor for this package
-            setup_logger(name="d2_refine", abbrev_name="d2r")
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from d2_refine.ops import (
@@ -42,9 +42,14 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
     aligned=st.booleans(),
 )
 @FUZZ
+# a box 2.2e-16 high: float32 geometry cannot resolve it (see below)
+@example(boxes=[(0, 0.0, 0.0, 0.0, 0.0), (0, 0.0, -2.220446049250313e-16, 1.0, 0.0)], feature_dtype=torch.float32,
+         roi_dtype=torch.float32, spatial_scale=1.0, aligned=False)
 def test_prroi_pool_fuzzed_boxes(device, boxes, feature_dtype, roi_dtype, spatial_scale, aligned):
     """A finite result equal to the float64 reference, or a ValueError for a box that is not finite in the dtype
-    the op computes in (also after scaling, and as width and height)."""
+    the op computes in (also after scaling, and as width and height). Where the op computes in float32, a box
+    thinner than float32 resolves (e.g. 2.2e-16 px high) integrates to 0 there, as in the reference run in float32,
+    while float64 gives the average along the line: such a row equals the reference in the op's own dtype."""
     g = torch.Generator().manual_seed(len(boxes))
     features = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64).to(device=device, dtype=feature_dtype)
     rois = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 5).to(device=device, dtype=roi_dtype)
@@ -70,6 +75,13 @@ def test_prroi_pool_fuzzed_boxes(device, boxes, feature_dtype, roi_dtype, spatia
     tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(out.dtype, 2e-2)
     if dtype != torch.float64:  # float32 geometry (coordinates up to 1e4 and more: bin edges rounded)
         tol = max(tol, 1e-3)
+        same_dtype = _prroi_pool_reference(features.detach().to(dtype), rois.detach().to(dtype), 2, spatial_scale,
+                                           aligned).double()
+        close = lambda a, b: ((a - b).abs() <= tol + tol * b.abs()).flatten(1).all(1)  # noqa: E731
+        magnitude = scaled.abs().amax(1, keepdim=True).clamp_min(1)
+        thin = ((extents > 0) & (extents < 1e-5 * magnitude)).any(1)  # below float32's resolution, relatively
+        unresolved = thin & ~close(out.double(), expected) & close(out.double(), same_dtype)
+        expected = torch.where(unresolved[:, None, None, None], same_dtype, expected)
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
     out.float().sum().backward()
     assert torch.isfinite(features.grad).all() and torch.isfinite(rois.grad).all()
