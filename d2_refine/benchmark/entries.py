@@ -25,7 +25,7 @@ CONFIGS = {
 #: (tools/pretrain_trunk.py), each with the config ``<config>_pretrained.yaml``.
 REGIMES = ("scratch", "finetune")
 FINETUNE_MODELS = ("mask_rcnn", "faster_rcnn", "retinanet", "iounet", "fpt_lite", "ifr", "ifr_ws",
-                   "internet_l2", "internet_ot", "internet_makeup", "rdsnet")
+                   "cascade_mask_rcnn", "cascade_ifr", "internet_l2", "internet_ot", "internet_makeup", "rdsnet")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,4 +149,6 @@ def test_every_row_of_the_campaign_has_a_finetune_config():
                      "mask_rcnn_fpt_lite_R_18_shapes_pretrained.yaml", "ifr_mask_rcnn_R_18_FPN_shapes_pretrained.yaml",
                      "internet_l2_R_18_FPN_shapes_pretrained.yaml", "rdsnet_R_18_FPN_shapes_pretrained.yaml",
                      "internet_makeup_only_R_18_FPN_shapes_pretrained.yaml",
-                     "ifr_ws_mask_rcnn_R_18_FPN_shapes_pretrained.yaml", "internet_ot_R_18_FPN_shapes_pretrained.yaml"}
+                     "ifr_ws_mask_rcnn_R_18_FPN_shapes_pretrained.yaml", "internet_ot_R_18_FPN_shapes_pretrained.yaml",
+                     "cascade_mask_rcnn_R_18_FPN_shapes_pretrained.yaml",
+                     "ifr_cascade_mask_rcnn_R_18_FPN_shapes_pretrained.yaml"}
