@@ -2,8 +2,8 @@
 
 oneDNN, PyTorch's default CPU backend, convolves directly; NNPACK (built into PyTorch's x86 and ARM wheels) uses
 Winograd transforms for 3x3 kernels, fewer multiplications per output, and is faster once the batch is large, as
-in a mask head run on every detection (one thread, 128 channels, 14x14 RoIs: 0.77x oneDNN's time at 27 RoIs,
-0.59x at 100, slower below 8; benchmarks/ifr_test_cost.py measures it in a whole model). Results equal oneDNN's
+in a mask head run on every detection (one thread, 27 RoIs of 128 channels, 14x14: 9.7 ms against oneDNN's 18.0;
+slower below 8 RoIs; benchmarks/ifr_test_cost.py measures it in a whole model). Results equal oneDNN's
 within float rounding (about 2e-6 absolute at unit scale). PyTorch's own dispatcher picks NNPACK only when oneDNN
 is switched off; ``conv2d_inference`` picks it for one layer, under the rule ATen applies (batch of at least 16,
 no stride or dilation), only where no gradient is wanted, and only when torch runs one thread: NNPACK has its own
