@@ -55,20 +55,16 @@ def build(config, device, detections, opts=(), weights=None):
     return model, cfg
 
 
-def dataset_images(cfg, name, n, device):
-    """The first ``n`` images of the registered dataset ``name`` (shapes splits are generated if missing)."""
-    from detectron2.data import DatasetCatalog
-    from detectron2.data import detection_utils as utils
+def dataset_images(cfg, name, n):
+    """The first ``n`` inputs of the registered dataset ``name`` as the test loader maps them (detectron2's
+    DatasetMapper, the config's test-time resize), as d2_refine's timing pass and tools/ifr_test_budget.py read them."""
+    import itertools
 
     from d2_refine.data import prepare_datasets
+    from d2_refine.engine import Trainer
 
     prepare_datasets(cfg)
-    out = []
-    for d in DatasetCatalog.get(name)[:n]:
-        img = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
-        out.append([{"image": torch.as_tensor(img.transpose(2, 0, 1).copy()).to(device), "height": d["height"],
-                     "width": d["width"]}])
-    return out
+    return list(itertools.islice(Trainer.build_test_loader(cfg, name), n))
 
 
 def images(n, size, device):
@@ -136,7 +132,7 @@ def main():
     ifr, _ = build(args.config, args.device, args.detections, [] if args.weights else ["MODEL.IFR.F_TOL", "0.0"],
                    weights=args.weights)
     trained = bool(args.weights)
-    inputs = dataset_images(cfg, args.dataset, args.repeats, args.device) if trained else \
+    inputs = dataset_images(cfg, args.dataset, args.repeats) if trained else \
         images(args.repeats, args.size, args.device)
     with torch.no_grad():  # detections per image (the mask head's RoIs), over the first 10 images
         n_base = statistics.mean(len(base(x)[0]["instances"]) for x in inputs[:10])

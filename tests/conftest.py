@@ -4,6 +4,18 @@ packages and test files cannot import each other."""
 import os
 import sys
 
+import pytest
+
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
+
+
+@pytest.fixture
+def threads():
+    """``threads(n)`` sets torch's CPU thread count for the test (e.g. 1, where NNPACK is picked); restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)

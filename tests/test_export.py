@@ -17,11 +17,8 @@ needs_ops = pytest.mark.skipif(not has_ops(), reason="the compiled op library d2
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny graphs: tracing overhead dominates, threads only add contention
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(threads):
+    threads(1)  # tiny graphs: tracing overhead dominates, threads only add contention
 
 
 def _export(module, args, dynamic_shapes=None):

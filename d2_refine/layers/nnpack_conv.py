@@ -14,7 +14,6 @@ followed by GroupNorm: 12.6 ms on NNPACK against 8.7 on oneDNN, where the conv a
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from d2_refine.utils.tracing import is_tracing_or_exporting
@@ -40,10 +39,13 @@ def nnpack_usable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     # graph captures first: they keep the module's call, and a test of the batch size would guard the shape
     if is_tracing_or_exporting() or torch.compiler.is_compiling():
         return False
+    # the parameters, not ``conv.weight``: a parametrized weight (weight norm) would be computed for the test
+    params = list(conv.parameters())
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.shape[0] >= MIN_BATCH
+            and all(p.dtype == torch.float32 for p in params)
             and conv.groups == 1 and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1)
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))
             and torch.get_num_threads() == 1 and _nnpack_enabled() and _nnpack_initialised())
 
 
@@ -51,7 +53,4 @@ def conv2d_inference(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``, on NNPACK where ``nnpack_usable`` says so (else the module's own call)."""
     if not nnpack_usable(conv, x):
         return conv(x)
-    weight = conv.weight  # once: a parametrized weight (weight norm) is recomputed at every access
-    if weight.dtype != torch.float32:
-        return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return torch._nnpack_spatial_convolution(x.contiguous(), weight.contiguous(), conv.bias, list(conv.padding))
+    return torch._nnpack_spatial_convolution(x.contiguous(), conv.weight.contiguous(), conv.bias, list(conv.padding))

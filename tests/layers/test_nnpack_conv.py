@@ -12,14 +12,6 @@ needs_nnpack = pytest.mark.skipif(not torch.backends.nnpack.is_available(),
                                   reason="this PyTorch build or CPU has no NNPACK")
 
 
-@pytest.fixture
-def threads():
-    """Sets torch's thread count for the test (NNPACK is picked on one thread only), restores it after."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 def _ran_nnpack(fn) -> bool:
     return "aten::_nnpack_spatial_convolution" in dispatched_ops(fn)
 
@@ -65,11 +57,15 @@ def test_everything_else_keeps_the_module_call(threads):
     threads(1)
     conv = _conv()
     x = torch.randn(MIN_BATCH, 32, 8, 8)
-    # a gradient wanted (the weight requires it under grad mode)
+    # a gradient wanted (the weight requires it under grad mode), or the bias's alone
     assert not nnpack_usable(conv, x)
+    biased = nn.Conv2d(32, 32, 3, padding=1)
+    biased.weight.requires_grad_(False)
+    assert not nnpack_usable(biased, x)
     with torch.no_grad():
         assert not nnpack_usable(conv, x[:MIN_BATCH - 1])  # small batch: oneDNN is faster
         assert not nnpack_usable(conv, x.double())
+        assert not nnpack_usable(_conv().double(), x)  # the module's call says what a dtype mismatch means
         assert not nnpack_usable(_conv(stride=2), x)
         assert not nnpack_usable(_conv(dilation=2), x)
         assert not nnpack_usable(_conv(padding_mode="reflect"), x)

@@ -88,20 +88,16 @@ def test_implicit_gradient_of_block_matches_200_step_unroll():
 
 
 @pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="this PyTorch build or CPU has no NNPACK")
-def test_test_time_block_on_nnpack_equals_training_block():
+def test_test_time_block_on_nnpack_equals_training_block(threads):
     b = _contractive_block(torch.float32, channels=16)
     x = torch.randn(27, 16, 14, 14)  # a mask head's RoIs at test time
     z = torch.randn_like(x)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # NNPACK is picked on one thread only
-    try:
-        with torch.no_grad(), cached_parametrizations(b):
-            ref = b.train()(z, x)
-            b.eval()
-            assert "aten::_nnpack_spatial_convolution" in dispatched_ops(lambda: b(z, x))
-            out = b(z, x)
-            b.train()  # training keeps the default backend
-            assert "aten::_nnpack_spatial_convolution" not in dispatched_ops(lambda: b(z, x))
-    finally:
-        torch.set_num_threads(threads)
+    threads(1)  # NNPACK is picked on one thread only
+    with torch.no_grad(), cached_parametrizations(b):
+        ref = b.train()(z, x)
+        b.eval()
+        assert "aten::_nnpack_spatial_convolution" in dispatched_ops(lambda: b(z, x))
+        out = b(z, x)
+        b.train()  # training keeps the default backend
+        assert "aten::_nnpack_spatial_convolution" not in dispatched_ops(lambda: b(z, x))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
