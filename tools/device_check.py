@@ -20,7 +20,7 @@ Steps, in order (each one a subprocess with its own time limit; a failed step do
                skipped for want of CUDA counts as a failure
   train        (where detectron2 imports) Mask R-CNN and IoU-Net on shapes, 300 iterations with
                SOLVER.AMP.ENABLED, then COCO evaluation: finite losses, AP
-  iounet       benchmarks/iounet_latency.py: R-50-FPN 800x1333 vs Faster R-CNN (threshold 1.15x), and the
+  iounet       benchmarks/iounet_latency.py: R-50-FPN 800x1333 vs Faster R-CNN (target 1.3x), and the
                shapes model trained by the train step
   ops          benchmarks/ops.py: PrRoIPool vs roi_align (sampling ratio 0 and 2), IoU-guided NMS vs batched_nms
   fpt          benchmarks/fpt.py at 800x1333, batch 1: latency and peak memory (fpt_paper must stay < 4 GiB)
@@ -28,6 +28,9 @@ Steps, in order (each one a subprocess with its own time limit; a failed step do
                (every solver) and the peak (fixed-point, Anderson) must stay flat within 10 %; Broyden's peak,
                which adds its workspace of 2 vectors per step, is reported; then benchmarks/ifr_test_cost.py:
                IFR's test-time cost against Mask R-CNN (batch 1, shapes configs), reported
+
+The summary ends with the speed targets (IoU-Net, PrRoIPool vs roi_align at sampling ratio 2, FPT under AMP, IFR
+at test time), each ratio against its limit: reported, not checked.
 
 ``--dry-run`` runs the same steps on the CPU with tiny sizes (no compilation: the op library as installed), so
 that the script is exercised by the test suite on machines without a GPU; its numbers mean nothing.

@@ -13,7 +13,20 @@ OPS = ("prroi_pool", "_prroi_pool_backward", "iou_guided_nms")
 TEST_SELECTION = "cuda or CUDA"
 #: setup.py's message when it refuses a library linked with a static C++ runtime
 STATIC_RUNTIME_MARK = "does not link the C++ runtime as a shared library"
-TARGETS = dict(fpt_paper_peak_gib=4.0, iounet_r50_ratio=1.15, ifr_flat=1.10)
+TARGETS = dict(fpt_paper_peak_gib=4.0, iounet_r50_ratio=1.3, ifr_flat=1.10)
+#: the speed targets the summary reports against (reported, not checked: a slow kernel does not fail the check):
+#: (what, step, how its row is found, the limit)
+SPEED_TARGETS = (
+    ("IoU-Net (full) vs Faster R-CNN, R-50-FPN 800x1333", "iounet",
+     lambda r: r["case"].startswith("R50") and "full" in r["case"], TARGETS["iounet_r50_ratio"]),
+    ("PrRoIPool fwd+bwd vs roi_align (sampling ratio 2)", "ops",
+     lambda r: r["case"].startswith("prroi_pool fwd+bwd vs roi_align(sampling_ratio=2)"), 1.5),
+    ("fpt_paper vs FPN, 800x1333, AMP", "fpt",
+     lambda r: r.get("preset") == "fpt_paper" and r.get("size") == "coco" and r.get("precision") == "amp", 6.0),
+    ("fpt_lite vs FPN, 800x1333, AMP", "fpt",
+     lambda r: r.get("preset") == "fpt_lite" and r.get("size") == "coco" and r.get("precision") == "amp", 1.3),
+    ("IFR vs Mask R-CNN at test time (shapes, batch 1)", "ifr_test_cost", lambda r: True, 1.5),
+)
 TRAIN_CONFIGS = {
     "mask_rcnn": "configs/Baselines/mask_rcnn_R_18_FPN_shapes.yaml",
     "iounet": "configs/IoUNet/iounet_R_18_FPN_shapes.yaml",
@@ -23,6 +36,19 @@ TRAIN_CONFIGS = {
 
 def _f(x, digits=1):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def speed_target_rows(steps):
+    """(what, measured ratio or None, limit, met or None) for each of ``SPEED_TARGETS``, from the steps' rows."""
+    out = []
+    for what, step, match, limit in SPEED_TARGETS:
+        if step == "ifr_test_cost":
+            rows = ((steps.get("ifr") or {}).get("test_cost") or {}).get("rows", [])
+        else:
+            rows = ((steps.get(step) or {}).get("data") or {}).get("rows", [])
+        ratio = next((r["ratio"] for r in rows if match(r)), None)
+        out.append((what, ratio, limit, None if ratio is None else ratio <= limit))
+    return out
 
 
 def _json_line(text):
@@ -363,6 +389,12 @@ class Steps:
                 lines += [f"| `{o['name'][:60]}` | {o['calls']} | {o['self_cpu_ms']:.2f} | "
                           f"{_f(o['self_device_ms'], 2)} |"
                           for o in prof["ops"][:12]]
+        if not self.dry:
+            lines += ["", "## Speed targets (reported, not checked)", "", "| ratio | measured | target | met |",
+                      "|---|---|---|---|"]
+            lines += [f"| {what} | {'-' if ratio is None else f'{ratio:.2f}x'} | <= {limit}x | "
+                      f"{'not measured' if met is None else ('yes' if met else 'no')} |"
+                      for what, ratio, limit, met in speed_target_rows(steps)]
         failed = [n for n, s in steps.items() if s["status"] == "fail"]
         not_run = [n for n, s in steps.items() if s["status"] == "not run"]
         verdict = "FAIL: " + ", ".join(failed) if failed else "every step run passed or was skipped"

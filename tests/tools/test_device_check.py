@@ -199,3 +199,40 @@ def test_a_compiler_that_links_the_cxx_runtime_statically_is_found_by_a_probe(tm
     assert check.step_build() is True
     assert len(calls) == 1 and calls[0]["CXX"] == shutil.which("g++")
     assert "links the C++ runtime statically" in check.results["steps"]["build"]["compiler_probe"]
+
+
+def test_summary_reports_each_speed_target_from_the_rows_of_a_recorded_run(tmp_path):
+    # the iounet and ops rows of a real H200 run (docs/results/gpu), the FPT rows in benchmarks/fpt.py's format
+    # with its precision key (that run predates it), IFR's test cost as benchmarks/ifr_test_cost.py writes it
+    device_check, check = _check(tmp_path)
+    steps_module = sys.modules["device_check_steps"]
+    gpu = ROOT / "docs" / "results" / "gpu"
+    run6 = json.loads((gpu / "h200_2026-11-27_run6.json").read_text())["steps"]
+    run1 = json.loads((gpu / "h200_2026-11-27_run1.json").read_text())["steps"]
+    fpt_rows = [dict(r, precision=precision, ratio=r["ratio"] / div) for r in run1["fpt"]["data"]["rows"]
+                for precision, div in (("fp32", 1.0), ("amp", 4.0))]
+    steps = dict(iounet=dict(status="pass", seconds=1.0, command="x", data=run6["iounet"]["data"]),
+                 ops=dict(status="pass", seconds=1.0, command="x", data=run1["ops"]["data"]),
+                 fpt=dict(status="pass", seconds=1.0, command="x", data=dict(rows=fpt_rows)),
+                 ifr=dict(status="pass", seconds=1.0, command="x",
+                          test_cost=dict(rows=[dict(case="R-18 192px", ratio=1.42)])))
+    rows = {what: (ratio, limit, met) for what, ratio, limit, met in steps_module.speed_target_rows(steps)}
+    assert len(rows) == 5
+    iounet = rows["IoU-Net (full) vs Faster R-CNN, R-50-FPN 800x1333"]
+    assert iounet[0] == pytest.approx(2.4626, abs=1e-3) and iounet[1:] == (1.3, False)
+    prroi = rows["PrRoIPool fwd+bwd vs roi_align (sampling ratio 2)"]
+    assert prroi[0] == pytest.approx(5.641, abs=1e-3) and prroi[2] is False  # not the box-gradient row (11.48x)
+    assert rows["fpt_paper vs FPN, 800x1333, AMP"][0] == pytest.approx(19.214 / 4, abs=1e-3)
+    assert rows["fpt_paper vs FPN, 800x1333, AMP"][2] is True
+    assert rows["fpt_lite vs FPN, 800x1333, AMP"][0] == pytest.approx(1.703 / 4, abs=1e-3)
+    assert rows["IFR vs Mask R-CNN at test time (shapes, batch 1)"][1:] == (1.5, True)
+
+    # a step that did not run leaves its targets "not measured"; the summary writes one line per target
+    del steps["ops"]
+    check.results["steps"] = steps
+    check.summary()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## Speed targets (reported, not checked)" in summary
+    assert "| PrRoIPool fwd+bwd vs roi_align (sampling ratio 2) | - | <= 1.5x | not measured |" in summary
+    assert "| IoU-Net (full) vs Faster R-CNN, R-50-FPN 800x1333 | 2.46x | <= 1.3x | no |" in summary
+    assert "| fpt_paper vs FPN, 800x1333, AMP | 4.80x | <= 6.0x | yes |" in summary
