@@ -7,9 +7,17 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SKIP = {".git", "output", "build", "datasets", ".venv", "venv"}
-DOCS = sorted(p for p in ROOT.rglob("*.md")
-              if not SKIP.intersection(p.relative_to(ROOT).parts) and not p.name.startswith("."))
+SKIP = {"output", "build", "datasets", "venv"}
+
+
+def _ours(path):
+    """A file of the repository: not in a build, data or output folder, nor in a hidden one (.git, a venv, the
+    git-ignored .device / .whl folders that carry other projects' packages to a GPU machine, docs/GPU.md)."""
+    parts = path.relative_to(ROOT).parts
+    return not SKIP.intersection(parts) and not any(part.startswith(".") for part in parts)
+
+
+DOCS = sorted(p for p in ROOT.rglob("*.md") if _ours(p))
 # a path under one of the repository's top-level folders, as commands and prose quote it
 TOP = "configs|tools|benchmarks|docs|projects|d2_refine|csrc|tests"
 PATH = re.compile(rf"(?<![\w/.:-])((?:{TOP})/[\w./<>{{}}*-]*[\w>}}*])")
@@ -48,8 +56,8 @@ def _missing(doc, text):
 
 # a section cited by its file and title, as comments and prose do: `docs/results/rdsnet.md, "One-stage recipe"`
 CITED = re.compile(r'(?:\[[^\]]*\]\()?([\w./-]+\.md)\)?,\s*"([^"]+)"')
-SOURCES = sorted(p for p in ROOT.rglob("*") if p.suffix in (".md", ".yaml", ".py") and p.is_file()
-                 and not SKIP.intersection(p.relative_to(ROOT).parts) and p != pathlib.Path(__file__).resolve())
+SOURCES = sorted(p for p in ROOT.rglob("*") if p.suffix in (".md", ".yaml", ".py") and p.is_file() and _ours(p)
+                 and p != pathlib.Path(__file__).resolve())
 
 
 def _stale_citations(source, text):
