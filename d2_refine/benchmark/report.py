@@ -119,8 +119,9 @@ def markdown(rows: List[dict], doc: dict, command: str, source: str = "", short:
         lines += ["Each cell: mean ± sample standard deviation (n − 1) over the row's n seeds (`seeds`). Δ: the "
                   "difference to the baseline run with the same seed, mean ± std over the seeds both have ('(n=k)' "
                   f"where fewer than the row's); {VERDICT_RULE}. train s/it: detectron2's overall training speed, "
-                  "the range over the seeds; training: the range of the training times over the seeds (resumed "
-                  "runs left out) and of the 1-minute load average while each run trained. "
+                  "the range over the seeds; training: the range of the training times over the seeds and of the "
+                  "1-minute load average while each run trained (resumed runs are left out of s/it and times: "
+                  "theirs cover the part after the resume). "
                   f"{_timing_caption(doc, [r['name'] for r in rows])}", ""]
         headers = ["model", "baseline", "seeds", "box AP", "AP50", "AP75", "AP90", "APs", "mask AP", "Δ box AP",
                    "Δ mask AP", "verdict", "train s/it", "training", "inference ms/img"]

@@ -89,8 +89,11 @@ def summarize(records: Sequence[dict]) -> List[dict]:
         else:
             base_title = ENTRY_BY_NAME[base].title if base in ENTRY_BY_NAME else base
         train = [by_seed[x].get("train") or {} for x in seeds]
-        speeds = [t["s_per_iter"] for t in train if t.get("s_per_iter") is not None]
-        minutes = [t["train_s"] / 60 for t in train if t.get("train_s") and not t.get("resumed")]
+        # a resumed run's speed and time cover the part after the resume only (for IFR the implicit phase,
+        # several times slower than the unrolled warm-up): left out of both ranges
+        whole = [t for t in train if not t.get("resumed")]
+        speeds = [t["s_per_iter"] for t in whole if t.get("s_per_iter") is not None]
+        minutes = [t["train_s"] / 60 for t in whole if t.get("train_s")]
         loads = [by_seed[x]["load"]["mean_1min"] for x in seeds if (by_seed[x].get("load") or {}).get("mean_1min")]
         rows.append(dict(name=name, title=last.get("title", name), baseline=base, baseline_title=base_title,
                          seeds=seeds, n=len(seeds), stats=stats, delta=delta,

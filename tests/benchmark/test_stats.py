@@ -27,7 +27,8 @@ def test_summary_over_seeds_with_missing_seeds_and_a_single_seed():
     m = rows["mask_rcnn"]
     assert m["n"] == 3 and m["seeds"] == [1, 2, 3] and m["verdict"] == "–" and m["delta"] == {}
     assert m["stats"]["bbox"]["AP"] == {"mean": pytest.approx(52.0), "std": pytest.approx(2.0), "n": 3}
-    assert m["stats"]["segm"]["AP"]["std"] == pytest.approx(1.0) and m["s_per_iter"] == pytest.approx([1.1, 1.3])
+    # seed 3 was resumed: its s/it (1.3) covers the part after the resume, left out of the range as its time is
+    assert m["stats"]["segm"]["AP"]["std"] == pytest.approx(1.0) and m["s_per_iter"] == pytest.approx([1.1, 1.2])
     ifr = rows["ifr"]["delta"]
     assert ifr["bbox"]["mean"] == pytest.approx(19 / 6) and ifr["bbox"]["std"] == pytest.approx(0.288675, abs=1e-6)
     assert ifr["segm"] == {"mean": pytest.approx(1.0), "std": pytest.approx(0.0), "n": 3, "seeds": [1, 2, 3]}

@@ -54,7 +54,7 @@ def test_from_json_writes_table_readme_and_json_without_detectron2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     md = table_lines(out.read_text()) + out.read_text()
-    assert "| 1.10–1.30 | 25–30 min (load 2.1–2.3) | 158 |" in md and "| gain | 1.00 | – | 807 |" in md
+    assert "| 1.10–1.20 | 25–30 min (load 2.1–2.3) | 158 |" in md and "| gain | 1.00 | – | 807 |" in md
     assert "one pass in one process" in md and "Test CPU, 2 threads" in md and "median over 50 val images" in md
     text = table_lines(readme.read_text()) + readme.read_text()
     assert "old" not in text and "| IFR | MASK_RCNN |" in text and text.endswith("end\n")
