@@ -70,8 +70,11 @@ void check_grad(const at::Tensor& grad, at::TensorList inputs, const at::Tensor&
 
 at::Tensor box_levels(const at::Tensor& boxes, double canonical_box_size, int64_t canonical_level, int64_t min_level,
                       int64_t num_levels) {
-  // detectron2/modeling/poolers.py assign_boxes_to_levels, op for op (the same float rounding)
-  const at::Tensor area = (boxes.select(1, 2) - boxes.select(1, 0)) * (boxes.select(1, 3) - boxes.select(1, 1));
+  // detectron2/modeling/poolers.py assign_boxes_to_levels, op for op (the same float rounding), in float32 for
+  // half-precision boxes (the area of a box over 256 x 256 px overflows float16)
+  const bool half = boxes.scalar_type() == at::kHalf || boxes.scalar_type() == at::kBFloat16;
+  const at::Tensor b = half ? boxes.to(at::kFloat) : boxes;
+  const at::Tensor area = (b.select(1, 2) - b.select(1, 0)) * (b.select(1, 3) - b.select(1, 1));
   at::Tensor level = at::floor(at::log2(at::sqrt(area) / canonical_box_size + 1e-8) + canonical_level);
   level = at::clamp(level, min_level, min_level + num_levels - 1);
   const at::Tensor index = at::nan_to_num(level, 0.0).to(at::kLong) - min_level;

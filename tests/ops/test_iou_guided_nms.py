@@ -160,8 +160,8 @@ def test_empty_and_single(device):
     keep, scores = iou_guided_nms(empty, torch.zeros(0, device=device), torch.zeros(0, device=device),
                                   torch.zeros(0, dtype=torch.int64, device=device), 0.5)
     assert keep.shape == (0,) and keep.dtype == torch.int64 and scores.shape == (0,)
-    ref_keep, ref_scores = _iou_guided_nms_reference(empty, torch.zeros(0), torch.zeros(0),
-                                                     torch.zeros(0, dtype=torch.int64), 0.5)
+    none = torch.zeros(0, device=device)
+    ref_keep, ref_scores = _iou_guided_nms_reference(empty, none, none, none.long(), 0.5)
     assert ref_keep.shape == (0,) and ref_scores.shape == (0,)
     keep, scores = iou_guided_nms(torch.tensor([[1.0, 2.0, 5.0, 6.0]], device=device),
                                   torch.tensor([0.7], device=device), torch.tensor([0.2], device=device),

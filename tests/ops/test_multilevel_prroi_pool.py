@@ -156,3 +156,21 @@ def test_autocast_runs_in_float32(device):
         out = multilevel_prroi_pool([m.bfloat16() for m in maps], boxes, 3, SCALES)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_boxes_keep_their_level(device, dtype):
+    # the area of a box over 256 x 256 px overflows float16 (65504): the level is found in float32, on the device
+    # (CUDA's kernel takes half-precision maps and boxes as they are) as in the reference
+    boxes = torch.tensor([[10.0, 20.0, 330.0, 340.0], [0.0, 0.0, 100.0, 60.0], [5.0, 5.0, 505.0, 455.0]],
+                         device=device)
+    assert box_levels(boxes, 224, 4, 2, 4).tolist() == [2, 0, 3]
+    rounded = boxes.to(dtype).float()
+    torch.testing.assert_close(box_levels(boxes.to(dtype), 224, 4, 2, 4), box_levels(rounded, 224, 4, 2, 4))
+    maps, _ = _case(device, dtype=torch.float32, counts=(3,), channels=2, size=512, seed=7)
+    maps = [m.to(dtype) for m in maps]
+    out = multilevel_prroi_pool(maps, [boxes.to(dtype)], 3, SCALES)
+    expected = multilevel_prroi_pool([m.float() for m in maps], [rounded], 3, SCALES)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

@@ -348,6 +348,19 @@ def test_empty_rois(device):
 
 
 @needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("shape", [(0, 6), (6, 0), (0, 0)])
+def test_a_map_without_cells_pools_zeros_with_zero_gradients(device, shape):
+    # no cell to read: zero output and gradients (the box gradient's line integrals must not read the empty map)
+    x = torch.zeros(1, 3, *shape, device=device, requires_grad=True)
+    rois = torch.tensor([[0, 0.5, 0.5, 4.5, 5.0], [0, -1.0, 2.0, 30.0, 40.0]], device=device, requires_grad=True)
+    out = prroi_pool(x, rois, (2, 3), 1.0)
+    assert out.shape == (2, 3, 2, 3) and out.abs().max() == 0
+    out.sum().backward()
+    assert x.grad.shape == x.shape and rois.grad.abs().max() == 0
+
+
+@needs_ops
 def test_single_roi_and_list_of_boxes():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 9, 9, generator=g)

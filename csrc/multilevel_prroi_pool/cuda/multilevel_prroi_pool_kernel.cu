@@ -136,6 +136,9 @@ __global__ void backward_boxes_cuda(int64_t num_bins, Pyramid<scalar_t, acc_t> p
       continue;
     }
     const int64_t height = pyr.height[l], width = pyr.width[l];
+    if (height == 0 || width == 0) {
+      continue;  // a level without cells: zero gradient (its line integrals would read the empty map)
+    }
     const acc_t xs = g.x_start + static_cast<acc_t>(pw) * g.bin_w, xe = xs + g.bin_w;
     const acc_t ys = g.y_start + static_cast<acc_t>(ph) * g.bin_h, ye = ys + g.bin_h;
     int64_t x0, x1, y0, y1;

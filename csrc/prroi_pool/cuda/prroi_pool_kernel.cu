@@ -1,18 +1,19 @@
 // Precise RoI Pooling, CUDA kernels (float32 / float64 / float16 / bfloat16, accumulating in float for the
 // half types), two exact evaluations of a bin integral chosen per RoI as on the CPU (cpu/prroi_pool_kernel.cpp):
-//  - table path, for RoIs whose bins are at least kTableMinBin cells on both sides: the CPU's table path
+//  - table path, for RoIs that meet the map with bins of at least kTableMinBin cells on both sides: the CPU's one
 //    (cpu/table_path.h) with the summed-area table of every image kept channels-last in double,
 //    [N, H + 1, W + 1, channels of a chunk], so that consecutive threads (channels) read consecutive addresses:
 //      forward: a thread per (RoI, bin corner, channel) evaluates G (9 taps, prroi_pool_corner.h), then a thread
 //      per output element differences its 4 corners;
 //      feature gradient: a thread per (RoI, corner, channel) scatters the corner's coefficient at its 9 taps
 //      (atomicAdd in double), then one reverse 2-D cumulative sum of that table gives the feature gradient;
-//      box gradient: a warp per (RoI, corner), its lanes splitting the channels, sums dG/dx and dG/dy times the
-//      coefficient (one warp reduction, 3 atomicAdds per corner), then a thread per RoI applies the chain rule;
+//      box gradient: a warp per (RoI, corner), its lanes splitting the channels, sums G, dG/dx and dG/dy times
+//      the coefficient (one warp reduction, into the corner's own slot: no atomics), then a thread per RoI adds its
+//      corners up in a fixed order (the gradient does not change between calls) and applies the chain rule;
 //    the cost per bin does not grow with the bin's area. Channels are processed in chunks so that a table stays
 //    under D2_REFINE_PRROI_TABLE_MB MiB (default 256).
 //  - direct path, for the other RoIs (bins of a cell or two, where 9 taps per corner in double cost more than
-//    the bin's nodes):
+//    the bin's nodes; RoIs off the map, which read nothing):
 //      forward: a thread per output element sums the bin's nodes;
 //      feature gradient: a thread per output element scattering into the bin's nodes with atomicAdd (into an
 //      accumulation buffer of the accumulation type);
@@ -74,9 +75,24 @@ __device__ inline RoIGeometry<acc_t> load_geometry(const scalar_t* rois, int64_t
 // about 12 taps per bin (4 corners of 9 taps, each shared by 4 bins, in double).
 constexpr double kTableMinBin = 2.0;
 
+// Whether the bins start .. start + bins x bin (an axis of a RoI) have a node of [0, size - 1] under them: the
+// union of the bins' node ranges is the node range of their whole span (the bins are contiguous).
 template <typename acc_t>
-__device__ inline bool takes_table(const RoIGeometry<acc_t>& g) {
-  return g.area > acc_t(0) && ::fmin(static_cast<double>(g.bin_w), static_cast<double>(g.bin_h)) >= kTableMinBin;
+__device__ inline bool meets_axis(acc_t start, acc_t bin, int64_t bins, int64_t size) {
+  const acc_t last = start + static_cast<acc_t>(bins - 1) * bin;  // the last bin's start, as the CPU's append_axis
+  int64_t lo, hi;
+  node_range(start, last + bin, size, &lo, &hi);
+  return lo <= hi;
+}
+
+// The table path takes a RoI with bins of at least kTableMinBin cells on both sides that meets the map. A RoI none
+// of whose bins meets it (the CPU's kEmpty, cpu/roi_table.h) takes the direct path, whose loops are empty there:
+// exact zeros, where the differences of the table's corners would leave rounding residue in the box gradient.
+template <typename acc_t>
+__device__ inline bool takes_table(const RoIGeometry<acc_t>& g, int64_t height, int64_t width, int64_t pooled_height,
+                                   int64_t pooled_width) {
+  return g.area > acc_t(0) && ::fmin(static_cast<double>(g.bin_w), static_cast<double>(g.bin_h)) >= kTableMinBin &&
+         meets_axis(g.x_start, g.bin_w, pooled_width, width) && meets_axis(g.y_start, g.bin_h, pooled_height, height);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -91,7 +107,7 @@ __global__ void prroi_pool_forward_cuda(int64_t total, const scalar_t* input, co
       output[index] = static_cast<scalar_t>(0);
       continue;
     }
-    if (takes_table(g)) {
+    if (takes_table(g, height, width, pooled_height, pooled_width)) {
       continue;  // written by prroi_table_forward_cuda
     }
     const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(rois[5 * k]));
@@ -113,7 +129,7 @@ __global__ void prroi_pool_backward_input_cuda(int64_t total, const scalar_t* gr
     const int64_t pw = b.pw, ph = b.ph, c = b.c, k = b.k;
     const RoIGeometry<acc_t> g = load_geometry(rois, k, spatial_scale, aligned, pooled_height, pooled_width);
     const acc_t gv = static_cast<acc_t>(grad[index]);
-    if (!(g.area > acc_t(0)) || gv == acc_t(0) || takes_table(g)) {
+    if (!(g.area > acc_t(0)) || gv == acc_t(0) || takes_table(g, height, width, pooled_height, pooled_width)) {
       continue;
     }
     const acc_t scaled = gv / g.area;
@@ -148,9 +164,10 @@ __global__ void prroi_pool_backward_rois_cuda(int64_t num_bins, const scalar_t* 
     const BinIndex b = bin_index(index, /*channels=*/1, pooled_height, pooled_width);
     const int64_t pw = b.pw, ph = b.ph, k = b.k;
     const RoIGeometry<acc_t> g = load_geometry(rois, k, spatial_scale, aligned, pooled_height, pooled_width);
-    if (!(g.area > acc_t(0)) || takes_table(g)) {
-      continue;  // zero-area bins and inverted boxes: zero gradient; table RoIs: prroi_table_*_cuda (the same
-                 // branch for the whole block)
+    if (!(g.area > acc_t(0)) || height == 0 || width == 0 ||
+        takes_table(g, height, width, pooled_height, pooled_width)) {
+      continue;  // zero-area bins, inverted boxes and a map without cells (whose line integrals would read it):
+                 // zero gradient; table RoIs: prroi_table_*_cuda (the same branch for the whole block)
     }
     const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(rois[5 * k]));
     const acc_t xs = g.x_start + static_cast<acc_t>(pw) * g.bin_w, xe = xs + g.bin_w;
@@ -243,7 +260,7 @@ __global__ void prroi_table_corners_cuda(int64_t total, const double* table, con
   D2R_CUDA_1D_KERNEL_LOOP(index, total) {
     const CornerIndex ci = corner_index(index, chunk, pooled_height, pooled_width);
     const RoIGeometry<acc_t> g = load_geometry(rois, ci.k, spatial_scale, aligned, pooled_height, pooled_width);
-    if (!takes_table(g)) {
+    if (!takes_table(g, height, width, pooled_height, pooled_width)) {
       continue;
     }
     const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(rois[5 * ci.k]));
@@ -263,12 +280,13 @@ __global__ void prroi_table_corners_cuda(int64_t total, const double* table, con
 // output[k][c0 + c][ph][pw] for the table RoIs: the difference of the bin's 4 corners over the area.
 template <typename scalar_t, typename acc_t>
 __global__ void prroi_table_forward_cuda(int64_t total, const double* corner, const scalar_t* rois, int64_t c0,
-                                         int64_t chunk, int64_t channels, int64_t pooled_height, int64_t pooled_width,
-                                         acc_t spatial_scale, bool aligned, scalar_t* output) {
+                                         int64_t chunk, int64_t channels, int64_t height, int64_t width,
+                                         int64_t pooled_height, int64_t pooled_width, acc_t spatial_scale, bool aligned,
+                                         scalar_t* output) {
   D2R_CUDA_1D_KERNEL_LOOP(index, total) {
     const BinIndex b = bin_index(index, chunk, pooled_height, pooled_width);
     const RoIGeometry<acc_t> g = load_geometry(rois, b.k, spatial_scale, aligned, pooled_height, pooled_width);
-    if (!takes_table(g)) {
+    if (!takes_table(g, height, width, pooled_height, pooled_width)) {
       continue;
     }
     const int64_t row = (pooled_width + 1) * chunk;
@@ -288,7 +306,7 @@ __global__ void prroi_table_backward_input_cuda(int64_t total, const scalar_t* g
   D2R_CUDA_1D_KERNEL_LOOP(index, total) {
     const CornerIndex ci = corner_index(index, chunk, pooled_height, pooled_width);
     const RoIGeometry<acc_t> g = load_geometry(rois, ci.k, spatial_scale, aligned, pooled_height, pooled_width);
-    if (!takes_table(g)) {
+    if (!takes_table(g, height, width, pooled_height, pooled_width)) {
       continue;
     }
     const double cf = corner_coefficient(grad, ci.k, ci.q, ci.p, c0 + ci.c, channels, pooled_height,
@@ -313,8 +331,10 @@ __global__ void prroi_table_backward_input_cuda(int64_t total, const scalar_t* g
 
 constexpr int kCornerThreads = 256;  // 8 warps, a warp per (RoI, corner)
 
-// sums[k] += (J, dJ/dx_0 .. dJ/dx_PW, dJ/dy_0 .. dJ/dy_PH) over the chunk's channels, J = sum over corners of
-// coefficient x G (cpu/table_path.h, table_backward_rois).
+// sums[k][q][p] += (coefficient x G, coefficient x dG/dx, coefficient x dG/dy) of corner (x_p, y_q), summed over
+// the chunk's channels (cpu/table_path.h, table_backward_rois). Each corner is written by one warp only (the chunks
+// run one after another on the stream), without atomics: the box gradient then adds the corners up in a fixed
+// order, so that it does not change from one call to the next (gradcheck's reentrancy check).
 template <typename scalar_t, typename acc_t>
 __global__ void prroi_table_backward_rois_cuda(int64_t num_corners, const scalar_t* grad, const double* table,
                                                const scalar_t* rois, int64_t c0, int64_t chunk, int64_t channels,
@@ -323,12 +343,11 @@ __global__ void prroi_table_backward_rois_cuda(int64_t num_corners, const scalar
                                                double* sums) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = blockDim.x >> 5;
-  const int64_t slots = pooled_width + pooled_height + 3;
   for (int64_t index = blockIdx.x * warps + (threadIdx.x >> 5); index < num_corners;
        index += static_cast<int64_t>(gridDim.x) * warps) {  // uniform over the warp
     const CornerIndex ci = corner_index(index, /*chunk=*/1, pooled_height, pooled_width);
     const RoIGeometry<acc_t> g = load_geometry(rois, ci.k, spatial_scale, aligned, pooled_height, pooled_width);
-    if (!takes_table(g)) {
+    if (!takes_table(g, height, width, pooled_height, pooled_width)) {
       continue;
     }
     const int64_t batch = static_cast<int64_t>(static_cast<acc_t>(rois[5 * ci.k]));
@@ -357,40 +376,41 @@ __global__ void prroi_table_backward_rois_cuda(int64_t num_corners, const scalar
       gy += __shfl_down_sync(0xffffffffu, gy, offset);
     }
     if (lane == 0) {
-      double* out = sums + ci.k * slots;
-      gpuAtomicAdd(out, gv);
-      gpuAtomicAdd(out + 1 + ci.p, gx);
-      gpuAtomicAdd(out + 2 + pooled_width + ci.q, gy);
+      double* out = sums + 3 * index;
+      out[0] += gv;
+      out[1] += gx;
+      out[2] += gy;
     }
   }
 }
 
-// The box gradient of the table RoIs from their sums (cpu/prroi_pool_kernel.cpp, backward_impl): L = J / A with
-// corners x_p = x1' + p (x2' - x1') / PW and A = bin_w bin_h.
+// The box gradient of the table RoIs from their corners' sums (cpu/prroi_pool_kernel.cpp, backward_impl): L = J / A
+// with J the sum over the corners, corners x_p = x1' + p (x2' - x1') / PW and A = bin_w bin_h.
 template <typename scalar_t, typename acc_t>
 __global__ void prroi_table_box_gradient_cuda(int64_t num_rois, const double* sums, const scalar_t* rois,
-                                              int64_t pooled_height, int64_t pooled_width, acc_t spatial_scale,
-                                              bool aligned, acc_t* grad_rois) {
-  const int64_t slots = pooled_width + pooled_height + 3;
+                                              int64_t height, int64_t width, int64_t pooled_height,
+                                              int64_t pooled_width, acc_t spatial_scale, bool aligned,
+                                              acc_t* grad_rois) {
   D2R_CUDA_1D_KERNEL_LOOP(k, num_rois) {
     const RoIGeometry<acc_t> g = load_geometry(rois, k, spatial_scale, aligned, pooled_height, pooled_width);
-    if (!takes_table(g)) {
+    if (!takes_table(g, height, width, pooled_height, pooled_width)) {
       continue;
     }
-    const double* s = sums + k * slots;
+    const double* s = sums + 3 * k * (pooled_height + 1) * (pooled_width + 1);
     const double area = static_cast<double>(g.area);
-    const double j = s[0] / area;
-    double gx1 = 0, gx2 = 0, gy1 = 0, gy2 = 0;
-    for (int64_t p = 0; p <= pooled_width; ++p) {
-      const double u = static_cast<double>(p) / pooled_width;
-      gx1 += (1 - u) * s[1 + p];
-      gx2 += u * s[1 + p];
-    }
+    double sum_g = 0, gx1 = 0, gx2 = 0, gy1 = 0, gy2 = 0;
     for (int64_t q = 0; q <= pooled_height; ++q) {
-      const double u = static_cast<double>(q) / pooled_height;
-      gy1 += (1 - u) * s[2 + pooled_width + q];
-      gy2 += u * s[2 + pooled_width + q];
+      const double v = static_cast<double>(q) / pooled_height;
+      for (int64_t p = 0; p <= pooled_width; ++p, s += 3) {
+        const double u = static_cast<double>(p) / pooled_width;
+        sum_g += s[0];
+        gx1 += (1 - u) * s[1];
+        gx2 += u * s[1];
+        gy1 += (1 - v) * s[2];
+        gy2 += v * s[2];
+      }
     }
+    const double j = sum_g / area;
     gx1 += j * static_cast<double>(g.bin_h) / pooled_width;
     gx2 -= j * static_cast<double>(g.bin_h) / pooled_width;
     gy1 += j * static_cast<double>(g.bin_w) / pooled_height;
@@ -433,11 +453,11 @@ at::Tensor prroi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& 
   at::cuda::CUDAGuard device_guard(input.device());
   const int64_t num_rois = rois.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
   at::Tensor output = at::zeros({num_rois, channels, pooled_height, pooled_width}, input.options());
+  prroi::check_finite_boxes(rois, spatial_scale, aligned);  // also without RoIs or channels, as on the CPU
   if (output.numel() == 0) {
     return output;
   }
   prroi::check_batch_indices(rois, input.size(0));
-  prroi::check_finite_boxes(rois, spatial_scale, aligned);
   const at::Tensor input_ = input.contiguous(), rois_ = rois.contiguous();
   const int64_t total = output.numel();
   const int64_t corners = num_rois * (pooled_height + 1) * (pooled_width + 1);
@@ -456,8 +476,8 @@ at::Tensor prroi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int64_t outputs = num_rois * cb * pooled_height * pooled_width;
       prroi_table_forward_cuda<scalar_t, acc_t><<<blocks_for(outputs), kThreads, 0, stream>>>(
-          outputs, corner.data_ptr<double>(), rois_.data_ptr<scalar_t>(), c0, cb, channels, pooled_height,
-          pooled_width, scale, aligned, output.data_ptr<scalar_t>());
+          outputs, corner.data_ptr<double>(), rois_.data_ptr<scalar_t>(), c0, cb, channels, height, width,
+          pooled_height, pooled_width, scale, aligned, output.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     prroi_pool_forward_cuda<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
@@ -495,8 +515,7 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     at::Tensor grad_input_acc = at::zeros(input.sizes(), input.options().dtype(acc_type));
     at::Tensor grad_rois_acc = at::zeros(rois.sizes(), rois.options().dtype(acc_type));
-    const int64_t slots = pooled_width + pooled_height + 3;
-    at::Tensor sums = at::zeros({num_rois, slots}, input.options().dtype(at::kDouble));
+    at::Tensor sums = at::zeros({corners, 3}, input.options().dtype(at::kDouble));
     for (int64_t c0 = 0; c0 < channels; c0 += chunk) {
       const int64_t cb = std::min(chunk, channels - c0);
       if (input_requires_grad) {
@@ -529,8 +548,8 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
     }
     if (rois_requires_grad) {
       prroi_table_box_gradient_cuda<scalar_t, acc_t><<<blocks_for(num_rois), kThreads, 0, stream>>>(
-          num_rois, sums.data_ptr<double>(), rois_.data_ptr<scalar_t>(), pooled_height, pooled_width, scale,
-          aligned, grad_rois_acc.data_ptr<acc_t>());
+          num_rois, sums.data_ptr<double>(), rois_.data_ptr<scalar_t>(), height, width, pooled_height,
+          pooled_width, scale, aligned, grad_rois_acc.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int64_t num_bins = num_rois * pooled_height * pooled_width;
       const int grid = static_cast<int>(std::min<int64_t>(num_bins, 65535 * 64));
