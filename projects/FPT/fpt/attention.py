@@ -92,10 +92,11 @@ def _check(q, k, v, pi):
 
 
 def _mix(a: torch.Tensor, pi: Optional[torch.Tensor]) -> torch.Tensor:
-    """(N, M, ...) -> (N, ...): the pi-weighted sum over mixtures."""
+    """(N, M, ...) -> (N, ...): the pi-weighted sum over mixtures, in the dtype of ``a`` (under autocast pi comes
+    from a float32 softmax: a half-precision ``a`` would otherwise become a float32 copy, (N, M, L, Cv) at P2)."""
     if pi is None:
         return a[:, 0]
-    return (a * pi.view(pi.shape + (1,) * (a.dim() - 2))).sum(1)
+    return (a * pi.to(a.dtype).view(pi.shape + (1,) * (a.dim() - 2))).sum(1)
 
 
 def _naive(q, k, v, pi, scale, dropout_p):

@@ -199,3 +199,16 @@ def test_euclidean_qk_float32_unchanged():
     q_hat, k_hat = euclidean_qk(q, k)
     torch.testing.assert_close(q_hat[..., :-1], q, rtol=0, atol=0)
     torch.testing.assert_close(k_hat[..., :-1], 2 * k, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("impl", ["sdpa", "naive"])
+def test_mixing_keeps_half_precision_with_a_float32_pi(device, impl):
+    """Under autocast pi comes from a float32 softmax: the mixture of half-precision attention outputs stays in
+    their dtype (a float32 copy of (N, M, L, Cv) at P2 otherwise), close to the float64 result."""
+    dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    q, k, v, pi = _inputs(m=2, d=8, cv=16)
+    out = mixture_attention(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype),
+                            pi.to(device, torch.float32), scale=0.3, impl=impl)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), _reference(q, k, v, pi, 0.3), atol=3e-2, rtol=3e-2)
