@@ -71,8 +71,9 @@ def _run(model, inputs):
         return [model([x]) for x in inputs]
 
 
-#: host-side CUDA runtime calls that wait for the device
-_SYNC_KEYS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+#: host-side CUDA runtime calls that wait for the device (not cudaDeviceSynchronize: the model never calls it, and the
+#: profiled block has two of its own, torch.cuda.synchronize below and the profiler's on exit)
+_SYNC_KEYS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 #: copies (cudaMemcpyAsync: a copy to the host is followed by a cudaStreamSynchronize, one to the device need not wait)
 _COPY_KEYS = ("cudaMemcpyAsync",)
 
@@ -164,7 +165,7 @@ class _PinnedProposals(torch.nn.Module):
             b[:, 1::2] = b[:, 1::2].clamp(0, h)
             q = Instances((h, w))
             q.proposal_boxes = Boxes(b.to(p.proposal_boxes.device))
-            q.objectness_logits = torch.zeros(self.num, device=b.device)
+            q.objectness_logits = torch.zeros(self.num, device=p.proposal_boxes.device)
             pinned.append(q)
         proposals = pinned
         return proposals, losses

@@ -118,7 +118,8 @@ info = dict(python=sys.version.split()[0], platform=platform.platform(), torch=t
             torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
             torchvision=torchvision.__version__,
             cpu_count=os.cpu_count(), detectron2=version("detectron2"), torchdeq=version("torchdeq"),
-            pot=version("ot"), pycocotools=version("pycocotools"), fvcore=version("fvcore"))
+            pot=version("ot"), pycocotools=version("pycocotools"), fvcore=version("fvcore"),
+            hypothesis=version("hypothesis"))
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     info.update(gpu=torch.cuda.get_device_name(0), capability=".".join(map(str, torch.cuda.get_device_capability(0))),

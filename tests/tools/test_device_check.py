@@ -137,6 +137,12 @@ def test_gpu_steps_refuse_to_run_without_the_compiled_kernels(tmp_path, step):
     assert result["status"] == "fail" and "run the build step" in result["error"]
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "pytest" not in log and "benchmarks/" not in log and "train_net.py" not in log
+    # the summary is written all the same, with a step the budget left out (the tests step then has no test counts)
+    check.record("fpt", "not run", reason="--budget 540 s spent")
+    check.summary()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert f"| {step} | fail | " in summary and "run the build step" in summary
+    assert "| fpt | not run | 0 | --budget 540 s spent |" in summary
 
 
 def test_a_library_without_a_shared_cxx_runtime_fails_the_kernel_check(tmp_path, monkeypatch):
