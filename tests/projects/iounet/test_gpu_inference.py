@@ -13,7 +13,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 import d2_refine  # noqa: E402
 from d2_refine.utils.host_sync import HostSyncCounter  # noqa: E402
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, cpu_and_cuda  # noqa: E402
 
 SIZE = 96
 
@@ -63,11 +63,16 @@ def test_box_branch_synchronises_at_most_8_times_per_image(model, nms):
     assert per_image <= 8, counter.counts
 
 
-def test_refinement_is_the_same_under_inference_mode_no_grad_and_plain_mode(model):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_refinement_is_the_same_under_inference_mode_no_grad_and_plain_mode(model, device):
     """The boxes that refinement starts from are created inside the caller's mode; under inference_mode they
-    are inference tensors, on which enable_grad records no graph."""
-    m = copy.deepcopy(model)
+    are inference tensors, on which enable_grad records no graph. On CUDA the whole inference runs on the op
+    library's CUDA kernels (multi-level PrRoIPool and its box gradient, padded IoU-guided NMS), whose atomic sums
+    may differ in the last bits from one call to the next: compared within a looser tolerance there."""
+    m = copy.deepcopy(model).to(device)
     m.requires_grad_(False)
+    tol = dict(rtol=1e-5, abs=1e-7) if device == "cpu" else dict(rtol=1e-3, abs=1e-4)
+    close = dict() if device == "cpu" else dict(rtol=1e-4, atol=1e-3)
     outs = {}
     for name, ctx in (("plain", torch.enable_grad), ("no_grad", torch.no_grad),
                       ("inference_mode", torch.inference_mode)):
@@ -79,7 +84,8 @@ def test_refinement_is_the_same_under_inference_mode_no_grad_and_plain_mode(mode
     assert ref_stats["boxes"] > 0 and ref_stats["mean_steps"] > 1 and ref_stats["mean_iou_gain"] != 0
     for name in ("no_grad", "inference_mode"):
         inst, stats = outs[name]
-        assert stats == pytest.approx(ref_stats, rel=1e-5, abs=1e-7), name
+        assert stats == pytest.approx(ref_stats, rel=tol["rtol"], abs=tol["abs"]), name
         assert len(inst) == len(ref), name
-        torch.testing.assert_close(inst.pred_boxes.tensor.clone(), ref.pred_boxes.tensor.detach(), msg=name)
-        torch.testing.assert_close(inst.scores.clone(), ref.scores.detach(), msg=name)
+        assert inst.pred_boxes.tensor.device.type == device
+        torch.testing.assert_close(inst.pred_boxes.tensor.clone(), ref.pred_boxes.tensor.detach(), msg=name, **close)
+        torch.testing.assert_close(inst.scores.clone(), ref.scores.detach(), msg=name, **close)
