@@ -81,9 +81,12 @@ def iou_guided_nms(
 
 
 def _class_nms(boxes: Tensor, key: Tensor, in_class: Tensor, iou_threshold: float) -> Tensor:
-    """torchvision's greedy NMS on the candidates ``in_class`` (a mask); their indices, by key descending."""
+    """torchvision's greedy NMS on the candidates ``in_class`` (a mask); their indices, by key descending. The
+    threshold is rounded to the dtype of ``boxes``, as the kernels compare (torchvision's CPU nms compares in double:
+    an IoU of exactly float32(0.3) would suppress there and not in the kernels)."""
     from torchvision.ops import nms
 
+    iou_threshold = float(torch.tensor(iou_threshold, dtype=boxes.dtype))
     members = in_class.nonzero()[:, 0]
     return members[nms(boxes[members], key[members], iou_threshold)]
 

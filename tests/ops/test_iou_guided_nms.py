@@ -155,6 +155,20 @@ def test_invariants():
 
 @needs_ops
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_iou_equal_to_the_threshold_suppresses_nothing_in_kernel_and_reference(device, dtype):
+    # IoU 3 / 10, the threshold 0.3 rounded to the compute dtype: not above it, so both boxes stay
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 1.0], [0.0, 0.0, 3.0, 1.0]], dtype=dtype, device=device)
+    args = (boxes, torch.tensor([0.9, 0.8], dtype=dtype, device=device),
+            torch.tensor([0.5, 0.6], dtype=dtype, device=device), torch.zeros(2, dtype=torch.int64, device=device))
+    assert float(box_iou(boxes[:1], boxes[1:])) == float(torch.tensor(0.3, dtype=dtype))
+    for fn in (iou_guided_nms, _iou_guided_nms_reference):
+        keep, _ = fn(*args, 0.3)
+        assert sorted(keep.tolist()) == [0, 1], fn.__name__
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
 def test_empty_and_single(device):
     empty = torch.zeros(0, 4, device=device)
     keep, scores = iou_guided_nms(empty, torch.zeros(0, device=device), torch.zeros(0, device=device),

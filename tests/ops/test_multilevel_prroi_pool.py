@@ -115,11 +115,14 @@ def test_a_non_finite_coordinate_pools_zeros_whatever_its_sign(device, bad):
     if has_ops():
         fns.append(lambda m, b: multilevel_prroi_pool(m, b, 3, SCALES))
     weights = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device)
-    for fn in fns:
+    for i, fn in enumerate(fns):
         good, _, _ = _pool_and_grads(fn, maps, boxes, weights)
         out, map_grads, box_grads = _pool_and_grads(fn, maps, broken, weights)
         assert torch.equal(out[4], torch.zeros_like(out[4]))
-        assert torch.equal(out[:4], good[:4])
+        if i == 0 and device == "cuda":  # the reference's matrix products on cuBLAS: one box fewer, other kernels
+            torch.testing.assert_close(out[:4], good[:4], rtol=0, atol=1e-12)
+        else:
+            assert torch.equal(out[:4], good[:4])
         assert torch.equal(box_grads[1][1], torch.zeros(4, dtype=torch.float64, device=device))
         assert all(torch.isfinite(g).all() for g in map_grads + box_grads if g is not None)  # None: a level unused
 
@@ -174,3 +177,15 @@ def test_half_precision_boxes_keep_their_level(device, dtype):
     expected = multilevel_prroi_pool([m.float() for m in maps], [rounded], 3, SCALES)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_box_gradient_is_the_same_at_every_call(device):
+    # the boxes' gradient adds its bins' terms in a fixed order (no atomic sums on CUDA)
+    maps, boxes = _case(device, dtype=torch.float32, counts=(6, 4), channels=8, seed=11)
+    weights = torch.randn(10, 8, 7, 7, generator=torch.Generator().manual_seed(3)).to(device)
+    grads = [_pool_and_grads(lambda m, b: multilevel_prroi_pool(m, b, 7, SCALES), maps, boxes, weights)[2]
+             for _ in range(3)]
+    assert sum(float(g.abs().sum()) for g in grads[0]) > 0
+    for other in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads[0], other))

@@ -315,6 +315,23 @@ def test_large_and_small_rois_match_reference(device, dtype, aligned):
 
 @needs_ops
 @pytest.mark.parametrize("device", cpu_and_cuda())
+def test_box_gradient_is_the_same_at_every_call(device):
+    # the box gradient adds its terms in a fixed order (no atomic sums on CUDA, table and direct RoIs alike)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 20, 37, 45, generator=g).to(device)
+    rois = _large_and_small_rois(torch.float32).to(device)
+    weights = torch.randn(rois.size(0), 20, 3, 4, generator=g).to(device)
+    grads = []
+    for _ in range(3):
+        r = rois.clone().requires_grad_()
+        (prroi_pool(x, r, (3, 4), 0.5) * weights).sum().backward()
+        grads.append(r.grad)
+    assert grads[0].abs().sum() > 0
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("seed", range(3))
 def test_backward_gradcheck_large_bins(device, seed):
     # bins of 3-8 cells (the CPU kernel's summed-area-table path), some boxes crossing the border

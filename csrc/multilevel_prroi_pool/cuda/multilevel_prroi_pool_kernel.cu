@@ -4,7 +4,8 @@
 // of each box comes from boxes_per_image, known on the host).
 //  - forward: a thread per output element (box, channel, bin);
 //  - gradient w.r.t. the maps: a thread per output element scattering into its level's accumulation buffer;
-//  - gradient w.r.t. the boxes: a block per (box, bin), its threads splitting the channels, then a block sum.
+//  - gradient w.r.t. the boxes: a block per (box, bin), its threads splitting the channels, then a block sum into
+//    the bin's 4 terms, added up per box in bin order (prroi::device::sum_bin_terms: the same result at every call).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -121,7 +122,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void backward_boxes_cuda(int64_t num_bins, Pyramid<scalar_t, acc_t> pyr, const scalar_t* grad,
                                     const scalar_t* boxes, const int64_t* levels, const int64_t* images,
                                     int64_t channels, int64_t pooled_height, int64_t pooled_width, bool aligned,
-                                    acc_t* grad_boxes) {
+                                    acc_t* bin_grads) {
   __shared__ acc_t partial[kBoxThreads / 32];
   for (int64_t index = blockIdx.x; index < num_bins; index += gridDim.x) {  // uniform over the block
     const prroi::device::BinIndex e = prroi::device::bin_index(index, /*channels=*/1, pooled_height, pooled_width);
@@ -169,10 +170,11 @@ __global__ void backward_boxes_cuda(int64_t num_bins, Pyramid<scalar_t, acc_t> p
       const acc_t u = static_cast<acc_t>(pw) / pooled_width, u1 = static_cast<acc_t>(pw + 1) / pooled_width;
       const acc_t v = static_cast<acc_t>(ph) / pooled_height, v1 = static_cast<acc_t>(ph + 1) / pooled_height;
       const acc_t f = scale / g.area;
-      gpuAtomicAdd(grad_boxes + 4 * k + 0, f * ((acc_t(1) - u) * g_xs + (acc_t(1) - u1) * g_xe));
-      gpuAtomicAdd(grad_boxes + 4 * k + 1, f * ((acc_t(1) - v) * g_ys + (acc_t(1) - v1) * g_ye));
-      gpuAtomicAdd(grad_boxes + 4 * k + 2, f * (u * g_xs + u1 * g_xe));
-      gpuAtomicAdd(grad_boxes + 4 * k + 3, f * (v * g_ys + v1 * g_ye));
+      acc_t* out = bin_grads + 4 * index;  // this bin's terms, added up per box by sum_bin_terms
+      out[0] = f * ((acc_t(1) - u) * g_xs + (acc_t(1) - u1) * g_xe);
+      out[1] = f * ((acc_t(1) - v) * g_ys + (acc_t(1) - v1) * g_ye);
+      out[2] = f * (u * g_xs + u1 * g_xe);
+      out[3] = f * (v * g_ys + v1 * g_ye);
     }
   }
 }
@@ -273,10 +275,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_kernel(
     if (boxes_require_grad) {
       const auto pyr = make_pyramid<scalar_t, acc_t>(maps, {}, spatial_scales);
       const int64_t num_bins = boxes.size(0) * pooled_height * pooled_width;
+      at::Tensor bin_grads = at::zeros({num_bins, 4}, boxes.options().dtype(acc_type));
       backward_boxes_cuda<scalar_t, acc_t><<<static_cast<int>(std::min<int64_t>(num_bins, 65535 * 8)), kBoxThreads,
                                              0, stream>>>(
           num_bins, pyr, grad_.data_ptr<scalar_t>(), boxes_.data_ptr<scalar_t>(), levels.data_ptr<int64_t>(),
-          images.data_ptr<int64_t>(), channels, pooled_height, pooled_width, aligned,
+          images.data_ptr<int64_t>(), channels, pooled_height, pooled_width, aligned, bin_grads.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      prroi::device::sum_bin_terms<acc_t><<<blocks_for(boxes.size(0), kThreads), kThreads, 0, stream>>>(
+          boxes.size(0), pooled_height * pooled_width, bin_grads.data_ptr<acc_t>(), 4, 0,
           grad_boxes_acc.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

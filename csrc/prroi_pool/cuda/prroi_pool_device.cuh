@@ -91,6 +91,30 @@ __device__ inline T block_reduce_sum(T v, T* shared) {
   return v;
 }
 
+// grad[k * stride + offset + t] += the sum over the bins of box k of bin_grads[k][bin][t], t = 0..3, in bin order:
+// the direct box-gradient kernels write one term per (box, bin) instead of adding them atomically, so that the box
+// gradient is the same at every call (atomic sums come in any order).
+template <typename acc_t>
+__global__ void sum_bin_terms(int64_t num_boxes, int64_t bins, const acc_t* bin_grads, int64_t stride,
+                              int64_t offset, acc_t* grad) {
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < num_boxes;
+       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const acc_t* terms = bin_grads + 4 * k * bins;
+    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t b = 0; b < bins; ++b, terms += 4) {
+      s0 += terms[0];
+      s1 += terms[1];
+      s2 += terms[2];
+      s3 += terms[3];
+    }
+    acc_t* out = grad + k * stride + offset;
+    out[0] += s0;
+    out[1] += s1;
+    out[2] += s2;
+    out[3] += s3;
+  }
+}
+
 }  // namespace device
 }  // namespace prroi
 }  // namespace d2_refine

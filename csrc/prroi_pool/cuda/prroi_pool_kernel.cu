@@ -17,8 +17,8 @@
 //      forward: a thread per output element sums the bin's nodes;
 //      feature gradient: a thread per output element scattering into the bin's nodes with atomicAdd (into an
 //      accumulation buffer of the accumulation type);
-//      box gradient: a block per (RoI, bin), its threads splitting the channels, then a block reduction and 4
-//      atomicAdds per bin (not one per channel and bin).
+//      box gradient: a block per (RoI, bin), its threads splitting the channels, then a block reduction into the
+//      bin's 4 terms, added up per RoI in bin order by a second kernel (no atomics: the same result at every call).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -158,7 +158,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void prroi_pool_backward_rois_cuda(int64_t num_bins, const scalar_t* grad, const scalar_t* input,
                                               const scalar_t* rois, int64_t channels, int64_t height, int64_t width,
                                               int64_t pooled_height, int64_t pooled_width, acc_t spatial_scale,
-                                              bool aligned, acc_t* grad_rois) {
+                                              bool aligned, acc_t* bin_grads) {
   __shared__ acc_t partial[kBoxThreads / 32];
   for (int64_t index = blockIdx.x; index < num_bins; index += gridDim.x) {  // uniform over the block
     const BinIndex b = bin_index(index, /*channels=*/1, pooled_height, pooled_width);
@@ -199,10 +199,11 @@ __global__ void prroi_pool_backward_rois_cuda(int64_t num_bins, const scalar_t* 
       const acc_t u = static_cast<acc_t>(pw) / pooled_width, u1 = static_cast<acc_t>(pw + 1) / pooled_width;
       const acc_t v = static_cast<acc_t>(ph) / pooled_height, v1 = static_cast<acc_t>(ph + 1) / pooled_height;
       const acc_t f = spatial_scale / g.area;
-      gpuAtomicAdd(grad_rois + 5 * k + 1, f * ((acc_t(1) - u) * g_xs + (acc_t(1) - u1) * g_xe));
-      gpuAtomicAdd(grad_rois + 5 * k + 2, f * ((acc_t(1) - v) * g_ys + (acc_t(1) - v1) * g_ye));
-      gpuAtomicAdd(grad_rois + 5 * k + 3, f * (u * g_xs + u1 * g_xe));
-      gpuAtomicAdd(grad_rois + 5 * k + 4, f * (v * g_ys + v1 * g_ye));
+      acc_t* out = bin_grads + 4 * index;  // this bin's terms, added up per RoI by sum_bin_terms
+      out[0] = f * ((acc_t(1) - u) * g_xs + (acc_t(1) - u1) * g_xe);
+      out[1] = f * ((acc_t(1) - v) * g_ys + (acc_t(1) - v1) * g_ye);
+      out[2] = f * (u * g_xs + u1 * g_xe);
+      out[3] = f * (v * g_ys + v1 * g_ye);
     }
   }
 }
@@ -553,9 +554,14 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int64_t num_bins = num_rois * pooled_height * pooled_width;
       const int grid = static_cast<int>(std::min<int64_t>(num_bins, 65535 * 64));
+      at::Tensor bin_grads = at::zeros({num_bins, 4}, input.options().dtype(acc_type));
       prroi_pool_backward_rois_cuda<scalar_t, acc_t><<<grid, kBoxThreads, 0, stream>>>(
           num_bins, grad_.data_ptr<scalar_t>(), input_.data_ptr<scalar_t>(), rois_.data_ptr<scalar_t>(), channels,
-          height, width, pooled_height, pooled_width, scale, aligned, grad_rois_acc.data_ptr<acc_t>());
+          height, width, pooled_height, pooled_width, scale, aligned, bin_grads.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // the direct RoIs' gradient (the table RoIs' bins hold zeros: their gradient, written above, stays)
+      prroi::device::sum_bin_terms<acc_t><<<blocks_for(num_rois), kThreads, 0, stream>>>(
+          num_rois, pooled_height * pooled_width, bin_grads.data_ptr<acc_t>(), 5, 1, grad_rois_acc.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     grad_input = grad_input_acc.to(input.scalar_type());
