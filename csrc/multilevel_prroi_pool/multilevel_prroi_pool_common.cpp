@@ -1,6 +1,8 @@
 // Argument checks, levels and images of multi-level Precise RoI Pooling (declared in multilevel_prroi_pool_common.h).
 #include "multilevel_prroi_pool/multilevel_prroi_pool_common.h"
 
+#include <ATen/OpMathType.h>
+
 #include <cmath>
 
 namespace d2_refine {
@@ -72,8 +74,7 @@ at::Tensor box_levels(const at::Tensor& boxes, double canonical_box_size, int64_
                       int64_t num_levels) {
   // detectron2/modeling/poolers.py assign_boxes_to_levels, op for op (the same float rounding), in float32 for
   // half-precision boxes (the area of a box over 256 x 256 px overflows float16)
-  const bool half = boxes.scalar_type() == at::kHalf || boxes.scalar_type() == at::kBFloat16;
-  const at::Tensor b = half ? boxes.to(at::kFloat) : boxes;
+  const at::Tensor b = boxes.to(at::toOpMathType(boxes.scalar_type()));
   const at::Tensor area = (b.select(1, 2) - b.select(1, 0)) * (b.select(1, 3) - b.select(1, 1));
   at::Tensor level = at::floor(at::log2(at::sqrt(area) / canonical_box_size + 1e-8) + canonical_level);
   level = at::clamp(level, min_level, min_level + num_levels - 1);

@@ -89,8 +89,7 @@ def box_levels(boxes: Tensor, canonical_box_size: float, canonical_level: int, m
     op, in the dtype of ``boxes``, float32 for half-precision boxes, whose areas overflow float16 beyond 256 x 256 px),
     -1 where it is NaN or the box has a coordinate that is not finite (whose level would depend on the sign of the
     infinity); checked on the device, without a host synchronisation."""
-    if boxes.dtype in (torch.float16, torch.bfloat16):
-        boxes = boxes.float()
+    boxes = boxes.to(compute_dtype(boxes))
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_box_size + 1e-8))
     level = torch.clamp(level, min=min_level, max=min_level + num_levels - 1)

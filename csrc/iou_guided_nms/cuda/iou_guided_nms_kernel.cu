@@ -71,12 +71,16 @@ struct SortedOwners {
   at::Tensor owner;          // sorted position of the kept box owning each sorted position
 };
 
+// A key to sort by, descending: NaN last and +-inf kept, the CPU kernel's order (isnan ? -inf : value).
+at::Tensor nan_last(const at::Tensor& t) {
+  const double inf = std::numeric_limits<double>::infinity();
+  return at::nan_to_num(t, -inf, inf, -inf);
+}
+
 SortedOwners sorted_owners(const at::Tensor& boxes, const at::Tensor& scores, const at::Tensor& ious,
                            const at::Tensor& idxs, double iou_threshold, int guide_id, bool sync_free) {
   const int64_t n = boxes.size(0);
-  const double pos_inf = std::numeric_limits<double>::infinity(), neg_inf = -pos_inf;
-  at::Tensor key = guide_id == 0 ? ious : (guide_id == 1 ? scores * ious : scores);
-  key = at::nan_to_num(key, neg_inf, pos_inf, neg_inf);  // NaN last, +-inf kept (the CPU's order)
+  const at::Tensor key = nan_last(guide_id == 0 ? ious : (guide_id == 1 ? scores * ious : scores));
   // (class, key descending, index): stable sort by key, then stable sort by class
   const at::Tensor by_key = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
   const auto by_class = idxs.to(at::kLong).index_select(0, by_key).sort(/*stable=*/true, 0, /*descending=*/false);
@@ -141,7 +145,6 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_nms_kernel(const at::Tensor& boxes
   if (on_finite) {  // some candidates had non-finite values: the others' result, at their original positions
     return *on_finite;
   }
-  const double pos_inf = std::numeric_limits<double>::infinity(), neg_inf = -pos_inf;
   const SortedOwners r = sorted_owners(boxes, scores, ious, idxs, iou_threshold, guide_id, /*sync_free=*/false);
   const at::Tensor new_scores = updated_scores(r, guide_id);
   const at::Tensor positions = at::arange(n, r.owner.options());
@@ -151,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> iou_guided_nms_kernel(const at::Tensor& boxes
   const at::Tensor keep = std::get<0>(by_index);
   const at::Tensor kept_scores = new_scores.index_select(0, kept.index_select(0, std::get<1>(by_index)));
   const at::Tensor final_order =
-      std::get<1>(at::nan_to_num(kept_scores, neg_inf, pos_inf, neg_inf).sort(/*stable=*/true, 0, true));
+      std::get<1>(nan_last(kept_scores).sort(/*stable=*/true, 0, /*descending=*/true));
   return std::make_tuple(keep.index_select(0, final_order), kept_scores.index_select(0, final_order));
 }
 
@@ -174,7 +177,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iou_guided_nms_padded_kernel(cons
     return std::make_tuple(at::empty({0}, long_options), at::empty({0}, scores.options()),
                            at::zeros({}, long_options));
   }
-  const double pos_inf = std::numeric_limits<double>::infinity(), neg_inf = -pos_inf;
   // non-finite candidates take no part, as in iou_guided_nms, without a host synchronisation: they go to a class of
   // their own (one above the largest), where they can neither suppress nor lend a score, and are not kept
   const at::Tensor finite = iou_nms::finite_mask(boxes, scores, ious, guide_id);
@@ -185,8 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> iou_guided_nms_padded_kernel(cons
   const at::Tensor positions = at::arange(n, long_options);
   const at::Tensor kept = (r.owner == positions).logical_and(finite.index_select(0, r.order));
   at::Tensor perm = std::get<1>(r.order.sort(/*stable=*/true, 0, false));
-  const at::Tensor sort_scores = at::nan_to_num(new_scores.index_select(0, perm), neg_inf, pos_inf, neg_inf);
-  perm = perm.index_select(0, std::get<1>(sort_scores.sort(/*stable=*/true, 0, /*descending=*/true)));
+  perm = perm.index_select(
+      0, std::get<1>(nan_last(new_scores.index_select(0, perm)).sort(/*stable=*/true, 0, /*descending=*/true)));
   perm = perm.index_select(0, std::get<1>(kept.index_select(0, perm).to(at::kByte).sort(true, 0, /*descending=*/true)));
   const at::Tensor num_kept = kept.sum(at::kLong);
   const at::Tensor valid = positions < num_kept;
