@@ -95,9 +95,13 @@ def test_gradient_equals_detached_plan_gradient(cost):
     assert x.grad.abs().sum() > 0
 
 
-def test_divergence_of_identical_clouds_is_zero():
-    x = torch.randn(2, 10, 1, dtype=torch.float64)
-    torch.testing.assert_close(sk.sinkhorn_divergence(x, x.clone()), torch.zeros(2, dtype=torch.float64))
+def test_divergence_is_zero_for_the_same_cloud_in_another_order_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 10, 2, generator=g, dtype=torch.float64)
+    shuffled = x[:, torch.randperm(10, generator=g)]  # the same points (uniform weights): W(x, y) = W(x, x)
+    torch.testing.assert_close(sk.sinkhorn_divergence(x, shuffled, iters=50), torch.zeros(2, dtype=torch.float64))
+    shifts = [sk.sinkhorn_divergence(x, x + t, iters=50) for t in (0.1, 0.5, 1.0)]
+    assert all(bool((a > 0).all()) and bool((a < b).all()) for a, b in zip(shifts, shifts[1:]))
 
 
 def test_empty_batch():

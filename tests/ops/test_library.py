@@ -72,3 +72,13 @@ def test_import_refuses_it_and_the_ops_fall_back_to_the_references():
     """
     proc = run_python(code, env=dict(os.environ))
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_built_library_loads():
+    """Where ``d2_refine._C`` exists (the README's set-up builds it), it loads with every op: otherwise every test
+    marked for the compiled ops would skip as "not built" and the fronts' fallbacks would test the references against
+    themselves."""
+    path = _library._library_path()
+    if path is None:
+        pytest.skip("the compiled op library d2_refine._C is not built (no C++ compiler at install time)")
+    assert _library.has_ops(), f"{path} exists but did not load: {_library.load_error()}"

@@ -67,6 +67,7 @@ def test_equals_one_prroi_pool_call_per_level(device, aligned, canonical):
     assert sum(float(g.abs().sum()) for g in box_grads) > 0
 
 
+@needs_ops
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_kernel_matches_reference(device):
     maps, boxes = _case(device, seed=2)

@@ -58,7 +58,7 @@ def _shape():
     ("build_resnet_fpt_backbone", "build_resnet_fpn_backbone", ["p2", "p3", "p4", "p5"]),
     ("build_retinanet_resnet_fpt_backbone", "build_retinanet_resnet_fpn_backbone", ["p3", "p4", "p5", "p6", "p7"]),
 ])
-def test_outputs_match_the_wrapped_fpn(name, fpn_name, levels):
+def test_output_levels_shapes_and_strides_match_the_wrapped_fpn(name, fpn_name, levels):
     cfg = _cfg(name)
     bb = build_backbone(cfg).eval()
     fpn = _fpn_twin(cfg, fpn_name).eval()

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from d2_refine.ops import iou_guided_nms
 from d2_refine.projects.iounet.inference import iounet_inference_single_image
 from d2_refine.projects.iounet.jitter import pairwise_iou
 
@@ -49,8 +50,35 @@ def test_refinement_raises_true_iou_and_scores_use_it():
     assert ref["boxes"][:, 0::2].max() <= 190 and ref["boxes"][:, 1::2].max() <= 200
 
 
+def _iou_guided_expected(boxes, scores, image_size, iou_fn, guide, topk=100):
+    """The IoU-guided path built step by step: candidates (proposal, class) with p >= 0.05, each with the clipped box
+    of its proposal's argmax class and that box's IoU, then the unpadded op, then the topk."""
+    per_class = boxes.reshape(len(boxes), -1, 4).clone()
+    per_class[..., 0::2] = per_class[..., 0::2].clamp(0, image_size[1])
+    per_class[..., 1::2] = per_class[..., 1::2].clamp(0, image_size[0])
+    fg = scores[:, :-1]
+    rows, cls = torch.nonzero(fg >= 0.05, as_tuple=True)
+    cand = per_class[rows, fg.argmax(1)[rows]]
+    ious = iou_fn(cand)[:, 0]
+    keep, kept = iou_guided_nms(cand, fg[rows, cls], ious, cls, 0.5, guide=guide)
+    keep, kept = keep[:topk], kept[:topk]
+    return cand[keep], kept, cls[keep], ious[keep]
+
+
+@pytest.mark.parametrize("mode,guide", [("iou_guided", "rank"), ("iou_guided_score_x_iou", "weight")])
+def test_iou_guided_nms_path_is_the_op_on_the_candidates(mode, guide):
+    boxes, scores = _case(2)
+    fn = _iou_fn(boxes[::5, :4] + 2.0)
+    out = iounet_inference_single_image(boxes, scores, (200, 190), fn, nms=mode, refine=False, score_times_iou=False)
+    ref_boxes, ref_scores, ref_classes, ref_ious = _iou_guided_expected(boxes, scores, (200, 190), fn, guide)
+    assert 10 < len(ref_boxes) <= 100
+    torch.testing.assert_close(out["boxes"], ref_boxes)
+    torch.testing.assert_close(out["scores"], ref_scores)
+    assert torch.equal(out["classes"], ref_classes)
+    torch.testing.assert_close(out["ious"], ref_ious.clamp(0, 1))
+
+
 def test_iou_guided_nms_path_and_empty_image():
-    pytest.importorskip("d2_refine.ops")
     boxes, scores = _case(2)
     gt = boxes[::5, :4]
     out = iounet_inference_single_image(boxes, scores, (200, 190), _iou_fn(gt), nms="iou_guided", refine=True)
