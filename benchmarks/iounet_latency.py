@@ -293,6 +293,8 @@ def main():
                             profiles, config=args.shapes_config)
     else:
         print(f"# no trained shapes weights at {args.shapes_weights!r}: shapes case skipped")
+    if not rows:
+        ap.error("nothing to time: --skip-r50 drops the R-50 case and there are no --shapes-weights")
     print("case | base ms | ours ms | ratio")
     for name, b, o in rows:
         print(f"{name} | {b:.1f} | {o:.1f} | {o / b:.2f}x")

@@ -7,11 +7,11 @@ that survives without the checkpoints, and write one Markdown table that states 
     python tools/benchmark_table.py --iters 2000 --seeds 1 --only iounet       # a method (and its baseline)
     python tools/benchmark_table.py --iters 2000 --seeds 1 2 3 --timing-only   # re-time the checkpoints
     python tools/benchmark_table.py --iters 2000 --seeds 1 2 3 --regime finetune   # from the pretrained trunk
-    python tools/benchmark_table.py --from-json docs/results/shapes_2000it.json --out docs/results/shapes.md  # no d2
+    python tools/benchmark_table.py --from-json docs/results/shapes_2000it.json --readme docs/results/shapes.md  # no d2
 
 Regimes. ``--regime scratch`` (default) trains every model from random weights into
 ``<output-dir>/<iters>it/`` and records into ``docs/results/shapes_<iters>it.json``; ``--regime finetune`` trains
-the main models (the baselines, IoU-Net, FPT lite, IFR, InterNet l2, RDSNet and its MBRM variant) from the
+every model but FPT paper (``FINETUNE_MODELS`` in ``d2_refine/benchmark/entries.py``) from the
 pretrained R-18 trunk with each one's ``<config>_pretrained.yaml`` into ``<output-dir>/finetune_<iters>it/`` and
 records into ``docs/results/shapes_finetune.json`` (same schema). The code lives in ``d2_refine/benchmark/``;
 this script is its command line.
@@ -110,8 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="one seed: the same as --seeds SEED")
     p.add_argument("--only", nargs="+", choices=sorted(ENTRY_BY_NAME), help="these models (and their baselines)")
     p.add_argument("--regime", choices=REGIMES, default="scratch",
-                   help="scratch: every model from random weights; finetune: the main models from the pretrained "
-                        "trunk, with their <config>_pretrained.yaml (default: scratch)")
+                   help="scratch: every model from random weights; finetune: every model but fpt_paper from the "
+                        "pretrained trunk, with their <config>_pretrained.yaml (default: scratch)")
     p.add_argument("--output-dir", default=os.path.join(REPO, "output", "benchmark_table"))
     p.add_argument("--results", default=None,
                    help="the results record (JSON, default: docs/results/shapes_<iters>it.json; "

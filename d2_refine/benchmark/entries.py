@@ -41,7 +41,7 @@ class Entry:
 
 
 def _ifr_warm_up(iters: int) -> List[str]:
-    """The paper's plain-head warm-up of the implicit IFR head: 50k of its 90k iterations."""
+    """The paper's explicit warm-up of the implicit IFR head (the block unrolled K times): 50k of its 90k iterations."""
     return ["MODEL.IFR.PRETRAIN_STEPS", str(round(iters * 5 / 9))]
 
 
