@@ -2,7 +2,8 @@
 
 Idioms: the repository root is :data:`ROOT`; a test file or test that needs detectron2 calls
 ``pytest.importorskip("detectron2")`` (at the top of the file, before importing detectron2, or first in the test);
-device-parametrised tests use ``@pytest.mark.parametrize("device", cpu_and_cuda())``. Helpers that need no pytest
+a test of the compiled kernels is marked :data:`needs_ops`; device-parametrised tests use
+``@pytest.mark.parametrize("device", cpu_and_cuda())``. Helpers that need no pytest
 (tiny training runs, synthetic batches) are in :mod:`d2_refine.utils.testing`.
 """
 import importlib.util
@@ -14,7 +15,25 @@ import textwrap
 import pytest
 import torch
 
+from d2_refine.ops import has_ops
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ops_missing_reason():
+    """Why the compiled op library is not there, for a skip: not built, or built and failing to load (with the error;
+    tests/ops/test_library.py fails the latter)."""
+    from d2_refine.ops import _library
+
+    if _library._library_path() is None:
+        return "the compiled op library d2_refine._C is not built"
+    return f"d2_refine._C did not load: {_library.load_error()}"
+
+
+needs_ops = pytest.mark.skipif(not has_ops(), reason=ops_missing_reason())
+"""Marks a test of the compiled kernels: skipped, with the reason, where ``d2_refine._C`` is not available (without it
+the ops' fronts run the pure-PyTorch references, and a kernel-vs-reference test would compare the reference with
+itself)."""
 
 
 def cpu_and_cuda():

@@ -10,10 +10,10 @@ from torch import nn
 from torch.export import Dim
 
 from d2_refine.ops import has_ops, iou_guided_nms, prroi_pool
-from helpers import ROOT, cpu_and_cuda
+from helpers import ROOT, cpu_and_cuda, ops_missing_reason
 
-needs_ops = pytest.mark.skipif(not has_ops(), reason="the compiled op library d2_refine._C is not built: the "
-                               "pure-PyTorch fallbacks branch on tensor values in Python and do not export")
+needs_ops = pytest.mark.skipif(not has_ops(), reason=f"{ops_missing_reason()}: the pure-PyTorch fallbacks branch on "
+                               "tensor values in Python and do not export")
 
 
 @pytest.fixture(autouse=True)

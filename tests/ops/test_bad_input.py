@@ -18,7 +18,7 @@ from d2_refine.ops import (
     prroi_pool,
 )
 from d2_refine.ops._library import compute_dtype
-from helpers import cpu_and_cuda, run_python
+from helpers import cpu_and_cuda, needs_ops, run_python
 
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 NON_FINITE = [math.nan, math.inf, -math.inf]
@@ -147,7 +147,7 @@ def test_prroi_pool_empty_maps(device, shape):
     assert out.shape == (rois.size(0), shape[1], 2, 2) and not out.any()
 
 
-@pytest.mark.skipif(not has_ops(), reason="the compiled op library d2_refine._C is not built")
+@needs_ops
 def test_raising_kernels_do_not_kill_the_process():
     """C++ exceptions of both kernels (ValueError / RuntimeError / TypeError) reach Python in a fresh process,
     which then carries on (a C++ runtime that aborts on throw would end it with a signal)."""

@@ -18,11 +18,12 @@ import sys
 import pytest
 import torch
 
-from d2_refine.ops import has_ops, iou_guided_nms, prroi_pool
+from d2_refine.ops import iou_guided_nms, prroi_pool
+from helpers import needs_ops
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available"),
-    pytest.mark.skipif(not has_ops(), reason="d2_refine._C is not built"),
+    needs_ops,
 ]
 
 

@@ -16,10 +16,9 @@ from d2_refine.ops import (
     iou_guided_nms,
     iou_guided_nms_padded,
 )
-from helpers import cpu_and_cuda
+from helpers import cpu_and_cuda, needs_ops
 
 nms_module = importlib.import_module("d2_refine.ops.iou_guided_nms")  # the module, not the function
-needs_ops = pytest.mark.skipif(not has_ops(), reason="the compiled op library d2_refine._C is not built")
 GUIDES = ["rank", "weight", "none"]
 
 

@@ -7,9 +7,8 @@ import torch
 
 from d2_refine.ops import _multilevel_prroi_pool_reference, has_ops, multilevel_prroi_pool, prroi_pool
 from d2_refine.ops.multilevel_prroi_pool import box_levels
-from helpers import cpu_and_cuda
+from helpers import cpu_and_cuda, needs_ops
 
-needs_ops = pytest.mark.skipif(not has_ops(), reason="the compiled op library d2_refine._C is not built")
 SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
 
 

@@ -10,10 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from d2_refine.ops import PrRoIPool2D, PrRoIPool2d, _prroi_pool_reference, has_ops, prroi_pool
-from helpers import cpu_and_cuda
+from helpers import cpu_and_cuda, needs_ops
 
 prroi_module = importlib.import_module("d2_refine.ops.prroi_pool")  # the module, not the function
-needs_ops = pytest.mark.skipif(not has_ops(), reason="the compiled op library d2_refine._C is not built")
 
 
 def _random_rois(num, num_images, extent, max_size, generator, dtype=torch.float64, outside=2.0):
