@@ -96,6 +96,29 @@ def _timing_caption(doc: dict, names: Sequence[str]) -> str:
     return f"inference ms/img: batch 1, measured apart from training ({head}): " + "; ".join(parts) + "."
 
 
+def _apart(doc: Optional[dict], names: Sequence[str]) -> List[str]:
+    """The titles of the rows of ``names`` timed apart from the others: where the rows come from more than one
+    timing pass, those outside the pass that timed the most of them."""
+    used = _passes(doc, names)
+    if len(used) < 2:
+        return []
+    timing = doc["timing"]
+    by_pass = {p: [n for n in names if timing.get(n, {}).get("pass") == p] for p in used}
+    main = max(used, key=lambda p: len(by_pass[p]))
+    return [row_title(n) for p in used if p != main for n in by_pass[p]]
+
+
+def _pass_words(apart: Dict[str, List[str]]) -> tuple:
+    """The caption's words for the timing passes (one per regime, or which rows a pass of their own timed): the
+    pass and, where some rows were timed apart, the clause that names them."""
+    rows = "; ".join(f"{', '.join(titles)}{f' ({regime})' if regime else ''}" for regime, titles in apart.items()
+                     if titles)
+    one = "one timing pass" if not rows else "a timing pass"
+    return (f"{one} in one process (its machine, threads and load are in the record)",
+            f"; {rows}: timed in a pass of {'its' if sum(map(len, apart.values())) == 1 else 'their'} own" if rows
+            else "")
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True).splitlines()
 
@@ -112,8 +135,8 @@ def markdown(rows: List[dict], doc: dict, command: str, source: str = "", short:
              "```bash", command, "```", ""]
     if short:
         lines += [f"Mean ± std over the seeds; Δ: paired with the baseline of the same seed; {VERDICT_RULE}. "
-                  "inference ms/img: batch 1, the median over val images of one timing pass in one process (its "
-                  "machine, threads and load are in the record).", ""]
+                  "inference ms/img: batch 1, the median over val images of "
+                  f"{''.join(_pass_words({'': _apart(doc, [r['name'] for r in rows])}))}.", ""]
         headers = ["model", "seeds", "box AP", "mask AP", "Δ box AP", "Δ mask AP", "verdict", "inference ms/img"]
     else:
         lines += ["Each cell: mean ± sample standard deviation (n − 1) over the row's n seeds (`seeds`). Δ: the "
@@ -162,13 +185,14 @@ REGIME_WORDS = {"scratch": "from scratch", "finetune": "pretrained trunk"}
 def method_markdown(parts: Sequence[tuple], names: Sequence[str], command: str, sources: Dict[str, str]) -> str:
     """A method README's results table: its rows and their baselines (``names``) in both regimes, one block of
     rows per regime. ``parts``: (regime, summarized rows, results record or None) per regime, in table order."""
-    body, schedules, unmeasured, timed_on = [], {}, set(), {}
+    body, schedules, unmeasured, timed_on, apart = [], {}, set(), {}, {}
     for regime, rows, doc in parts:
         by = {r["name"]: r for r in rows}
         schedules[regime] = (doc or {}).get("iters")
         where = sorted({_where(doc["timing_passes"].get(p) or {}) for p in _passes(doc, names)})
         if where:
             timed_on[REGIME_WORDS[regime]] = " / ".join(where)
+        apart[REGIME_WORDS[regime]] = _apart(doc, [n for n in names if n in by])
         for name in names:
             if name in by:
                 cells = _short_cells(by[name], doc)
@@ -177,11 +201,12 @@ def method_markdown(parts: Sequence[tuple], names: Sequence[str], command: str, 
                     unmeasured.add(REGIME_WORDS[regime])
             elif in_regime(name, regime):
                 body.append([row_title(name), REGIME_WORDS[regime], *["–"] * 5, "not run yet", "–"])
-    timing = ("inference ms/img: batch 1, the median over the val images of one timing pass in one process (its "
-              "machine, threads and load are in the record)")
+    passes, apart_rows = _pass_words(apart)
+    timing = f"inference ms/img: batch 1, the median over the val images of {passes}"
     if len(timed_on) > 1:  # the regimes' passes may differ in threads: their times compare within a regime only
         timing += " on " + ", ".join(f"{w} ({regime})" for regime, w in timed_on.items()) + \
             "; compare rows of one regime"
+    timing += apart_rows
     if unmeasured:
         timing += f"; –: not timed yet ({', '.join(sorted(unmeasured, reverse=True))})"
     lines = [f"Written from {', '.join(f'`{p}`' for p in sources.values())} by:", "", "```bash", command, "```", "",

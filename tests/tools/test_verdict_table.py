@@ -90,3 +90,26 @@ def test_a_method_readme_names_where_each_regime_was_timed(tmp_path):
     json.dump(doc, open(paths["finetune"], "w"))
     md = vt.main(["--scratch", paths["scratch"], "--finetune", paths["finetune"], "--only", "ifr"])
     assert "on 2 CPU threads (from scratch), NVIDIA H100 (pretrained trunk)" in md
+
+
+def test_a_method_readme_names_the_rows_timed_in_a_pass_of_their_own(tmp_path):
+    """Rows of one regime timed in different passes (a pair trained after the others) compare less well with the
+    rest: the caption names them; with one pass per regime it says "one timing pass"."""
+    import json
+
+    path = str(tmp_path / "finetune.json")
+    record.record_runs(path, 50, [benchmark_record(m, s, 60.0, 55.0, b, iters=50) for s in (1, 2)
+                                  for m, b in (("mask_rcnn", None), ("ifr", "mask_rcnn"))])
+    doc = json.load(open(path))
+    doc["timing"] = {"mask_rcnn": {"ms_per_img": 100.0, "pass": "p1"}, "ifr": {"ms_per_img": 200.0, "pass": "p1"}}
+    doc["timing_passes"] = {"p1": {"device": "cpu", "machine": {"torch_threads": 1}}}
+    json.dump(doc, open(path, "w"))
+    md = vt.main(["--scratch", str(tmp_path / "absent.json"), "--finetune", path, "--only", "ifr"])
+    assert "of one timing pass in one process" in md and "a pass of their own" not in md
+    doc["timing"]["ifr"]["pass"] = "p2"
+    doc["timing_passes"]["p2"] = doc["timing_passes"]["p1"]
+    doc["timing"]["mask_rcnn_extra"] = {"ms_per_img": 1.0, "pass": "p1"}  # a row outside the table: not counted
+    json.dump(doc, open(path, "w"))
+    md = vt.main(["--scratch", str(tmp_path / "absent.json"), "--finetune", path, "--only", "ifr"])
+    assert "of a timing pass in one process" in md
+    assert "; Mask R-CNN + IFR (implicit) (pretrained trunk): timed in a pass of its own" in md
