@@ -20,21 +20,6 @@ CONFIG = os.path.join(ROOT, "configs", "InterNet", "internet_l2_R_18_FPN_shapes.
 OPTS = ["MODEL.INTERNET.CRITIC_DIM", "64", "SEED", "3"]
 
 
-def _train_worker(output_dir, out_file):
-    import torch
-    from detectron2.utils import comm
-
-    from d2_refine.utils.testing import smoke_trainer
-
-    trainer = smoke_trainer(CONFIG, output_dir, OPTS)
-    trainer.train()
-    model = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
-    torch.save({"world_size": comm.get_world_size(), "state": model.state_dict(),
-                "params": [name for name, _ in model.named_parameters()],
-                "results": trainer._last_eval_results if comm.is_main_process() else None},
-               f"{out_file}.{comm.get_rank()}")
-
-
 @pytest.mark.slow  # two training processes
 def test_two_gloo_processes_keep_weights_and_class_buffer_equal(tmp_path, monkeypatch):
     import torch
@@ -45,10 +30,13 @@ def test_two_gloo_processes_keep_weights_and_class_buffer_equal(tmp_path, monkey
         pytest.skip("torch.distributed is not available")
     if torch.cuda.is_available():
         pytest.skip("launch picks NCCL and one GPU per process where CUDA is available; this test is the CPU path")
-    # the spawned workers unpickle _train_worker from this module: make the repository root importable for them
-    monkeypatch.syspath_prepend(ROOT)
-    launch(_train_worker, 2, num_machines=1, machine_rank=0, dist_url=f"file://{tmp_path / 'init'}",
-           args=(str(tmp_path / "run"), str(tmp_path / "rank")))
+    # the spawned workers unpickle the worker by its module's name: that module's folder goes on sys.path, which
+    # they inherit (see distributed_train_worker.py for why it is not in this module)
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
+    from distributed_train_worker import train_worker
+
+    launch(train_worker, 2, num_machines=1, machine_rank=0, dist_url=f"file://{tmp_path / 'init'}",
+           args=(CONFIG, OPTS, str(tmp_path / "run"), str(tmp_path / "rank")))
 
     r0, r1 = (torch.load(tmp_path / f"rank.{r}", weights_only=True) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2

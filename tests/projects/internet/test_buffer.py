@@ -1,9 +1,10 @@
 """ClassBuffer: running mean, FIFO window, checkpoint state (detectron2-free)."""
+import os
+
 import pytest
 import torch
 
 from d2_refine.projects.internet.buffer import ClassBuffer
-from helpers import ROOT
 
 
 def _steps(seed, num_steps=12, num_classes=5, dim=8):
@@ -81,31 +82,18 @@ def test_bad_inputs_raise():
         ClassBuffer(3, 4, size=0)
 
 
-def _dist_worker(rank, world, init_file, out_file):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        buf = ClassBuffer(3, 4)
-        g = torch.Generator().manual_seed(rank)
-        feats = torch.rand(rank + 2, 4, generator=g)
-        labels = torch.tensor([0, 2, 2][: rank + 2])
-        buf.update(feats, labels)
-        torch.save({"feats": feats, "labels": labels, "state": buf.state_dict()}, f"{out_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
 def test_distributed_update_all_reduces_sums_and_counts(tmp_path, monkeypatch):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    # the spawned workers unpickle _dist_worker from this module: make the repository root importable for them
-    # whatever the runner's working directory and sys.path
-    monkeypatch.syspath_prepend(ROOT)
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    # the spawned workers unpickle the worker by its module's name: that module's folder goes on sys.path, which
+    # they inherit (see internet_dist_worker.py for why it is not in this module)
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
+    from internet_dist_worker import dist_worker
+
+    mp.spawn(dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
     allf = torch.cat([r0["feats"], r1["feats"]])
     ally = torch.cat([r0["labels"], r1["labels"]])
