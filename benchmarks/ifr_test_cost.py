@@ -163,9 +163,8 @@ def main():
         from d2_refine.benchmark.record import git_commit
 
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        code = git_commit()  # before the record is opened: truncating a tracked record would read as dirty
         with open(args.json, "w") as f:
-            json.dump(dict(command="python benchmarks/ifr_test_cost.py " + shlex.join(sys.argv[1:]), code=code,
+            json.dump(dict(command="python benchmarks/ifr_test_cost.py " + shlex.join(sys.argv[1:]), code=git_commit(),
                            device=dev, torch=torch.__version__, rows=[dict(
                 case=case, base_ms=base_ms, ours_ms=ifr_ms, ratio=ifr_ms / base_ms, ours_ms_without_nnpack=off_ms,
                 ratio_without_nnpack=off_ms / base_ms if off_ms else None,

@@ -121,10 +121,9 @@ def main():
         rows.append({"row": name, **{k: r.get(k, float("nan")) for k in ("AP", "AP50", "AP75", "AP90")},
                      "ms_per_img": ms, "refinement": extra})
     os.makedirs(args.output, exist_ok=True)
-    code = git_commit()  # before the record is opened: truncating a tracked record would read as dirty
     with open(os.path.join(args.output, "ablation.json"), "w") as f:
         json.dump({"images": count, "rows": rows, "argv": sys.argv,
-                   "command": "python tools/iounet_ablation.py " + shlex.join(sys.argv[1:]), "code": code},
+                   "command": "python tools/iounet_ablation.py " + shlex.join(sys.argv[1:]), "code": git_commit()},
                   f, indent=1)
     print(f"images: {count}, torch threads {torch.get_num_threads()}")
     print("| row | AP | AP50 | AP75 | AP90 | ms/img | refinement |")

@@ -154,9 +154,8 @@ def main(argv=None):
               f"{len(s['seeds'])}")
     if args.json:
         command = "python tools/training_losses.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-        code = git_commit()  # before the record is opened: truncating a tracked record would read as dirty
         with open(args.json, "w") as f:
-            json.dump(dict(command=command, code=code, rows=rows, summary=summarized), f, indent=1)
+            json.dump(dict(command=command, code=git_commit(), rows=rows, summary=summarized), f, indent=1)
     return rows
 
 

@@ -52,12 +52,16 @@ def file_lock(path: str, blocking: bool = True):
 
 
 def git_commit() -> dict:
-    """The commit of the code here and whether tracked files differ from it (None where git cannot tell)."""
+    """The commit of the code here and whether the tracked code differs from it (None where git cannot tell).
+
+    What the tools write, the records and tables under ``docs/`` and the Markdown files, is not code: a campaign that
+    writes each finished run into a committed record, or a tool that rewrites its own record, leaves the code as
+    committed, and the runs after it are not "dirty"."""
     def git(*a):
         return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30)
     try:
         head = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs", ":(exclude)*.md")
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     if head.returncode != 0:

@@ -48,3 +48,35 @@ def test_concurrent_writers_keep_every_record(tmp_path):
         assert held
         with record.file_lock(path + ".lock", blocking=False) as again:
             assert again is False  # a second holder (another open file) is refused while the first holds it
+
+
+def test_git_commit_calls_dirty_only_a_change_of_the_code(tmp_path, monkeypatch):
+    """A rewritten record, table or README leaves the code as committed (a campaign writes each finished run into a
+    committed record, so every run after the first would otherwise read as dirty); a changed source file does not."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    files = {"pkg/code.py": "x = 1\n", "docs/results/run.json": "{}\n", "docs/results/run.md": "a\n",
+             "pkg/README.md": "b\n"}
+    for name, text in files.items():
+        os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+        (tmp_path / name).write_text(text)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    monkeypatch.setattr(record, "REPO", str(tmp_path))
+    code = record.git_commit()
+    assert len(code["commit"]) == 40 and code["dirty"] is False
+    for name in ("docs/results/run.json", "docs/results/run.md", "pkg/README.md"):
+        (tmp_path / name).write_text("rewritten\n")
+    (tmp_path / "pkg" / "untracked.py").write_text("y = 2\n")
+    assert record.git_commit()["dirty"] is False
+    (tmp_path / "pkg" / "code.py").write_text("x = 2\n")
+    assert record.git_commit()["dirty"] is True

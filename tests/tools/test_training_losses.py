@@ -96,17 +96,3 @@ def test_against_other_models_and_missing_runs_from_a_reference(tmp_path, capsys
         tl.main([str(later), "--models", "internet_makeup", "--seeds", "2", "--reference", str(reference)])
     with pytest.raises(SystemExit, match="the method itself"):
         tl.main([str(later), "--models", "internet_makeup", "--against", "internet_makeup"])
-
-
-def test_the_code_version_is_read_before_the_record_is_rewritten(tmp_path, monkeypatch):
-    """Rewriting a committed record must not read as uncommitted code: ``git status`` is asked while the old record
-    is still on disk (asked after ``open(path, "w")``, it saw the truncated file and every rewrite said dirty)."""
-    _run(tmp_path / "seed1" / "mask_rcnn", lambda i: {"loss_mask": 0.2})
-    _run(tmp_path / "seed1" / "ifr", lambda i: {"loss_mask": 0.1})
-    out = tmp_path / "losses.json"
-    out.write_text('{"old": true}')
-    seen = []
-    monkeypatch.setattr(tl, "git_commit", lambda: seen.append(out.read_text()) or {"commit": "c", "dirty": False})
-    tl.main([str(tmp_path), "--models", "ifr", "--seeds", "1", "--windows", "0:1000", "--json", str(out)])
-    assert seen == ['{"old": true}']
-    assert json.loads(out.read_text())["code"] == {"commit": "c", "dirty": False}
