@@ -258,15 +258,16 @@ def main(argv=None):
         torch.set_num_threads(args.num_threads)
     trunk, what = (detection_pretext if args.pretext == "detection" else classification_pretext)(args)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "wb") as f:
-        pickle.dump({"model": trunk, "__author__": "d2_refine tools/pretrain_trunk.py",
-                     "matching_heuristics": True}, f)
     from d2_refine.benchmark.record import git_commit, now
     from d2_refine.collect_env import machine_info
     from d2_refine.pretrained import sha256_file
 
-    digest, code = sha256_file(args.out), git_commit()
+    code = git_commit()  # before the trunk is written: rewriting the shipped trunk does not change the code
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "wb") as f:
+        pickle.dump({"model": trunk, "__author__": "d2_refine tools/pretrain_trunk.py",
+                     "matching_heuristics": True}, f)
+    digest = sha256_file(args.out)
     with open(args.out + ".sha256", "w") as f:
         f.write(f"{digest}  {os.path.basename(args.out)}\n")
     record = {
