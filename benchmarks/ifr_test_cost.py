@@ -20,6 +20,8 @@ the models keep their configs' detection settings and run on the first ``--repea
 Rows: ``case | Mask R-CNN ms | IFR ms | ratio``. On one CPU thread IFR's block convolves on NNPACK at test time
 (d2_refine/layers/nnpack_conv.py); on the CPU the run also times IFR with NNPACK switched off
 (``torch.backends.nnpack.flags``: PyTorch's default oneDNN convs, as Mask R-CNN's head runs), the last two columns.
+After the timing each model runs the last image once more under ``d2_refine.utils.host_sync.HostSyncCounter``: the
+ops that make the host wait for the device (``.item()``, ``nonzero``, boolean indexing, ...), per model and op.
 """
 import argparse
 import json
@@ -94,6 +96,20 @@ def time_pair(models, inputs, device):
     return [statistics.median(r) for r in runs]
 
 
+def host_syncs(model, batch):
+    """{op: calls} of the ops that make the host wait for the device in one call of ``model`` (any device)."""
+    from d2_refine.utils.host_sync import HostSyncCounter
+
+    with torch.no_grad(), HostSyncCounter() as counter:
+        model(batch)
+    return dict(sorted(counter.counts.items()))
+
+
+def _extra(base, ours):
+    diff = {k: ours.get(k, 0) - base.get(k, 0) for k in sorted(set(base) | set(ours))}
+    return ", ".join(f"{k} {v:+d}" for k, v in diff.items() if v) or "none"
+
+
 class _NoNNPACK(torch.nn.Module):
     """``model`` with ``torch.backends.nnpack`` switched off during its calls."""
 
@@ -146,12 +162,15 @@ def main():
     cpu = args.device == "cpu"
     base_ms, ifr_ms, *off = time_pair([base, ifr] + ([_NoNNPACK(ifr)] if cpu else []), inputs, args.device)
     off_ms = off[0] if off else None
+    syncs = [host_syncs(m, inputs[-1]) for m in (base, ifr)]
     solver = ifr.roi_heads.mask_head.deq
     case = (f"trained, {args.dataset}" if trained else f"R-18 {args.size}px, {args.detections} RoIs") + \
         f", IFR {solver.f_solver_test} {solver.f_max_iter_test}"
     print("case | Mask R-CNN ms | IFR ms | ratio" + (" | IFR without NNPACK ms | ratio" if cpu else ""))
     print(f"{case} | {base_ms:.1f} | {ifr_ms:.1f} | {ifr_ms / base_ms:.2f}x"
           + (f" | {off_ms:.1f} | {off_ms / base_ms:.2f}x" if cpu else ""), flush=True)
+    print(f"host synchronisations on one image (d2_refine.utils.host_sync, as dispatched from Python): Mask R-CNN "
+          f"{sum(syncs[0].values())}, IFR {sum(syncs[1].values())} (IFR's extra: {_extra(syncs[0], syncs[1])})")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -171,7 +190,8 @@ def main():
                 detections=None if trained else args.detections, detections_mean=[n_base, n_ifr],
                 weights=[args.baseline_weights, args.weights] if trained else None,
                 images=f"{args.dataset}[:{len(inputs)}]" if trained else f"random {args.size}px",
-                size=args.size, solver=solver.f_solver_test, budget=solver.f_max_iter_test)]), f, indent=1)
+                size=args.size, solver=solver.f_solver_test, budget=solver.f_max_iter_test,
+                host_syncs_per_image=[sum(c.values()) for c in syncs], host_syncs=syncs)]), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ What this module adds around torchdeq (torchdeq 0.1.0 has none of it):
 * 0 rows: no solve, an empty result that still takes part in autograd;
 * the solve runs in float32 (or float64) with autocast disabled;
 * under ``torch.jit.trace`` or ``torch.export`` the forward solve has no branch on tensor values: it runs all
-  its iterations and computes the fallback for every row, selecting it per row (docs/EXPORT.md).
+  its iterations and computes the fallback for every row, selecting it per row (docs/EXPORT.md);
+* at test time on a GPU the stop rule is tested on the device (``sync_free``): the solve spends its whole budget
+  with the rows frozen once the rule holds (the same result) and reads its statistics once, instead of making the
+  host wait for the GPU after every evaluation.
 
 Residuals are per row: ``||f(z_i) - z_i||_2`` ("abs") or that divided by ``||f(z_i)||_2`` ("rel"); a solve
 stops when every row is below ``tol * sqrt(D)`` ("abs", D = elements per row) or ``tol`` ("rel").
@@ -110,13 +113,19 @@ class _GuardedFunction:
     when its residual is non-finite or exceeds ``factor`` x its initial residual. It raises ``_Stop`` once
     every row is converged (below ``tol``) or aborted, which also keeps one NaN row from defeating torchdeq's
     batch-max stop test.
+
+    With ``device_stop`` that test never reads a value on the host: the solve runs all ``max_evals`` evaluations,
+    and once the stop rule holds (a flag on the device) the kept iterates, residuals and aborts no longer change,
+    so the result equals the early-stopping one; ``evals`` (a device tensor) counts the evaluations until then.
     """
 
-    def __init__(self, func: Callable, tol: float, stop_mode: str, divergence_factor: float, max_evals: int):
+    def __init__(self, func: Callable, tol: float, stop_mode: str, divergence_factor: float, max_evals: int,
+                 device_stop: bool = False):
         self.func, self.tol, self.stop_mode, self.factor = func, tol, stop_mode, divergence_factor
-        self.max_evals = max_evals
+        self.max_evals, self.device_stop = max_evals, device_stop
         self.nfe = 0
         self.best_z = self.best_abs = self.best_rel = self.init_abs = self.dead = None
+        self.stopped = self.evals = None
 
     def __call__(self, z):
         self.nfe += 1
@@ -130,19 +139,32 @@ class _GuardedFunction:
             self.best_abs, self.best_rel = torch.where(finite, res, inf), torch.where(finite, rel, inf)
             self.init_abs = self.best_abs.clone()
             self.dead = ~finite
+            if self.device_stop:
+                self.stopped = torch.zeros((), dtype=torch.bool, device=z.device)
+                self.evals = torch.ones((), dtype=torch.int64, device=z.device)
         else:
             crit, best = (res, self.best_abs) if self.stop_mode == "abs" else (rel, self.best_rel)
             better = finite & ~self.dead & (crit < best)
+            if self.device_stop:
+                better = better & ~self.stopped
             self.best_z = torch.where(better.view(-1, *([1] * (z.dim() - 1))), z.detach(), self.best_z)
             self.best_abs = torch.where(better, res, self.best_abs)
             self.best_rel = torch.where(better, rel, self.best_rel)
-            self.dead = self.dead | ~finite
+            dead = self.dead | ~finite
             if self.factor > 0:
-                self.dead = self.dead | (res > self.factor * self.init_abs)
+                dead = dead | (res > self.factor * self.init_abs)
+            if self.device_stop:
+                self.dead = torch.where(self.stopped, self.dead, dead)
+                self.evals = self.evals + (~self.stopped).long()
+            else:
+                self.dead = dead
         best = self.best_abs if self.stop_mode == "abs" else self.best_rel
+        if self.nfe >= self.max_evals:
+            raise _Stop
+        if self.device_stop:
+            self.stopped = self.stopped | ((best < self.tol) | self.dead).all()
         # no early stop when traced or exported: the recorded solve runs all max_evals evaluations
-        if self.nfe >= self.max_evals or (not is_tracing_or_exporting()
-                                          and bool(((best < self.tol) | self.dead).all())):
+        elif not is_tracing_or_exporting() and bool(((best < self.tol) | self.dead).all()):
             raise _Stop
         return fz
 
@@ -197,7 +219,8 @@ def anderson_iterations(func: Callable, x0: torch.Tensor, max_iter: int, m: int 
 
 def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden", max_iter: int = 15,
                       tol: float = 1e-5, stop_mode: str = "abs", broyden_memory: int = 27, anderson_m: int = 6,
-                      anderson_lam: float = 1e-4, anderson_tau: float = 1.0, divergence_factor: float = 1e6):
+                      anderson_lam: float = 1e-4, anderson_tau: float = 1.0, divergence_factor: float = 1e6,
+                      device_stop: bool = False):
     """Solve ``z = func(z)`` from ``z0`` with a torchdeq solver (no autograd).
 
     Args:
@@ -209,11 +232,14 @@ def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden",
         broyden_memory (int): Broyden keeps at most min(max_iter, broyden_memory) low-rank pairs.
         divergence_factor (float): a row whose residual exceeds this times its initial residual is aborted
             (<= 0 disables).
+        device_stop (bool): test the stop rule on the device, without a host synchronisation per evaluation:
+            all ``max_iter`` evaluations run, and the rows are frozen once the rule holds (the same result).
 
     Returns:
         (z_best (Tensor[N, ...]), info (dict)): per row the evaluated iterate with the lowest residual, and
         "abs", "rel" (Tensor[N], its residuals; inf if none was finite), "init_abs" (Tensor[N], residual at
-        ``z0``), "nfe" (int, evaluations spent), "diverged" (Tensor[N] bool, rows aborted).
+        ``z0``), "nfe" (evaluations until the stop rule held: an int, a 0-dim device tensor with
+        ``device_stop``), "diverged" (Tensor[N] bool, rows aborted).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -224,7 +250,7 @@ def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden",
     dim = z0[0].numel() if z0.shape[0] > 0 else 1
     bound = tol * math.sqrt(dim) if stop_mode == "abs" else tol
     solvers = require_torchdeq().solver
-    guarded = _GuardedFunction(func, bound, stop_mode, divergence_factor, max_iter)
+    guarded = _GuardedFunction(func, bound, stop_mode, divergence_factor, max_iter, device_stop=device_stop)
     with torch.no_grad():
         try:
             if solver == "broyden":
@@ -243,7 +269,7 @@ def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden",
     if guarded.best_z is None:  # max_iter == 0 cannot happen; keep the contract anyway
         raise RuntimeError("the solver did not evaluate f")
     return guarded.best_z, {"abs": guarded.best_abs, "rel": guarded.best_rel, "init_abs": guarded.init_abs,
-                            "nfe": guarded.nfe, "diverged": guarded.dead}
+                            "nfe": guarded.evals if device_stop else guarded.nfe, "diverged": guarded.dead}
 
 
 def jacobian_loss(f_out: torch.Tensor, z: torch.Tensor, num_probes: int = 1) -> torch.Tensor:
@@ -279,14 +305,26 @@ class cached_parametrizations:
         return self._ctx.__exit__(*exc)
 
 
-def _batch_residuals(abs_rows: torch.Tensor, rel_rows: torch.Tensor):
-    """Batch-global ||g||_2 and ||g||_2 / ||f||_2 from per-row values."""
-    finite = torch.isfinite(abs_rows) & torch.isfinite(rel_rows) & (rel_rows > 0)
-    a = torch.where(torch.isfinite(abs_rows), abs_rows, torch.zeros_like(abs_rows))
-    abs_b = float(a.pow(2).sum().sqrt())
-    fnorm = torch.where(finite, abs_rows / rel_rows.clamp_min(1e-30), torch.zeros_like(abs_rows))
-    f_b = float(fnorm.pow(2).sum().sqrt())
-    return abs_b, abs_b / f_b if f_b > 0 else 0.0
+def _solve_stats(info: dict, bad: torch.Tensor) -> DEQStats:
+    """The ``DEQStats`` of a solve whose ``bad`` rows were replaced, read from the device at once (one host
+    synchronisation): the batch-global ||g||_2 and ||g||_2 / ||f||_2 over the other rows (NaN when none is left)."""
+    abs_rows, rel_rows = info["abs"], info["rel"]
+    zero = torch.zeros_like(abs_rows)
+    finite = torch.isfinite(abs_rows) & torch.isfinite(rel_rows) & (rel_rows > 0) & ~bad
+    abs_sq = torch.where(torch.isfinite(abs_rows) & ~bad, abs_rows, zero).pow(2).sum()
+    f_sq = torch.where(finite, abs_rows / rel_rows.clamp_min(1e-30), zero).pow(2).sum()
+    nfe = info["nfe"]
+    nfe = nfe.to(abs_rows.dtype) if isinstance(nfe, torch.Tensor) else abs_sq.new_tensor(float(nfe))
+    n_bad, diverged, abs_sq, f_sq, nfe = torch.stack(
+        [bad.sum().to(abs_rows.dtype), info["diverged"].sum().to(abs_rows.dtype), abs_sq, f_sq, nfe]).tolist()
+    num_rows = bad.shape[0]
+    if n_bad >= num_rows:
+        abs_b = rel_b = math.nan
+    else:
+        abs_b, f_b = math.sqrt(abs_sq), math.sqrt(f_sq)
+        rel_b = abs_b / f_b if f_b > 0 else 0.0
+    return DEQStats(nstep=int(nfe), abs_residual=abs_b, rel_residual=rel_b, fallbacks=int(n_bad),
+                    diverged=int(diverged), num_rows=num_rows)
 
 
 class DEQFixedPoint(nn.Module):
@@ -308,13 +346,19 @@ class DEQFixedPoint(nn.Module):
         fallback (str): "explicit" (rows that did not converge get ``fallback_fn``'s result) or "none" (keep
             the best iterate; non-finite rows become 0).
         divergence_factor (float): abort rows whose residual exceeds this times their initial residual.
+        sync_free (bool or None): at test time, test the stop rule on the device (``solve_fixed_point``'s
+            ``device_stop``): every solve then spends its whole budget, with the same result, and synchronises
+            with the host once (to read its statistics and decide the fallback) instead of once per evaluation.
+            None: on every device but the CPU, where a synchronisation costs nothing and stopping early saves
+            the evaluations left.
     """
 
     def __init__(self, *, f_solver: str = "broyden", b_solver: str = "broyden", f_max_iter: int = 15,
                  f_max_iter_test: int = 15, b_max_iter: int = 15, f_tol: float = 1e-5, b_tol: float = 2e-10,
                  stop_mode: str = "abs", broyden_memory: int = 27, anderson_m: int = 6,
                  anderson_lam: float = 1e-4, anderson_tau: float = 1.0, backward: str = "implicit",
-                 fallback: str = "explicit", divergence_factor: float = 1e6, f_solver_test: Optional[str] = None):
+                 fallback: str = "explicit", divergence_factor: float = 1e6, f_solver_test: Optional[str] = None,
+                 sync_free: Optional[bool] = None):
         super().__init__()
         f_solver_test = f_solver if f_solver_test is None else f_solver_test
         for name, value, choices in (("f_solver", f_solver, SOLVERS), ("b_solver", b_solver, SOLVERS),
@@ -333,6 +377,7 @@ class DEQFixedPoint(nn.Module):
                                   divergence_factor=divergence_factor)
         self.backward_mode = backward
         self.fallback = fallback
+        self.sync_free = sync_free
         #: totals since construction (rows), for tests and monitoring
         self.total_fallbacks = 0
         self.total_backward_fallbacks = 0
@@ -363,29 +408,27 @@ class DEQFixedPoint(nn.Module):
             z = torch.where(bad.view(-1, *([1] * (z.dim() - 1))), sub, z)
             return torch.where(torch.isfinite(z), z, torch.zeros_like(z))
 
+    def _sync_free(self, z0: torch.Tensor) -> bool:
+        return z0.device.type != "cpu" if self.sync_free is None else self.sync_free
+
     def solve(self, func: Callable, z0: torch.Tensor, max_iter: int,
               fallback_fn: Optional[Callable[[], torch.Tensor]] = None):
         """No-grad solve with the fallback rule (``f_solver`` in training, ``f_solver_test`` in eval).
         Returns (z*, DEQStats)."""
         solver = self.f_solver if self.training else self.f_solver_test
-        z, info = solve_fixed_point(func, z0, solver, max_iter, self.f_tol, self.stop_mode,
-                                    **self.solver_kwargs)
+        tracing = is_tracing_or_exporting()
+        z, info = solve_fixed_point(func, z0, solver, max_iter, self.f_tol, self.stop_mode, **self.solver_kwargs,
+                                    device_stop=not (self.training or tracing) and self._sync_free(z0))
         bad = self._not_converged(z, info, self.f_tol)
-        if is_tracing_or_exporting():  # no branch on values: the fallback is always computed, then picked per row
+        if tracing:  # no branch on values: the fallback is always computed, then picked per row
             return self._replace_rows(z, bad, fallback_fn), DEQStats(nstep=info["nfe"], num_rows=z.shape[0])
-        n_bad = int(bad.sum())
-        if n_bad:
+        stats = _solve_stats(info, bad)
+        if stats.fallbacks:
             z = self._replace_rows(z, bad, fallback_fn)
-            self.total_fallbacks += n_bad
-            _warn(f"DEQ forward solve: {n_bad}/{z.shape[0]} rows did not converge "
-                  f"({int(info['diverged'].sum())} diverged) and used the {self.fallback!r} fallback; "
+            self.total_fallbacks += stats.fallbacks
+            _warn(f"DEQ forward solve: {stats.fallbacks}/{z.shape[0]} rows did not converge "
+                  f"({stats.diverged} diverged) and used the {self.fallback!r} fallback; "
                   f"{self.total_fallbacks} rows so far.")
-        abs_keep = torch.where(bad, torch.zeros_like(info["abs"]), info["abs"])
-        rel_keep = torch.where(bad, torch.ones_like(info["rel"]), info["rel"])
-        abs_b, rel_b = _batch_residuals(abs_keep[~bad], rel_keep[~bad]) if n_bad < z.shape[0] else (math.nan,
-                                                                                                      math.nan)
-        stats = DEQStats(nstep=info["nfe"], abs_residual=abs_b, rel_residual=rel_b, fallbacks=n_bad,
-                         diverged=int(info["diverged"].sum()), num_rows=z.shape[0])
         return z, stats
 
     def forward(self, func: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor,
@@ -451,19 +494,14 @@ class DEQFixedPoint(nn.Module):
                                                 layer.b_max_iter, layer.b_tol, layer.stop_mode,
                                                 **layer.solver_kwargs)
             bad = layer._not_converged(g, info, layer.b_tol)
-            n_bad = int(bad.sum())
-            if n_bad:
+            stats = _solve_stats(info, bad)
+            if stats.fallbacks:
                 g = torch.where(bad.view(-1, *([1] * (g.dim() - 1))), v, g)  # Jacobian-free gradient
-                layer.total_backward_fallbacks += n_bad
-                _warn(f"DEQ backward solve: {n_bad}/{g.shape[0]} rows did not converge, used the Jacobian-free "
-                      f"gradient; {layer.total_backward_fallbacks} rows so far.")
+                layer.total_backward_fallbacks += stats.fallbacks
+                _warn(f"DEQ backward solve: {stats.fallbacks}/{g.shape[0]} rows did not converge, used the "
+                      f"Jacobian-free gradient; {layer.total_backward_fallbacks} rows so far.")
             if writer is not None:
-                ok = ~bad
-                abs_b, rel_b = _batch_residuals(info["abs"][ok], info["rel"][ok]) if n_bad < g.shape[0] \
-                    else (math.nan, math.nan)
-                writer("backward", DEQStats(nstep=info["nfe"], abs_residual=abs_b, rel_residual=rel_b,
-                                            fallbacks=n_bad, diverged=int(info["diverged"].sum()),
-                                            num_rows=g.shape[0]))
+                writer("backward", stats)
             return g.detach()
 
         handle = f_out.register_hook(hook)

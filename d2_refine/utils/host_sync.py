@@ -1,10 +1,11 @@
 """Counting the ops that make the host wait for a GPU, on any device (the CPU included): ops whose output size
 depends on the data (nonzero, boolean-mask indexing, unique, ...) and reads of a device value (``.item()``,
-``bool(t)``). Seen as dispatched from Python: what a compiled kernel does inside is not; the compiled ops known to
-synchronise inside on CUDA are counted once per call."""
+``bool(t)``, ``.tolist()``). Seen as dispatched from Python: what a compiled kernel does inside is not; the compiled
+ops known to synchronise inside on CUDA are counted once per call."""
 from typing import Dict
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["HostSyncCounter"]
@@ -33,12 +34,40 @@ def _is_sync(func, args, kwargs) -> bool:
     return False
 
 
+class _TolistCounter(TorchFunctionMode):
+    """``Tensor.tolist`` reads every value on the host without dispatching an aten op: counted at the Python call."""
+
+    def __init__(self, counts: Dict[str, int]):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.tolist:
+            self.counts["Tensor.tolist"] = self.counts.get("Tensor.tolist", 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
 class HostSyncCounter(TorchDispatchMode):
     """``with HostSyncCounter() as c: ...`` then ``c.total`` and ``c.counts`` ({op name: calls})."""
 
     def __init__(self):
         super().__init__()
         self.counts: Dict[str, int] = {}
+        self._tolist = _TolistCounter(self.counts)
+
+    def __enter__(self):
+        self._tolist.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._tolist.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._tolist.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -263,3 +263,62 @@ def test_anderson_iterations_match_torchdeq(tau):
     assert len(ours.seen) == len(theirs.seen) == 12
     for i, (x, y) in enumerate(zip(ours.seen, theirs.seen)):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m: f"evaluation {i}: {m}")
+
+
+def _mixed_rows_problem():
+    """Rows that converge at different speeds, one that diverges, one that turns NaN: f(z) = a * z + b per row."""
+    a = torch.tensor([0.1, 0.5, 0.8, 3.0, 0.3]).view(5, 1)
+    b = torch.randn(5, 6, generator=torch.Generator().manual_seed(0))
+
+    def f(z):
+        out = a * z + b
+        return torch.cat([out[:4], out[4:] + (z[4:].abs().sum() > 0).float() * float("nan")])
+    return f
+
+
+@pytest.mark.parametrize("solver", ["broyden", "anderson", "fixed_point"])
+@pytest.mark.parametrize("tol", [1e-2, 1e-5])
+def test_device_side_stop_rule_gives_the_early_stopping_result(solver, tol):
+    # the device-side stop test freezes the rows once the rule holds and runs the whole budget: the iterate, its
+    # residuals, the aborted rows and the count of evaluations until the stop equal those of the early stop
+    f = _mixed_rows_problem()
+    calls = {"n": 0}
+
+    def counted(z):
+        calls["n"] += 1
+        return f(z)
+
+    kw = dict(max_iter=80, tol=tol, stop_mode="rel", divergence_factor=100.0)
+    z_early, early = solve_fixed_point(counted, torch.zeros(5, 6), solver, **kw)
+    early_calls, calls["n"] = calls["n"], 0
+    z_dev, dev = solve_fixed_point(counted, torch.zeros(5, 6), solver, device_stop=True, **kw)
+    assert calls["n"] == 80 > early_calls  # the whole budget, where the early stop ended before it
+    assert int(dev["nfe"]) == early["nfe"] == early_calls
+    torch.testing.assert_close(z_dev, z_early, rtol=0, atol=0, equal_nan=True)
+    for key in ("abs", "rel", "init_abs", "diverged"):
+        torch.testing.assert_close(dev[key], early[key], rtol=0, atol=0, equal_nan=True)
+    # the problem has aborted rows: the NaN one always, the expanding one under plain iteration
+    assert early["diverged"][4] and (solver != "fixed_point" or early["diverged"][3])
+
+
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])  # torchdeq's Broyden reads values itself
+def test_sync_free_test_time_solve_synchronises_once(solver):
+    from d2_refine.utils.host_sync import HostSyncCounter
+
+    m = ConvMap()
+    x = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for sync_free in (False, True):
+        deq = DEQFixedPoint(f_solver=solver, f_max_iter_test=12, f_tol=1e-3, stop_mode="rel",
+                            sync_free=sync_free).eval()
+        stats = []
+        with torch.no_grad(), HostSyncCounter() as counter:
+            out = deq(lambda z: m(z, x), torch.zeros_like(x), writer=lambda kind, s: stats.append(s))
+        runs[sync_free] = out, stats[0], counter.total
+    (out0, stats0, syncs0), (out1, stats1, syncs1) = runs[False], runs[True]
+    assert 1 < stats0.nstep < 12  # the stop rule ended the solve early
+    assert syncs1 == 1 and syncs0 >= stats0.nstep  # one read of the statistics, against one test per evaluation
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    assert stats1 == stats0
+    # None (the default) chooses by device: per evaluation on the CPU
+    assert not DEQFixedPoint()._sync_free(x) and DEQFixedPoint()._sync_free(x.to("meta"))

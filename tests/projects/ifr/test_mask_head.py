@@ -178,3 +178,33 @@ def test_evaluation_ends_with_the_solver_statistics(caplog):
     assert "3 solves of 15 RoIs" in lines[0] and "(anderson, at most 4)" in lines[0] and "fell back" in lines[0]
     assert model.training  # inference_context restored the mode, and the statistics were consumed
     assert model.roi_heads.mask_head.log_test_stats() is None
+
+
+def test_sync_free_solve_adds_one_host_sync_per_image_and_equal_masks():
+    """The test-time solve as it runs on a GPU (the stop rule on the device, ``DEQFixedPoint.sync_free``), forced on
+    the CPU: the implicit head adds one host synchronisation per image (its statistics, read at once) to the model's
+    own, where the per-evaluation stop test added one per evaluation, and the masks are the same."""
+    from d2_refine.utils.host_sync import HostSyncCounter
+
+    torch.manual_seed(0)
+    cfg = setup_cfg(os.path.join(CONFIGS, "ifr_mask_rcnn_R_18_FPN_shapes.yaml"),
+                    ["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+                     "TEST.DETECTIONS_PER_IMAGE", "6"])
+    model = build_model(cfg).eval()
+    head = model.roi_heads.mask_head
+    image = [{"image": torch.rand(3, 96, 96) * 255, "height": 96, "width": 96}]
+    runs = {}
+    for sync_free in (False, True):
+        head.deq.sync_free = sync_free
+        with torch.no_grad(), HostSyncCounter() as counter:
+            out = model(image)[0]["instances"]
+        runs[sync_free] = out, counter.total, head._test_stats[-1].nstep
+    (out0, syncs0, nstep0), (out1, syncs1, nstep1) = runs[False], runs[True]
+    assert len(out0) == 6 and nstep0 == nstep1 >= 2
+    assert syncs0 - syncs1 == nstep0  # the per-evaluation tests are gone, the one read is left
+    assert torch.equal(out1.pred_masks, out0.pred_masks) and torch.equal(out1.scores, out0.scores)
+    with torch.no_grad():
+        head.deq.sync_free = None
+        with HostSyncCounter() as counter:
+            model.roi_heads.mask_head.forward(torch.zeros(0, 128, 14, 14), [out1[:0]])
+    assert counter.total == 0  # no RoIs: no solve, nothing read
