@@ -308,15 +308,17 @@ class cached_parametrizations:
 def _solve_stats(info: dict, bad: torch.Tensor) -> DEQStats:
     """The ``DEQStats`` of a solve whose ``bad`` rows were replaced, read from the device at once (one host
     synchronisation): the batch-global ||g||_2 and ||g||_2 / ||f||_2 over the other rows (NaN when none is left)."""
-    abs_rows, rel_rows = info["abs"], info["rel"]
+    # counts travel with the sums: at least float32, so that they stay exact (to 2^24 rows) for a half-precision solve
+    dtype = torch.promote_types(info["abs"].dtype, torch.float32)
+    abs_rows, rel_rows = info["abs"].to(dtype), info["rel"].to(dtype)
     zero = torch.zeros_like(abs_rows)
     finite = torch.isfinite(abs_rows) & torch.isfinite(rel_rows) & (rel_rows > 0) & ~bad
     abs_sq = torch.where(torch.isfinite(abs_rows) & ~bad, abs_rows, zero).pow(2).sum()
     f_sq = torch.where(finite, abs_rows / rel_rows.clamp_min(1e-30), zero).pow(2).sum()
     nfe = info["nfe"]
-    nfe = nfe.to(abs_rows.dtype) if isinstance(nfe, torch.Tensor) else abs_sq.new_tensor(float(nfe))
+    nfe = nfe.to(dtype) if isinstance(nfe, torch.Tensor) else abs_sq.new_tensor(float(nfe))
     n_bad, diverged, abs_sq, f_sq, nfe = torch.stack(
-        [bad.sum().to(abs_rows.dtype), info["diverged"].sum().to(abs_rows.dtype), abs_sq, f_sq, nfe]).tolist()
+        [bad.sum().to(dtype), info["diverged"].sum().to(dtype), abs_sq, f_sq, nfe]).tolist()
     num_rows = bad.shape[0]
     if n_bad >= num_rows:
         abs_b = rel_b = math.nan

@@ -203,8 +203,6 @@ def test_sync_free_solve_adds_one_host_sync_per_image_and_equal_masks():
     assert len(out0) == 6 and nstep0 == nstep1 >= 2
     assert syncs0 - syncs1 == nstep0  # the per-evaluation tests are gone, the one read is left
     assert torch.equal(out1.pred_masks, out0.pred_masks) and torch.equal(out1.scores, out0.scores)
-    with torch.no_grad():
-        head.deq.sync_free = None
-        with HostSyncCounter() as counter:
-            model.roi_heads.mask_head.forward(torch.zeros(0, 128, 14, 14), [out1[:0]])
+    with torch.no_grad(), HostSyncCounter() as counter:
+        head(torch.zeros(0, 128, 14, 14), [out1[:0]])
     assert counter.total == 0  # no RoIs: no solve, nothing read
