@@ -100,7 +100,8 @@ def host_syncs(model, batch):
     """{op: calls} of the ops that make the host wait for the device in one call of ``model`` (any device)."""
     from d2_refine.utils.host_sync import HostSyncCounter
 
-    with torch.no_grad(), HostSyncCounter() as counter:
+    # NNPACK off: its tiled convolution (one CPU thread) reads one value per call, on the CPU only
+    with torch.no_grad(), torch.backends.nnpack.flags(enabled=False), HostSyncCounter() as counter:
         model(batch)
     return dict(sorted(counter.counts.items()))
 

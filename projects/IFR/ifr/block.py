@@ -5,7 +5,8 @@
 conv1/conv2: 3x3, C->C, padding 1, no bias (PyTorch default init); three separate affine GroupNorms.
 The implicit model puts torch's weight normalisation (``parametrizations.weight_norm``, per output channel,
 g initialised to ||V|| so W starts at the plain init) on both convs. At test time (eval mode) on one CPU thread the
-convs of a batch of 16 or more RoIs run on NNPACK (``d2_refine.layers.nnpack_conv``), equal within float rounding.
+convs of 2 or more RoIs run on NNPACK, tiled into one image (``d2_refine.layers.nnpack_conv``: Winograd, within
+about 1e-4 of float64 at unit scale).
 """
 import torch
 from torch import nn
@@ -40,8 +41,8 @@ class IFRBlock(nn.Module):
         self.weight_norm = weight_norm
 
     def _conv(self, conv: nn.Conv2d, t: torch.Tensor) -> torch.Tensor:
-        # at test time on one CPU thread a large batch of RoIs convolves on NNPACK (d2_refine/layers/nnpack_conv.py:
-        # equal within float rounding, about half the conv's time); training keeps PyTorch's default backend
+        # at test time on one CPU thread the RoIs convolve on NNPACK (d2_refine/layers/nnpack_conv.py: tiled into one
+        # image, about half oneDNN's time); training keeps PyTorch's default backend
         return conv(t) if self.training else conv2d_inference(conv, t)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -88,16 +88,20 @@ def test_implicit_gradient_of_block_matches_200_step_unroll():
 
 
 @pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="this PyTorch build or CPU has no NNPACK")
-def test_test_time_block_on_nnpack_equals_training_block(threads):
-    b = _contractive_block(torch.float32, channels=16)
-    x = torch.randn(27, 16, 14, 14)  # a mask head's RoIs at test time
+@pytest.mark.parametrize("channels, path, atol", [(16, "batch", 1e-5), (128, "tiled", 1e-3)])
+def test_test_time_block_on_nnpack_equals_training_block(channels, path, atol, threads):
+    from d2_refine.layers.nnpack_conv import nnpack_path
+
+    b = _contractive_block(torch.float32, channels=channels)
+    x = torch.randn(27, channels, 14, 14)  # a mask head's RoIs at test time
     z = torch.randn_like(x)
     threads(1)  # NNPACK is picked on one thread only
     with torch.no_grad(), cached_parametrizations(b):
         ref = b.train()(z, x)
         b.eval()
+        assert nnpack_path(b.conv1, x) == path  # 128 channels: tiled, Winograd (1e-4 per conv at unit scale)
         assert "aten::_nnpack_spatial_convolution" in dispatched_ops(lambda: b(z, x))
         out = b(z, x)
         b.train()  # training keeps the default backend
         assert "aten::_nnpack_spatial_convolution" not in dispatched_ops(lambda: b(z, x))
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=atol)
