@@ -21,7 +21,8 @@ Rows: ``case | Mask R-CNN ms | IFR ms | ratio``. On one CPU thread IFR's block c
 (d2_refine/layers/nnpack_conv.py); on the CPU the run also times IFR with NNPACK switched off
 (``torch.backends.nnpack.flags``: PyTorch's default oneDNN convs, as Mask R-CNN's head runs), the last two columns.
 After the timing each model runs the last image once more under ``d2_refine.utils.host_sync.HostSyncCounter``: the
-ops that make the host wait for the device (``.item()``, ``nonzero``, boolean indexing, ...), per model and op.
+ops that make the host wait for the device (``.item()``, ``nonzero``, boolean indexing, ...), per model and op, with
+NNPACK off (its tiled convolution, CPU only, reads one value per call: the count is the one a GPU would see).
 """
 import argparse
 import json
