@@ -21,9 +21,11 @@ off, and the module's own call (oneDNN) runs.
 The rule: only where no gradient is wanted, and only when torch runs one thread. NNPACK has its own thread pool,
 which competes for the cores with the OpenMP threads of the ops around it (two threads, a conv followed by
 GroupNorm: 12.6 ms on NNPACK against 8.7 on oneDNN, where the conv alone is 6.3 against 9.8). Tiled: an odd square
-kernel padded by half its size, at least 64 channels in and out, 2 RoIs or more (below 64 channels NNPACK's
-transforms cost more than they save). Any other batch of 16 or more (ATen's own rule): NNPACK on the batch, as
-PyTorch's dispatcher would run it with oneDNN switched off.
+kernel padded by half its size, at least 128 channels in and out, 4 RoIs or more. Timed interleaved, one thread,
+14x14 maps: at 128 channels the tiles beat the batch from 4 to 27 RoIs and are level with it at 64 and 100, at 256
+they beat it at every count; at 96 channels the batch catches up from 64 RoIs, and at 64 channels the tiles are the
+slowest of the three from 4 to 27 RoIs. On 2 RoIs oneDNN is as fast or faster. Any other batch of 16 or more (ATen's own
+rule): NNPACK on the batch, as PyTorch's dispatcher would run it with oneDNN switched off.
 """
 import functools
 import math
@@ -37,8 +39,8 @@ from d2_refine.utils.tracing import is_tracing_or_exporting
 __all__ = ["conv2d_inference", "nnpack_path", "nnpack_usable", "tiled_conv2d"]
 
 MIN_BATCH = 16  # ATen's ConvParams::use_nnpack rule, and below it NNPACK on a batch is no faster here
-MIN_TILED_BATCH = 2  # one RoI: oneDNN is faster (0.54 against 0.72 ms at 128 channels)
-MIN_TILED_CHANNELS = 64  # 32 channels, 27 RoIs: 0.87 ms tiled against 0.64 on the batch, 0.88 on oneDNN
+MIN_TILED_BATCH = 4  # 128 channels, 4 RoIs: 1.9 ms tiled, 2.6 oneDNN; 2 RoIs: oneDNN as fast or faster
+MIN_TILED_CHANNELS = 128  # 64 channels, 27 RoIs: 5.3 ms tiled, 4.4 on the batch, 4.9 on oneDNN
 TILE_COLUMNS = 2  # RoIs per row of the tiled image: 1, 2 or 4 are within 10 % of each other, 2 most often fastest
 
 

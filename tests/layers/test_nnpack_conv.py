@@ -8,6 +8,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from d2_refine.layers.nnpack_conv import (
     MIN_BATCH,
+    MIN_TILED_BATCH,
     MIN_TILED_CHANNELS,
     conv2d_inference,
     nnpack_path,
@@ -67,8 +68,8 @@ def test_roi_batch_runs_tiled_on_one_thread(threads):
         assert nnpack_path(conv, x) == "tiled"
         assert _ran_nnpack(lambda: conv2d_inference(conv, x))
         out = conv2d_inference(conv, x)
-        assert nnpack_path(conv, x[:1]) is None  # one RoI: oneDNN is faster
-        assert nnpack_path(conv, x[:2]) == "tiled"
+        assert nnpack_path(conv, x[:MIN_TILED_BATCH - 1]) is None  # a few RoIs: oneDNN is as fast
+        assert nnpack_path(conv, x[:MIN_TILED_BATCH]) == "tiled"
         assert nnpack_path(_conv(MIN_TILED_CHANNELS // 2), x[:, :MIN_TILED_CHANNELS // 2]) == "batch"
     torch.testing.assert_close(out.double(), _float64_conv(x, conv.weight, None, 1), rtol=0, atol=WINOGRAD_ATOL)
 
@@ -79,8 +80,8 @@ def test_tiled_convolution_keeps_a_non_finite_roi_to_itself(where, threads):
     """Winograd's transforms read each tile's neighbours across the gap, so a NaN or inf at a RoI's edge would reach
     the RoI beside it: the batched call takes over, and exactly the rows of the module's call are non-finite."""
     threads(1)
-    conv = nn.Conv2d(64, 64, 3, padding=1)
-    x = torch.randn(6, 64, 14, 14)
+    conv = nn.Conv2d(MIN_TILED_CHANNELS, MIN_TILED_CHANNELS, 3, padding=1)
+    x = torch.randn(6, MIN_TILED_CHANNELS, 14, 14)
     pixel = {"edge": (2, 5, 7, 13, float("nan")), "inf": (2, 5, 13, 0, float("inf")),
              "interior": (2, 5, 7, 7, float("nan"))}[where]
     x[pixel[:4]] = pixel[4]
@@ -110,7 +111,7 @@ def test_large_batch_without_grad_runs_on_nnpack_and_equals_the_default(bias, th
 
 
 @needs_nnpack
-@pytest.mark.parametrize("channels, path", [(32, "batch"), (64, "tiled")])
+@pytest.mark.parametrize("channels, path", [(32, "batch"), (MIN_TILED_CHANNELS, "tiled")])
 def test_weight_normed_conv_and_inference_mode(channels, path, threads):
     threads(1)
     conv = _conv(channels)

@@ -5,7 +5,7 @@
 conv1/conv2: 3x3, C->C, padding 1, no bias (PyTorch default init); three separate affine GroupNorms.
 The implicit model puts torch's weight normalisation (``parametrizations.weight_norm``, per output channel,
 g initialised to ||V|| so W starts at the plain init) on both convs. At test time (eval mode) on one CPU thread the
-convs of 2 or more RoIs run on NNPACK, tiled into one image (``d2_refine.layers.nnpack_conv``: Winograd, within
+convs of 4 or more RoIs run on NNPACK, tiled into one image (``d2_refine.layers.nnpack_conv``: Winograd, within
 about 1e-4 of float64 at unit scale).
 """
 import torch
