@@ -94,6 +94,16 @@ def _grid(t: torch.Tensor, rows: int, cols: int, h: int, w: int, pad: int) -> to
     return t.view(channels, rows, h + pad, cols, w + pad).permute(1, 3, 0, 2, 4)
 
 
+def _tile_pairs(batch: torch.Tensor, tiles: torch.Tensor, cols: int):
+    """The parts of ``batch`` (Tensor[N, C, h, w]) and of ``tiles`` (its (rows, cols, C, h, w) view) that hold the
+    same maps: the complete rows of tiles, then the last row's first maps if N is not a multiple of ``cols``."""
+    n = batch.shape[0]
+    full = n // cols
+    yield batch[:full * cols].view(full, cols, *batch.shape[1:]), tiles[:full]
+    if full * cols < n:
+        yield batch[full * cols:], tiles[full, :n - full * cols]
+
+
 def tiled_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], pad: int,
                  cols: Optional[int] = None) -> torch.Tensor:
     """The stride-1 convolution of ``x`` (Tensor[N, C, H, W]) by ``weight`` (Tensor[C', C, k, k], k = 2 pad + 1),
@@ -102,22 +112,18 @@ def tiled_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     n, c, h, w = x.shape
     cols = max(1, min(TILE_COLUMNS if cols is None else cols, n))
     rows = math.ceil(n / cols)
-    full = n // cols  # complete rows of tiles
     image = x.new_empty(1, c, rows * (h + pad), cols * (w + pad))
     grid = _grid(image, rows, cols, h, w, pad)
     grid[:, :, :, h:].zero_()  # the gaps: zeros, so that no output reads a neighbour
     grid[:, :, :, :h, w:].zero_()
     tiles = grid[..., :h, :w]
-    tiles[:full].copy_(x[:full * cols].view(full, cols, c, h, w))
-    if full < rows:  # the last row's tiles: the remaining maps, then zeros
-        tiles[full, :n - full * cols].copy_(x[full * cols:])
-        tiles[full, n - full * cols:].zero_()
+    tiles[rows - 1, n - (rows - 1) * cols:].zero_()  # the last row's tiles after the remaining maps
+    for part, tile_part in _tile_pairs(x, tiles, cols):
+        tile_part.copy_(part)
     y = torch._nnpack_spatial_convolution(image, weight, bias, [pad, pad])
-    out_tiles = _grid(y, rows, cols, h, w, pad)[..., :h, :w]
     out = x.new_empty(n, y.shape[1], h, w)
-    out[:full * cols].view(full, cols, -1, h, w).copy_(out_tiles[:full])
-    if full < rows:
-        out[full * cols:].copy_(out_tiles[full, :n - full * cols])
+    for part, tile_part in _tile_pairs(out, _grid(y, rows, cols, h, w, pad)[..., :h, :w], cols):
+        part.copy_(tile_part)
     return out
 
 
