@@ -128,9 +128,16 @@ class _GuardedFunction:
         self.stopped = self.evals = None
 
     def __call__(self, z):
-        self.nfe += 1
         fz = self.func(z)
-        res = (fz - z).flatten(1).norm(dim=1)
+        self.observe(z, fz)
+        return fz
+
+    def observe(self, z, fz, res=None):
+        """Track the evaluated pair (z, fz = f(z)), ``res`` its per-row residual ||fz - z|| when the caller has it;
+        raises ``_Stop`` when the solve is over."""
+        self.nfe += 1
+        if res is None:
+            res = (fz - z).flatten(1).norm(dim=1)
         rel = res / (fz.flatten(1).norm(dim=1) + 1e-9)
         finite = torch.isfinite(res) & torch.isfinite(rel)
         inf = torch.full_like(res, math.inf)
@@ -147,7 +154,11 @@ class _GuardedFunction:
             better = finite & ~self.dead & (crit < best)
             if self.device_stop:
                 better = better & ~self.stopped
-            self.best_z = torch.where(better.view(-1, *([1] * (z.dim() - 1))), z.detach(), self.best_z)
+            keep = better.view(-1, *([1] * (z.dim() - 1)))
+            if is_tracing_or_exporting():
+                self.best_z = torch.where(keep, z.detach(), self.best_z)
+            else:  # in place: the solve allocates no new iterate per evaluation
+                torch.where(keep, z.detach(), self.best_z, out=self.best_z)
             self.best_abs = torch.where(better, res, self.best_abs)
             self.best_rel = torch.where(better, rel, self.best_rel)
             dead = self.dead | ~finite
@@ -166,11 +177,10 @@ class _GuardedFunction:
         # no early stop when traced or exported: the recorded solve runs all max_evals evaluations
         elif not is_tracing_or_exporting() and bool(((best < self.tol) | self.dead).all()):
             raise _Stop
-        return fz
 
 
 def anderson_iterations(func: Callable, x0: torch.Tensor, max_iter: int, m: int = 6, lam: float = 1e-4,
-                        tau: float = 1.0):
+                        tau: float = 1.0, observe: Optional[Callable] = None):
     """Anderson acceleration with torchdeq's update (``torchdeq.solver.anderson_solver``: the same iterates, up to
     rounding), evaluating ``func`` until it raises (the caller's stop rule; no tracking here).
 
@@ -179,6 +189,15 @@ def anderson_iterations(func: Callable, x0: torch.Tensor, max_iter: int, m: int 
     column of the Gram matrix (O(m D)), the history buffers are never zero-filled, and the iterates X are not kept:
     the mixing term sum_j alpha_j X_j (tau != 1) is sum_j alpha_j (F_j - G_j). The history is then two buffers of
     m x D per row instead of three (on the CPU the solve's memory traffic competes with f's for the cache).
+
+    ``func`` and ``observe`` must not keep their inputs: the iterates are written into one buffer, each over the
+    previous one (on the CPU a new 27 x 128 x 14 x 14 tensor per step is memory the allocator may hand back to the
+    OS and fault in again).
+
+    ``observe(x, fx, res)``, if given, is called after every evaluation with its input, its value (both shaped as
+    ``x0``) and the per-row residual ||fx - x||_2, the square root of the new Gram diagonal entry: a caller that
+    tracks the residuals (``solve_fixed_point``'s stop rule) then needs no pass of its own over fx - x. It may
+    raise to end the solve, as ``func`` may.
     """
     bsz = x0.shape[0]
     flat = x0.reshape(bsz, -1)
@@ -191,8 +210,11 @@ def anderson_iterations(func: Callable, x0: torch.Tensor, max_iter: int, m: int 
     H[:, 0, 1:] = H[:, 1:, 0] = 1
     y = flat.new_zeros(bsz, m + 1, 1)
     y[:, 0] = 1
+    z_next = flat.new_empty(bsz, dim)
 
-    def push(slot, count, x):  # G[slot] = F[slot] - x and its Gram row/column against the slots 0 .. count - 1
+    def evaluate(slot, count, x):
+        # F[slot] = f(x); G[slot] = F[slot] - x and its Gram row/column against the slots 0 .. count - 1
+        F[:, slot] = f(x)
         torch.sub(F[:, slot], x, out=G[:, slot])
         # (1 x D) @ (D x count) per row: a GEMV over the history's rows read in place, ~10x faster on the CPU than
         # (count x D) @ (D x 1), which PyTorch's bmm runs far from memory speed (27 RoIs of 128 x 14 x 14, count 6,
@@ -200,21 +222,21 @@ def anderson_iterations(func: Callable, x0: torch.Tensor, max_iter: int, m: int 
         row = torch.bmm(G[:, slot, None, :], G[:, :count].transpose(1, 2))[:, 0]  # (bsz, count)
         gram[:, slot, :count] = row
         gram[:, :count, slot] = row
+        if observe is not None:
+            observe(x.view_as(x0), F[:, slot].view_as(x0), row[:, slot].sqrt())
 
-    F[:, 0] = f(flat)
-    push(0, 1, flat)
-    F[:, 1] = f(F[:, 0])
-    push(1, 2, F[:, 0])
+    evaluate(0, 1, flat)
+    evaluate(1, 2, F[:, 0])
     for k in range(2, max_iter):
         n = min(k, m)
         H[:, 1:n + 1, 1:n + 1] = gram[:, :n, :n] + lam * torch.eye(n, dtype=flat.dtype, device=flat.device)[None]
         alpha = torch.linalg.solve(H[:, :n + 1, :n + 1], y[:, :n + 1])[:, 1:n + 1, 0]
         slot = k % m
-        new = torch.bmm(alpha[:, None], F[:, :n])[:, 0]
+        # the next iterate, written over the previous one: f has read it and the tracking has copied what it keeps
+        torch.bmm(alpha[:, None], F[:, :n], out=z_next[:, None])
         if tau != 1.0:  # tau * sum alpha F + (1 - tau) * sum alpha X, with X = F - G
-            new = new - (1 - tau) * torch.bmm(alpha[:, None], G[:, :n])[:, 0]
-        F[:, slot] = f(new)
-        push(slot, min(k + 1, m), new)
+            z_next.sub_(torch.bmm(alpha[:, None], G[:, :n])[:, 0], alpha=1 - tau)
+        evaluate(slot, min(k + 1, m), z_next)
 
 
 def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden", max_iter: int = 15,
@@ -259,8 +281,9 @@ def solve_fixed_point(func: Callable, z0: torch.Tensor, solver: str = "broyden",
                 solvers.broyden_solver(guarded, z0, max_iter=max_iter, tol=-1.0, stop_mode=stop_mode,
                                LBFGS_thres=max(1, min(max_iter, broyden_memory)), ls=False, return_final=True)
             elif solver == "anderson":
-                anderson_iterations(guarded, z0, max_iter=max_iter + 2, m=anderson_m, lam=anderson_lam,
-                                    tau=anderson_tau)
+                # the guard tracks the residuals Anderson's Gram matrix already holds
+                anderson_iterations(guarded.func, z0, max_iter=max_iter + 2, m=anderson_m, lam=anderson_lam,
+                                    tau=anderson_tau, observe=guarded.observe)
             else:
                 solvers.fixed_point_iter(guarded, z0, max_iter=max_iter + 1, tol=-1.0, stop_mode=stop_mode,
                                          return_final=True)

@@ -265,6 +265,47 @@ def test_anderson_iterations_match_torchdeq(tau):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12, msg=lambda m: f"evaluation {i}: {m}")
 
 
+def test_anderson_observe_gets_each_evaluation_and_its_residual():
+    """``observe`` sees every evaluated pair with its residual ||f(x) - x|| (from the Gram diagonal), and the
+    iterates are those of the solve without it, although they are written into one buffer."""
+    from d2_refine.layers.deq import anderson_iterations
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(4, 12, 12, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    f = lambda z: torch.tanh((a @ z.reshape(4, 12, 1))[..., 0] + b).reshape(z.shape)  # noqa: E731
+    z0 = torch.zeros(4, 3, 4, dtype=torch.float64)
+    plain, observed = _Record(f, 9), _Record(f, 9)
+    seen = []
+
+    def observe(x, fx, res):
+        seen.append((x.clone(), fx.clone(), res.clone()))
+
+    for rec, obs in ((plain, None), (observed, observe)):
+        with pytest.raises(StopIteration):
+            anderson_iterations(rec, z0, max_iter=20, m=3, observe=obs)
+    assert len(seen) == len(plain.seen) == len(observed.seen) == 9  # the tenth call raised
+    for i, (x, fx, res) in enumerate(seen):
+        torch.testing.assert_close(x, plain.seen[i], rtol=0, atol=0)
+        torch.testing.assert_close(x, observed.seen[i], rtol=0, atol=0)
+        torch.testing.assert_close(fx, f(x), rtol=0, atol=0)
+        torch.testing.assert_close(res, (fx - x).flatten(1).norm(dim=1), rtol=1e-12, atol=1e-14)
+
+
+def test_anderson_solve_tracks_the_residuals_of_its_best_iterates():
+    """solve_fixed_point's Anderson reads the residuals from Anderson's Gram matrix: the returned residuals are
+    those of the returned iterates, computed afresh."""
+    from d2_refine.layers.deq import solve_fixed_point
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 10, 10, generator=g) * 0.2
+    b = torch.randn(6, 10, generator=g)
+    f = lambda z: torch.tanh((a @ z.reshape(6, 10, 1))[..., 0] + b).reshape(z.shape)  # noqa: E731
+    z, info = solve_fixed_point(f, torch.zeros(6, 2, 5), "anderson", max_iter=7, tol=0.0)
+    torch.testing.assert_close(info["abs"], (f(z) - z).flatten(1).norm(dim=1), rtol=1e-5, atol=1e-6)
+    assert info["nfe"] == 7
+
+
 def _mixed_rows_problem():
     """Rows that converge at different speeds, one that diverges, one that turns NaN: f(z) = a * z + b per row."""
     a = torch.tensor([0.1, 0.5, 0.8, 3.0, 0.3]).view(5, 1)

@@ -54,9 +54,14 @@ class IFRBlock(nn.Module):
             Tensor[N, C, H, W]
         """
         a = z + x
-        h = torch.relu(self.norm1(self._conv(self.conv1, a)))
+        if torch.is_grad_enabled():
+            h = torch.relu(self.norm1(self._conv(self.conv1, a)))
+            h = self.norm2(self._conv(self.conv2, h))
+            return self.norm3(torch.relu(h + a))
+        # no graph to keep (the solver's evaluations, inference): the same values with two temporaries fewer
+        h = torch.relu_(self.norm1(self._conv(self.conv1, a)))
         h = self.norm2(self._conv(self.conv2, h))
-        return self.norm3(torch.relu(h + a))
+        return self.norm3(torch.relu_(h.add_(a)))
 
 
 def explicit_unroll(block: nn.Module, x: torch.Tensor, num_steps: int) -> torch.Tensor:

@@ -36,6 +36,24 @@ def test_weight_norm_starts_at_plain_init():
     torch.testing.assert_close(wn(torch.zeros_like(x), x), plain(torch.zeros_like(x), x))
 
 
+def test_block_without_autograd_gives_the_values_of_the_block_with_it():
+    """Without a graph to keep (no_grad, inference_mode: the solver's evaluations) the block computes in place;
+    the values are the same to the bit and its inputs are left as they were."""
+    torch.manual_seed(0)
+    b = IFRBlock(16, 4).eval()
+    z, x = torch.randn(3, 16, 6, 6), torch.randn(3, 16, 6, 6)
+    z0, x0 = z.clone(), x.clone()
+    with torch.enable_grad():
+        ref = b(z, x)
+    assert ref.requires_grad
+    with torch.no_grad():
+        out = b(z, x)
+    with torch.inference_mode():
+        out_inf = b(z, x)
+    assert torch.equal(out, ref.detach()) and torch.equal(out_inf, ref.detach())
+    assert torch.equal(z, z0) and torch.equal(x, x0)
+
+
 def test_explicit_unroll_is_k_calls():
     b = IFRBlock(8, 4)
     x = torch.randn(3, 8, 6, 6)
