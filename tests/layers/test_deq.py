@@ -242,6 +242,14 @@ class _Record:
         return self.f(z)
 
 
+def _tanh_map(rows, dim, scale, seed, dtype=torch.float64):
+    """f(z) = tanh(A z + b) per row, z flattened to ``dim`` (A: ``scale`` x a standard normal matrix per row)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, dim, dim, generator=g, dtype=dtype) * scale
+    b = torch.randn(rows, dim, generator=g, dtype=dtype)
+    return lambda z: torch.tanh((a @ z.reshape(rows, dim, 1))[..., 0] + b).reshape(z.shape)
+
+
 @pytest.mark.parametrize("tau", [1.0, 0.7])
 def test_anderson_iterations_match_torchdeq(tau):
     """The incremental Anderson (one residual row and Gram row per step) evaluates the iterates torchdeq's
@@ -249,10 +257,7 @@ def test_anderson_iterations_match_torchdeq(tau):
     torchdeq = pytest.importorskip("torchdeq")
     from d2_refine.layers.deq import anderson_iterations
 
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(5, 20, 20, generator=g, dtype=torch.float64) * 0.25
-    b = torch.randn(5, 20, generator=g, dtype=torch.float64)
-    f = lambda z: torch.tanh((a @ z.reshape(5, 20, 1))[..., 0] + b).reshape(z.shape)  # noqa: E731
+    f = _tanh_map(5, 20, 0.25, seed=0)
     z0 = torch.zeros(5, 4, 5, dtype=torch.float64)
     ours, theirs = _Record(f, 12), _Record(f, 12)
     with pytest.raises(StopIteration):
@@ -270,10 +275,7 @@ def test_anderson_observe_gets_each_evaluation_and_its_residual():
     iterates are those of the solve without it, although they are written into one buffer."""
     from d2_refine.layers.deq import anderson_iterations
 
-    g = torch.Generator().manual_seed(1)
-    a = torch.randn(4, 12, 12, generator=g, dtype=torch.float64) * 0.3
-    b = torch.randn(4, 12, generator=g, dtype=torch.float64)
-    f = lambda z: torch.tanh((a @ z.reshape(4, 12, 1))[..., 0] + b).reshape(z.shape)  # noqa: E731
+    f = _tanh_map(4, 12, 0.3, seed=1)
     z0 = torch.zeros(4, 3, 4, dtype=torch.float64)
     plain, observed = _Record(f, 9), _Record(f, 9)
     seen = []
@@ -297,10 +299,7 @@ def test_anderson_solve_tracks_the_residuals_of_its_best_iterates():
     those of the returned iterates, computed afresh."""
     from d2_refine.layers.deq import solve_fixed_point
 
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn(6, 10, 10, generator=g) * 0.2
-    b = torch.randn(6, 10, generator=g)
-    f = lambda z: torch.tanh((a @ z.reshape(6, 10, 1))[..., 0] + b).reshape(z.shape)  # noqa: E731
+    f = _tanh_map(6, 10, 0.2, seed=2, dtype=torch.float32)
     z, info = solve_fixed_point(f, torch.zeros(6, 2, 5), "anderson", max_iter=7, tol=0.0)
     torch.testing.assert_close(info["abs"], (f(z) - z).flatten(1).norm(dim=1), rtol=1e-5, atol=1e-6)
     assert info["nfe"] == 7
