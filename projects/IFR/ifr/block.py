@@ -53,15 +53,13 @@ class IFRBlock(nn.Module):
         Returns:
             Tensor[N, C, H, W]
         """
+        # no graph to keep (the solver's evaluations, inference): in place, the same values with two temporaries fewer
+        inplace = not torch.is_grad_enabled()
+        relu = torch.relu_ if inplace else torch.relu
         a = z + x
-        if torch.is_grad_enabled():
-            h = torch.relu(self.norm1(self._conv(self.conv1, a)))
-            h = self.norm2(self._conv(self.conv2, h))
-            return self.norm3(torch.relu(h + a))
-        # no graph to keep (the solver's evaluations, inference): the same values with two temporaries fewer
-        h = torch.relu_(self.norm1(self._conv(self.conv1, a)))
+        h = relu(self.norm1(self._conv(self.conv1, a)))
         h = self.norm2(self._conv(self.conv2, h))
-        return self.norm3(torch.relu_(h.add_(a)))
+        return self.norm3(relu(h.add_(a) if inplace else h + a))
 
 
 def explicit_unroll(block: nn.Module, x: torch.Tensor, num_steps: int) -> torch.Tensor:
