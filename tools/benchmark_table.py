@@ -20,9 +20,9 @@ Runs. Each (model, seed) is trained by `train_net.py` itself (a subprocess, with
 `<output-dir>/<iters>it/seed<S>/<name>/`. A run is finished when `model_final.pth` is there and `metrics.json`
 holds the COCOEvaluator results of the last iteration; a finished run is never trained again, and a
 checkpoint without those results is scored again from the checkpoint. A run that was cut off (a checkpoint
-every quarter of the schedule, no `model_final.pth`) resumes from its last checkpoint with `--resume`, which
+every twentieth of the schedule, no `model_final.pth`) resumes from its last checkpoint with `--resume`, which
 the shapes configs' `SOLVER.EXACT_RESUME` makes the same run as an uninterrupted one; its record says
-`"resumed": true` and its s/it and times are those of the resumed part. The quarter checkpoints are removed
+`"resumed": true` and its s/it and times are those of the resumed part. These checkpoints are removed
 once `model_final.pth` is written. The layout of the single-seed tool,
 `<output-dir>/<iters>it/<name>/`, is read as seed 1 (its default then) where `seed1/<name>/` has no checkpoint;
 nothing is moved. A run folder is locked while it trains, so two invocations never train the same run.

@@ -11,7 +11,9 @@ def test_schedule_scales_the_default_one():
     opts = dict(zip(*[iter(entries.schedule_opts(2000, 1))] * 2))
     assert opts["SOLVER.MAX_ITER"] == "2000" and opts["SOLVER.STEPS"] == "(1500, 1800)"
     assert opts["SOLVER.WARMUP_ITERS"] == "200" and opts["SEED"] == "1"
-    assert opts["SOLVER.CHECKPOINT_PERIOD"] == "500"  # a quarter: what a run cut off resumes from
+    assert "SOLVER.CHECKPOINT_PERIOD" not in opts  # not part of the schedule: it changes no result
+    run = dict(zip(*[iter(entries.run_opts(entries.ENTRY_BY_NAME["ifr"], "out", 2000, 1))] * 2))
+    assert run["SOLVER.CHECKPOINT_PERIOD"] == "100"  # what a run cut off resumes from: at most 100 iterations back
     assert dict(zip(*[iter(entries.schedule_opts(400, 3))] * 2))["SOLVER.STEPS"] == "(300, 360)"
     with pytest.raises(ValueError, match="at least 10"):
         entries.schedule_opts(5, 1)

@@ -109,8 +109,10 @@ def _is_scratch_config_in_the_imagenet_recipe(scratch, finetune, method_config):
     assert b.SOLVER.MAX_ITER == FINETUNE_ITERS < a.SOLVER.MAX_ITER
     entry = next(e for e in ENTRIES if os.path.join(ROOT, e.config) == method_config)
     a.defrost()
+    # the configs checkpoint every quarter of their schedule (the campaign's runs more often: run_opts)
     a.merge_from_list([v for k, val in RECIPE.items() for v in (k, val)] + schedule_opts(FINETUNE_ITERS, a.SEED)
-                      + entry.opts(FINETUNE_ITERS) + ["OUTPUT_DIR", b.OUTPUT_DIR])
+                      + entry.opts(FINETUNE_ITERS) + ["SOLVER.CHECKPOINT_PERIOD", str(FINETUNE_ITERS // 4),
+                                                      "OUTPUT_DIR", b.OUTPUT_DIR])
     assert a.dump() == b.dump()
 
 

@@ -164,7 +164,7 @@ def test_a_run_cut_off_resumes_from_its_last_checkpoint(tmp_path):
     iters = [json.loads(line).get("iteration") for line in (out_dir / "metrics.json").read_text().splitlines()]
     assert iters[0] == 5 and 11 in iters  # the first part ended at iteration 5, the resumed one at 11
     assert logs.final_results(str(out_dir / "metrics.json"), 12)
-    assert sorted(p.name for p in out_dir.glob("model_*.pth")) == ["model_final.pth"]  # quarter checkpoints gone
+    assert sorted(p.name for p in out_dir.glob("model_*.pth")) == ["model_final.pth"]  # checkpoints gone
     rec = record.load_results(str(results))["records"][0]
     assert rec["train"]["resumed"] is True and rec["train"]["s_per_iter"] > 0
 
