@@ -19,6 +19,9 @@ Peak memory, the backbone forward only (parameters and the input excluded):
 * CPU: the forward runs once under ``torch.profiler.profile(profile_memory=True)``; every allocation/free of
   torch's CPU allocator is an event with a signed size, and the maximum of their running sum (time order) is the
   peak of the bytes torch held at once.
+SDPA kernels: the attention kernels FPT's forward dispatched, counted by the profiler in one more forward
+(``attention_math`` is SDPA's full-matrix fallback; ``flash_attention``, ``efficient_attention`` and
+``cudnn_attention`` the fused ones).
 Timings are never asserted anywhere.
 """
 import argparse
@@ -102,6 +105,26 @@ def peak_mib(model, x, precision="fp32"):
         return peak / MiB
 
 
+def sdpa_kernels(model, x, precision="fp32"):
+    """{SDPA kernel op: calls} in one forward (the profiler's op names: ``_scaled_dot_product_attention_math`` is
+    the full-matrix fallback; ``..._flash_attention[_for_cpu]``, ``..._efficient_attention`` and
+    ``..._cudnn_attention`` the fused kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), precision_context(precision, x.device), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(x)
+    counts = {}
+    for e in prof.events():
+        if e.name.startswith("aten::_scaled_dot_product_"):
+            name = e.name[len("aten::_scaled_dot_product_"):]
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def format_kernels(kernels):
+    return ", ".join(f"{k} {n}" for k, n in kernels.items()) or "none"
+
+
 def nparams(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -124,7 +147,8 @@ def main():
     dev = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     print(f"# device: {args.device} ({dev}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"python {sys.version.split()[0]}, batch 1, eval, no_grad")
-    print("case | base ms | ours ms | ratio | base peak MiB | ours peak MiB | base params M | ours params M")
+    print("case | base ms | ours ms | ratio | base peak MiB | ours peak MiB | base params M | ours params M | "
+          "FPT's SDPA kernels (calls)")
     rows = []
     for size in args.sizes:
         config, hw = SIZES[size]
@@ -137,13 +161,15 @@ def main():
                 if base_mem is None:
                     base_mem = float("nan") if args.no_memory else peak_mib(fpn, x, precision)
                 ours_mem = float("nan") if args.no_memory else peak_mib(fpt, x, precision)
+                kernels = sdpa_kernels(fpt, x, precision)
                 case = f"{size} {tuple(x.shape[-2:])} {preset}" + ("" if precision == "fp32" else f" {precision}")
                 print(f"{case} | {base_ms:.1f} | {ours_ms:.1f} | {ours_ms / base_ms:.2f}x | {base_mem:.0f} | "
-                      f"{ours_mem:.0f} | {nparams(fpn) / 1e6:.2f} | {nparams(fpt) / 1e6:.2f}", flush=True)
+                      f"{ours_mem:.0f} | {nparams(fpn) / 1e6:.2f} | {nparams(fpt) / 1e6:.2f} | "
+                      f"{format_kernels(kernels)}", flush=True)
                 rows.append(dict(case=case, size=size, input_hw=list(x.shape[-2:]), preset=preset,
                                  precision=precision, base_ms=base_ms, ours_ms=ours_ms, ratio=ours_ms / base_ms,
                                  base_peak_mib=base_mem, ours_peak_mib=ours_mem, base_params_m=nparams(fpn) / 1e6,
-                                 ours_params_m=nparams(fpt) / 1e6))
+                                 ours_params_m=nparams(fpt) / 1e6, sdpa_kernels=kernels))
                 del fpn, fpt
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -361,10 +361,12 @@ class Steps:
             lines += ["", f"## {title}", "", f"`python {steps[name]['command']}`", ""]
             rows = data["rows"]
             if name == "fpt":
-                lines += ["| case | FPN ms | FPT ms | ratio | FPN peak MiB | FPT peak MiB |",
-                          "|---|---|---|---|---|---|"]
+                lines += ["| case | FPN ms | FPT ms | ratio | FPN peak MiB | FPT peak MiB | FPT's SDPA kernels |",
+                          "|---|---|---|---|---|---|---|"]
                 lines += [f"| {r['case']} | {r['base_ms']:.1f} | {r['ours_ms']:.1f} | {r['ratio']:.2f}x | "
-                          f"{_f(r['base_peak_mib'], 0)} | {_f(r['ours_peak_mib'], 0)} |" for r in rows]
+                          f"{_f(r['base_peak_mib'], 0)} | {_f(r['ours_peak_mib'], 0)} | "
+                          f"{', '.join(f'{k} {n}' for k, n in (r.get('sdpa_kernels') or {}).items()) or '-'} |"
+                          for r in rows]
             elif name == "ifr":
                 lines += ["| case | ms | vs explicit K=4 | peak MiB | peak / smallest depth |", "|---|---|---|---|---|"]
                 lines += [f"| {r['case']} | {r['ms']:.1f} | {r['ratio']:.2f}x | {r['peak_mib']:.1f} | "

@@ -38,6 +38,8 @@ def test_dry_run_passes_and_writes_results(tmp_path):
         assert steps[name]["data"]["rows"], name
     if steps["fpt"]["status"] == "pass":  # detectron2 imports: IFR's test-time cost against Mask R-CNN ran too
         assert steps["ifr"]["test_cost"]["rows"][0]["ratio"] > 0
+        for row in steps["fpt"]["data"]["rows"]:  # the attention kernels FPT ran: fused, not SDPA's math fallback
+            assert row["sdpa_kernels"] and "attention_math" not in row["sdpa_kernels"], row
     summary = (out / "summary.md").read_text()
     assert "dry run" in summary and "Result: every step run passed" in summary
     if steps["train"]["status"] == "pass":

@@ -57,7 +57,9 @@ def euclidean_qk(q: torch.Tensor, k: torch.Tensor):
 
     In half precision (float16 / bfloat16) q and k are first centred on the keys' mean mu (per image and
     mixture, in float32): |q - k| = |(q - mu) - (k - mu)|, so the logits are unchanged while |k|^2, and the
-    rounding of the large -|k|^2 logit term, shrink. float32 / float64 inputs are used as they are.
+    rounding of the large -|k|^2 logit term, shrink. Where |k|^2 would still exceed float16's range (65504) the
+    -|k|^2 column is divided by a power of two c (per image and mixture) and q_hat's column of ones multiplied by
+    it: exact scalings, the same logits. float32 / float64 inputs are used as they are.
 
     Args:
         q (Tensor[..., L, d]), k (Tensor[..., S, d])
@@ -70,10 +72,15 @@ def euclidean_qk(q: torch.Tensor, k: torch.Tensor):
         q = (q.to(acc) - mu).to(q.dtype)
         k32 = k.to(acc) - mu
         k = k32.to(k.dtype)
-        k_sq = k32.pow(2).sum(-1, keepdim=True).to(k.dtype)
+        k_sq = k32.pow(2).sum(-1, keepdim=True)
+        # c = 1 while max |k|^2 <= 2^14, else the power of two that brings it there (on the device, no sync)
+        c = torch.exp2(torch.log2(k_sq.amax(-2, keepdim=True) * 2.0 ** -14).ceil_().clamp_(0, 15))
+        ones = c.to(q.dtype).expand(q.shape[:-1] + (1,))
+        k_sq = (k_sq / c).to(k.dtype)
     else:
         k_sq = k.to(acc).pow(2).sum(-1, keepdim=True).to(k.dtype)
-    q_hat = torch.cat([q, q.new_ones(q.shape[:-1] + (1,))], dim=-1)
+        ones = q.new_ones(q.shape[:-1] + (1,))
+    q_hat = torch.cat([q, ones], dim=-1)
     k_hat = torch.cat([2 * k, -k_sq], dim=-1)
     return q_hat, k_hat
 
@@ -121,11 +128,13 @@ def _sdpa(q, k, v, pi, scale, dropout_p):
     s, cv = v.shape[1], v.shape[2]
     if dropout_p > 0 or not SPLIT_VALUES.get(q.device.type, True):
         # one head per mixture, full value width: q k^T once per mixture, one dropout mask per A_m (as naive);
-        # q and k zero-padded to a multiple of 8 (the fused kernels' alignment; dot products unchanged)
+        # q and k zero-padded to a multiple of 8 (the fused kernels' alignment; dot products unchanged). Every
+        # fused kernel needs a last dimension of stride 1, which the maps' views (flatten_hw, split_mixtures) do
+        # not have: without these copies SDPA falls back to its math kernel, the full (N, M, L, S) matrix.
         width = 8 * math.ceil(d / 8)
-        vv = v.unsqueeze(1).expand(n, m, s, cv)
-        out = F.scaled_dot_product_attention(_pad_last(q, width), _pad_last(k, width), vv, dropout_p=dropout_p,
-                                             scale=scale)
+        q, k = _pad_last(q, width).contiguous(), _pad_last(k, width).contiguous()
+        vv = v.unsqueeze(1).expand(n, m, s, cv).contiguous()
+        out = F.scaled_dot_product_attention(q, k, vv, dropout_p=dropout_p, scale=scale)
         return _mix(out, pi)
     width = 8 * math.ceil(d / 8)  # zero padding leaves the dot products unchanged
     chunks = math.ceil(cv / width)
@@ -184,8 +193,21 @@ def linear_mixture_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if impl == "naive":
         attn = torch.einsum("nmld,nmsd->nmls", q, k) / s
         return _mix(attn, pi) @ v
-    kv = torch.einsum("nmsd,nsc->nmdc", k, v) / s
+    if _runs_in_float16(k):
+        # k^T v sums S products: in float16 (largest value 65504) the sum overflows before the division by S
+        # (S = 16800 products of mean 4 do). Each factor scaled by S^-1/2 instead: the result is the mean.
+        r = s ** -0.5
+        kv = torch.einsum("nmsd,nsc->nmdc", k * r, v * r)
+    else:
+        kv = torch.einsum("nmsd,nsc->nmdc", k, v) / s
     return _mix(q @ kv, pi)
+
+
+def _runs_in_float16(x: torch.Tensor) -> bool:
+    """Whether a matmul of ``x`` runs in float16 (its dtype, or autocast's on its device)."""
+    dev = x.device.type
+    autocast16 = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
+    return x.dtype == torch.float16 or autocast16
 
 
 def euclidean_mixture_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -7,8 +7,10 @@ import torch
 from d2_refine.projects.fpt.attention import (
     euclidean_mixture_attention,
     euclidean_qk,
+    flatten_hw,
     linear_mixture_attention,
     mixture_attention,
+    split_mixtures,
 )
 from helpers import cpu_and_cuda
 
@@ -212,3 +214,101 @@ def test_mixing_keeps_half_precision_with_a_float32_pi(device, impl):
                             pi.to(device, torch.float32), scale=0.3, impl=impl)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double().cpu(), _reference(q, k, v, pi, 0.3), atol=3e-2, rtol=3e-2)
+
+
+def _model_views(n=1, m=2, h=12, w=10, c=32, cv=48, s_hw=(6, 5), seed=0):
+    """q, k, v as FPT's transformers make them: views of (N, C, H, W) maps (flatten_hw, split_mixtures), whose
+    last dimension does not have stride 1."""
+    g = torch.Generator().manual_seed(seed)
+    q = split_mixtures(flatten_hw(torch.randn(n, c, h, w, generator=g)), m)
+    k = split_mixtures(flatten_hw(torch.randn(n, c, *s_hw, generator=g)), m)
+    v = flatten_hw(torch.randn(n, cv, *s_hw, generator=g))
+    pi = torch.softmax(torch.randn(n, m, generator=g), -1)
+    return q, k, v, pi
+
+
+@pytest.mark.parametrize("split_values", [False, True], ids=["cuda_layout", "cpu_layout"])
+@pytest.mark.parametrize("kind", ["softmax", "euclidean"])
+def test_sdpa_gets_inputs_its_fused_kernels_take(monkeypatch, split_values, kind):
+    """Every fused SDPA kernel (flash, memory-efficient, cuDNN; CPU flash) needs a last dimension of stride 1;
+    otherwise SDPA silently runs its math kernel, the full (N, M, L, S) matrix. Both layouts of the "sdpa" path,
+    on the views the model passes. With the CPU layout (equal widths) PyTorch's own choice is checked too."""
+    from d2_refine.projects.fpt import attention
+
+    monkeypatch.setitem(attention.SPLIT_VALUES, "cpu", split_values)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q, k, v, int(torch._fused_sdp_choice(q, k, v, *args, **kwargs))))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q, k, v, pi = _model_views()
+    with torch.no_grad():
+        if kind == "softmax":
+            out = mixture_attention(q, k, v, pi, scale=0.2, impl="sdpa")
+            expected = mixture_attention(q, k, v, pi, scale=0.2, impl="naive")
+        else:
+            out = euclidean_mixture_attention(q, k, v, pi, temperature=0.05, impl="sdpa")
+            expected = euclidean_mixture_attention(q, k, v, pi, temperature=0.05, impl="naive")
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert calls
+    for cq, ck, cv_, choice in calls:
+        assert (cq.stride(-1), ck.stride(-1), cv_.stride(-1)) == (1, 1, 1)
+        if split_values:
+            assert choice != 0, "PyTorch chose its math kernel"  # torch.nn.attention.SDPBackend.MATH
+
+
+def _half_or_skip(fn):
+    try:
+        return fn()
+    except (RuntimeError, NotImplementedError) as e:  # float16 kernels on the CPU of an older torch
+        if "Half" in str(e):
+            pytest.skip(f"this torch has no such float16 kernel on the CPU: {e}")
+        raise
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("autocast", [False, True], ids=["float16_inputs", "autocast"])
+def test_linear_attention_float16_sum_does_not_overflow(device, autocast):
+    """k^T v sums S products before the division by S: 16800 products of mean 4 exceed float16's 65504 (inf
+    without the scaling). The result is a mean and fits; under autocast float32 inputs meet the same matmul."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 50, 8, generator=g, dtype=torch.float64) + 2
+    k = torch.randn(1, 2, 16800, 8, generator=g, dtype=torch.float64) + 2
+    v = torch.randn(1, 16800, 8, generator=g, dtype=torch.float64) + 2
+    pi = torch.softmax(torch.randn(1, 2, generator=g, dtype=torch.float64), -1)
+    expected = linear_mixture_attention(q, k, v, pi)
+    if autocast:
+        def run():
+            with torch.autocast(device, dtype=torch.float16):
+                return linear_mixture_attention(*(t.to(device, torch.float32) for t in (q, k, v, pi)))
+    else:
+        def run():
+            return linear_mixture_attention(*(t.to(device, torch.float16) for t in (q, k, v, pi)))
+    out = _half_or_skip(run)
+    assert out.dtype == torch.float16
+    assert torch.isfinite(out).all()
+    err = (out.double().cpu() - expected).abs().max() / expected.abs().max()
+    assert err < 5e-3, f"max error {err:.4f} of the output's scale"
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_euclidean_attention_float16_keys_beyond_its_range(device):
+    """Keys spread so far (RMS 40 per channel, 64 channels) that |k - mu|^2 ~ 1e5 exceeds float16's 65504 even
+    after the centring: the -|k|^2 column is scaled by a power of two instead of overflowing (it was -inf, the
+    keys dropped, the output wrong by more than its own scale)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 300, 64, generator=g, dtype=torch.float64) * 40 + 3
+    k = torch.randn(1, 2, 80, 64, generator=g, dtype=torch.float64) * 40 + 3
+    v = torch.randn(1, 80, 32, generator=g, dtype=torch.float64)
+    pi = torch.softmax(torch.randn(1, 2, generator=g, dtype=torch.float64), -1)
+    tau = 1 / (64 * 40)
+    expected = euclidean_mixture_attention(q, k, v, pi, temperature=tau, impl="naive")
+    _, k_hat = euclidean_qk(q.to(torch.float16), k.to(torch.float16))
+    assert torch.isfinite(k_hat).all()
+    out = _half_or_skip(lambda: euclidean_mixture_attention(*(t.to(device, torch.float16) for t in (q, k, v, pi)),
+                                                            temperature=tau, impl="sdpa"))
+    err = (out.double().cpu() - expected).abs().max() / expected.abs().max()
+    assert err < 0.03, f"max error {err:.3f} of the output's scale"
