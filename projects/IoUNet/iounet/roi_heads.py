@@ -201,9 +201,13 @@ class IoUNetROIHeads(StandardROIHeads):
         del box_features
         all_boxes = self.box_predictor.predict_boxes(predictions, proposals)
         all_scores = self.box_predictor.predict_probs(predictions, proposals)
-        if self.refine and any(torch.is_inference(f) for f in feats):
-            with torch.inference_mode(False):  # inference tensors cannot be saved for backward
-                feats = [f.clone() for f in feats]
+        if self.refine:
+            # refinement differentiates the predicted IoU with respect to the boxes alone: with the maps' graph
+            # (plain mode, parameters that require grad) every step would also compute the maps' gradient
+            feats = [f.detach() for f in feats]
+            if any(torch.is_inference(f) for f in feats):
+                with torch.inference_mode(False):  # inference tensors cannot be saved for backward
+                    feats = [f.clone() for f in feats]
         bp = self.box_predictor
         results = []
         for i, (boxes, scores, p) in enumerate(zip(all_boxes, all_scores, proposals)):

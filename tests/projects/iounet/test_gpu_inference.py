@@ -89,3 +89,26 @@ def test_refinement_is_the_same_under_inference_mode_no_grad_and_plain_mode(mode
         assert inst.pred_boxes.tensor.device.type == device
         torch.testing.assert_close(inst.pred_boxes.tensor.clone(), ref.pred_boxes.tensor.detach(), msg=name, **close)
         torch.testing.assert_close(inst.scores.clone(), ref.scores.detach(), msg=name, **close)
+
+
+def test_plain_mode_refinement_never_computes_the_maps_gradient(model):
+    """In plain mode with parameters that require grad (a model as build_model returns it) the feature maps
+    carry the backbone's graph; each refinement step asks only for the boxes' gradient, and the pooling's
+    backward must not compute the maps' (a pyramid-sized buffer per step on the GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    m = copy.deepcopy(model)
+    assert all(p.requires_grad for p in m.parameters())
+    need_maps = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.d2_refine._multilevel_prroi_pool_backward.default:
+                need_maps.append(args[-2])
+            return func(*args, **(kwargs or {}))
+
+    m.roi_heads.reset_refine_stats()
+    with Spy():
+        inst = m([_image(2)])[0]["instances"]
+    assert len(inst) > 0 and m.roi_heads.refine_stats()["mean_steps"] > 1
+    assert need_maps and not any(need_maps), need_maps
