@@ -75,13 +75,17 @@ at::Tensor box_levels(const at::Tensor& boxes, double canonical_box_size, int64_
   // detectron2/modeling/poolers.py assign_boxes_to_levels, op for op (the same float rounding), in float32 for
   // half-precision boxes (the area of a box over 256 x 256 px overflows float16)
   const at::Tensor b = boxes.to(at::toOpMathType(boxes.scalar_type()));
-  const at::Tensor area = (b.select(1, 2) - b.select(1, 0)) * (b.select(1, 3) - b.select(1, 1));
+  const at::Tensor width = b.select(1, 2) - b.select(1, 0), height = b.select(1, 3) - b.select(1, 1);
+  const at::Tensor area = width * height;
   at::Tensor level = at::floor(at::log2(at::sqrt(area) / canonical_box_size + 1e-8) + canonical_level);
   level = at::clamp(level, min_level, min_level + num_levels - 1);
   const at::Tensor index = at::nan_to_num(level, 0.0).to(at::kLong) - min_level;
-  // -1 (pools zeros): a NaN level (negative area), and a box with a NaN or infinite coordinate, whose level would
-  // depend on the sign of the infinity (checked on the device: no host synchronisation)
-  const at::Tensor none = at::isnan(level).logical_or(boxes.isfinite().all(1).logical_not());
+  // -1 (pools zeros): a NaN level (negative area), a box with a NaN or infinite coordinate, whose level would
+  // depend on the sign of the infinity, and a box whose width or height overflows (finite coordinates near the
+  // type's largest value: infinite bins, NaN in the kernels); checked on the device: no host synchronisation
+  const at::Tensor none = at::isnan(level)
+                              .logical_or(boxes.isfinite().all(1).logical_not())
+                              .logical_or(width.isfinite().logical_and(height.isfinite()).logical_not());
   return at::where(none, at::full({}, -1, index.options()), index);
 }
 

@@ -51,7 +51,8 @@ def multilevel_prroi_pool(
     Returns:
         Tensor[sum L_n, C, PH, PW], the boxes in order (image 0 first), in the dtype of ``inputs[0]``. A box whose
         level is NaN (negative area) pools zeros, as in ROIPooler, and so does a box with a NaN or infinite
-        coordinate (``prroi_pool`` raises for one, but that check would wait for the device). Differentiable
+        coordinate or a width or height that overflows (``prroi_pool`` raises for one, but that check would wait
+        for the device). Differentiable
         w.r.t. the maps and the boxes (zero gradients for the boxes that pool zeros).
     """
     _check(inputs, boxes, spatial_scales)
@@ -88,13 +89,14 @@ def box_levels(boxes: Tensor, canonical_box_size: float, canonical_level: int, m
     """Tensor[K] int64: level index in [0, num_levels) of each box (detectron2's ``assign_boxes_to_levels``, op for
     op, in the dtype of ``boxes``, float32 for half-precision boxes, whose areas overflow float16 beyond 256 x 256 px),
     -1 where it is NaN or the box has a coordinate that is not finite (whose level would depend on the sign of the
-    infinity); checked on the device, without a host synchronisation."""
+    infinity) or a width or height that overflows; checked on the device, without a host synchronisation."""
     boxes = boxes.to(compute_dtype(boxes))
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    area = width * height
     level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_box_size + 1e-8))
     level = torch.clamp(level, min=min_level, max=min_level + num_levels - 1)
     index = torch.nan_to_num(level, 0.0).to(torch.int64) - min_level
-    none = torch.isnan(level) | ~torch.isfinite(boxes).all(1)
+    none = torch.isnan(level) | ~torch.isfinite(boxes).all(1) | ~torch.isfinite(width) | ~torch.isfinite(height)
     return torch.where(none, torch.full_like(index, -1), index)
 
 

@@ -127,6 +127,29 @@ def test_a_non_finite_coordinate_pools_zeros_whatever_its_sign(device, bad):
         assert all(torch.isfinite(g).all() for g in map_grads + box_grads if g is not None)  # None: a level unused
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_a_box_whose_width_overflows_pools_zeros(device):
+    """Finite float32 coordinates near the type's largest value, whose difference overflows: level -1, zeros and
+    zero gradients, in the kernel and the reference alike (on CUDA its bins were infinite, its output NaN); the
+    other boxes are untouched."""
+    maps, boxes = _case(device, dtype=torch.float32, counts=(3, 2), channels=2, size=128, seed=7)
+    broken = [b.clone() for b in boxes]
+    broken[1][1] = torch.tensor([-3e38, 10.0, 3e38, 20.0], device=device)  # x2 - x1 = inf in float32
+    assert box_levels(torch.cat(broken), 224, 4, 2, 4).tolist()[4] == -1
+    fns = [lambda m, b: _multilevel_prroi_pool_reference(m, torch.cat(b), [3, 2], list(SCALES), 224.0, 4, 3, 3,
+                                                         False)]
+    if has_ops():
+        fns.append(lambda m, b: multilevel_prroi_pool(m, b, 3, SCALES))
+    weights = torch.randn(5, 2, 3, 3, generator=torch.Generator().manual_seed(2)).to(device)
+    for fn in fns:
+        good, _, _ = _pool_and_grads(fn, maps, boxes, weights)
+        out, map_grads, box_grads = _pool_and_grads(fn, maps, broken, weights)
+        assert torch.equal(out[4], torch.zeros_like(out[4]))
+        torch.testing.assert_close(out[:4], good[:4], rtol=0, atol=1e-6)
+        assert torch.equal(box_grads[1][1], torch.zeros(4, device=device))
+        assert all(torch.isfinite(g).all() for g in map_grads + box_grads if g is not None)
+
+
 @needs_ops
 def test_bad_arguments_raise_naming_them():
     maps, boxes = _case(counts=(2, 1))
