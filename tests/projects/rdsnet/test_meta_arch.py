@@ -184,3 +184,68 @@ def test_mbrm_enabled_from_config_and_checkpoint_independent():
     assert isinstance(m.mbrm, MBRM) and m.mbrm.decode == "expectation"
     # MBRM's kernel is config, not state: weights trained without it load with it
     assert not any(k.startswith("mbrm") for k in m.state_dict())
+
+
+def _batch(empty=False):
+    g = torch.Generator().manual_seed(1)
+    if empty:  # an image without instances, one whose only mask is under MASK_MIN_AREA
+        return [{"image": torch.rand(3, 128, 128, generator=g) * 255, "instances": _instances(128, 128, [], True)},
+                {"image": torch.rand(3, 128, 128, generator=g) * 255,
+                 "instances": _instances(128, 128, [[10, 10, 18, 18]], True)}]
+    return [{"image": torch.rand(3, 150, 190, generator=g) * 255,
+             "instances": _instances(150, 190, [[5, 8, 90, 100], [60, 40, 185, 140], [10, 100, 60, 148]], True)},
+            {"image": torch.rand(3, 128, 128, generator=g) * 255,
+             "instances": _instances(128, 128, [[0, 0, 128, 60]], True)}]
+
+
+def _train_step(model, batch, amp=False):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device.type
+    with EventStorage(), torch.autocast(device, dtype=torch.float16, enabled=amp):
+        losses = model(batch)
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    return {k: float(v.detach()) for k, v in losses.items()}, missing, bad
+
+
+def _device_against_cpu(device):
+    """RDSNet + MBRM on ``device`` against the CPU, from the same weights: a float32 training step (on a batch with
+    masks and on one without a mask to train), an AMP step, and inference (boxes, classes, masks)."""
+    import copy
+
+    from torchvision.ops import box_iou
+
+    torch.manual_seed(0)
+    cfg = _tiny_cfg()
+    cfg.MODEL.RDSNET.MBRM.ENABLED = True
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    base = build_model(cfg)
+    for empty in (False, True):
+        ref, _, _ = _train_step(copy.deepcopy(base), _batch(empty))
+        for amp in (False, True):
+            losses, missing, bad = _train_step(copy.deepcopy(base).to(device), _batch(empty), amp)
+            # DDP without find_unused_parameters needs a gradient for every parameter at every step
+            assert not missing and not bad, (empty, amp, missing, bad)
+            for k in ref:
+                assert losses[k] == pytest.approx(ref[k], rel=2e-2 if amp else 1e-3, abs=1e-4), (empty, amp, k)
+    model = copy.deepcopy(base).to(device).eval()
+    images = [{"image": b["image"], "height": 300, "width": 380} for b in _batch()]
+    with torch.no_grad():
+        ours = [o["instances"].to("cpu") for o in model(images)]
+        ref = [o["instances"] for o in base.eval()(images)]
+    for a, b in zip(ref, ours):
+        assert abs(len(a) - len(b)) <= 2
+        a, b = a[:50], b[:50]
+        iou = box_iou(a.pred_boxes.tensor, b.pred_boxes.tensor) * (a.pred_classes[:, None] == b.pred_classes)
+        best, j = iou.max(dim=1)
+        assert (best > 0.99).float().mean() > 0.95
+        assert (a.pred_masks != b.pred_masks[j]).float().mean() < 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_training_and_inference_match_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 against the CPU: no TF32
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    _device_against_cpu("cuda")
