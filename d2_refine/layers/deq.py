@@ -230,7 +230,9 @@ def anderson_iterations(func: Callable, x0: torch.Tensor, max_iter: int, m: int 
     for k in range(2, max_iter):
         n = min(k, m)
         H[:, 1:n + 1, 1:n + 1] = gram[:, :n, :n] + lam * torch.eye(n, dtype=flat.dtype, device=flat.device)[None]
-        alpha = torch.linalg.solve(H[:, :n + 1, :n + 1], y[:, :n + 1])[:, 1:n + 1, 0]
+        # solve_ex: linalg.solve checks its result on the host (a device synchronisation per step on CUDA); a
+        # singular system gives a non-finite row here, which the solve's guard marks aborted
+        alpha = torch.linalg.solve_ex(H[:, :n + 1, :n + 1], y[:, :n + 1]).result[:, 1:n + 1, 0]
         slot = k % m
         # the next iterate, written over the previous one: f has read it and the tracking has copied what it keeps
         torch.bmm(alpha[:, None], F[:, :n], out=z_next[:, None])

@@ -13,7 +13,7 @@ __all__ = ["HostSyncCounter"]
 #: aten ops that wait for the device: data-dependent output sizes, and reads of a value
 SYNC_OPS = frozenset({"nonzero", "_local_scalar_dense", "is_nonzero", "equal", "masked_select", "unique", "_unique",
                       "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive", "bincount",
-                      "allclose"})
+                      "allclose", "_linalg_check_errors"})
 #: compiled ops that synchronise inside on CUDA: torchvision's NMS (its result is reduced on the host), PrRoIPool
 #: (its batch-index check), IoU-guided NMS (its class count and output size)
 SYNCING_CUSTOM_OPS = frozenset({("torchvision", "nms"), ("d2_refine", "prroi_pool"),
