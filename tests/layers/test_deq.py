@@ -341,7 +341,7 @@ def test_device_side_stop_rule_gives_the_early_stopping_result(solver, tol):
     assert early["diverged"][4] and (solver != "fixed_point" or early["diverged"][3])
 
 
-@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])  # torchdeq's Broyden reads values itself
+@pytest.mark.parametrize("solver", ["anderson", "fixed_point"])  # torchdeq's Broyden: host-made scalars
 def test_sync_free_test_time_solve_synchronises_once(solver):
     from d2_refine.utils.host_sync import HostSyncCounter
 

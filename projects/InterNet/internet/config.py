@@ -38,6 +38,8 @@ def add_internet_config(cfg):
     # Output channels of the critic (the dimension of the class buffer).
     _C.INTERNET.CRITIC_DIM = 1024
     # Norm of the critic's three convs (same names as MAKEUP.NORM; "BN" falls back to running stats on one RoI).
+    # Across GPUs: "SyncBN" or "naiveSyncBN_N" (a rank without RoIs joins their collective call); "naiveSyncBN",
+    # which asserts a non-empty batch, is refused.
     _C.INTERNET.CRITIC_NORM = "Affine"
     # Distance between the small-object critic outputs and the class centroids: "l2" | "l1" | "kl" | "ot".
     _C.INTERNET.LOSS = "l2"

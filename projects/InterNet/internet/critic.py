@@ -1,5 +1,6 @@
 """The critic: RoI features (C x S x S) -> one ``dim``-vector per RoI, shared by levels and sets (torch only)."""
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
@@ -40,6 +41,10 @@ class InterNetCritic(nn.Module):
         self.conv2 = nn.Conv2d(dim // 2, dim, pool_size // 2, bias=bias)
         self.conv3 = nn.Conv2d(dim, dim, 1, bias=bias)
         self.norms = nn.ModuleList(get_norm(norm, c) or nn.Identity() for c in (dim // 2, dim, dim))
+        if getattr(self.norms[0], "_stats_mode", None) == "":
+            # detectron2's naiveSyncBN asserts a non-empty batch, and a rank without a RoI of a set is common
+            raise ValueError("MODEL.INTERNET.CRITIC_NORM 'naiveSyncBN' cannot normalise a rank's empty batch of "
+                             "RoIs; use 'naiveSyncBN_N' or 'SyncBN'")
         for conv in (self.conv1, self.conv2, self.conv3):
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             if conv.bias is not None:
@@ -59,6 +64,8 @@ class InterNetCritic(nn.Module):
         for conv, norm in zip((self.conv1, self.conv2, self.conv3), self.norms):
             if x.shape[0] == 0:  # keep the graph (and DDP) happy without running norms on empty batches
                 x = conv(x)
+                if _syncs_across_ranks(norm):  # ... except a collective one: every rank must join its call
+                    x = norm(x)
             else:
                 x = F.relu(norm(conv(x)))
         x = x.flatten(1)
@@ -67,3 +74,11 @@ class InterNetCritic(nn.Module):
         if self.activation == "softmax":
             return F.softmax(x, dim=1)
         return x
+
+
+def _syncs_across_ranks(norm: nn.Module) -> bool:
+    """Whether ``norm`` gathers its statistics from every rank in this call (torch's SyncBatchNorm, detectron2's
+    NaiveSyncBatchNorm, training, several processes); both take an empty batch as a rank contributing nothing."""
+    if not (norm.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return isinstance(norm, nn.SyncBatchNorm) or hasattr(norm, "_stats_mode")

@@ -1,4 +1,6 @@
 """Make-up layer and critic (detectron2-free; their norms: tests/layers/test_norm.py)."""
+import os
+
 import pytest
 import torch
 
@@ -54,3 +56,32 @@ def test_critic_rejects_wrong_size():
         InterNetCritic(16, 7)
     with pytest.raises(ValueError, match=r"Tensor\[R, C, 14, 14\]"):
         InterNetCritic(16, 14, 32)(torch.randn(2, 16, 7, 7))
+
+
+def test_critic_with_a_cross_rank_norm_and_a_rank_without_rois(tmp_path, monkeypatch):
+    """A cross-rank BN is a collective call: a rank whose batch of RoIs is empty must still join it, or the ranks'
+    collectives go out of step and the job hangs (the norms used to be skipped on an empty batch). Rank 1's output
+    then equals the plain BN of its own RoIs: rank 0 contributes nothing to the statistics."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    pytest.importorskip("detectron2")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))  # see internet_dist_worker.py
+    from internet_dist_worker import critic_worker
+
+    mp.spawn(critic_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
+    assert r0["out"].shape == (0, 16) and r1["out"].shape == (3, 16)
+    assert r0["marker"].tolist() == r1["marker"].tolist() == [3.0, 3.0]
+    local = InterNetCritic(8, 4, 16, "BN", "sigmoid").train()
+    local.load_state_dict(r1["state"])
+    with torch.no_grad():
+        torch.testing.assert_close(r1["out"], local(r1["x"]), rtol=1e-5, atol=1e-6)
+
+
+def test_critic_refuses_a_norm_that_cannot_take_an_empty_batch():
+    pytest.importorskip("detectron2")
+    with pytest.raises(ValueError, match="naiveSyncBN_N"):
+        InterNetCritic(8, 4, 16, "naiveSyncBN", "sigmoid")
