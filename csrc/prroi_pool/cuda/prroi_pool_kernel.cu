@@ -424,8 +424,9 @@ __global__ void prroi_table_box_gradient_cuda(int64_t num_rois, const double* su
   }
 }
 
-// Channels per table chunk: the table [N, H + 1, W + 1, chunk] in double under D2_REFINE_PRROI_TABLE_MB MiB.
-int64_t table_chunk(int64_t num_images, int64_t height, int64_t width, int64_t channels) {
+// Channels per table chunk: the table [N, H + 1, W + 1, chunk] in double, and `extra` more doubles per channel (the
+// forward's corner values), under D2_REFINE_PRROI_TABLE_MB MiB.
+int64_t table_chunk(int64_t num_images, int64_t height, int64_t width, int64_t channels, int64_t extra = 0) {
   double mib = 256.0;
   if (const char* env = std::getenv("D2_REFINE_PRROI_TABLE_MB")) {
     const double v = std::atof(env);
@@ -433,7 +434,8 @@ int64_t table_chunk(int64_t num_images, int64_t height, int64_t width, int64_t c
       mib = v;
     }
   }
-  const double per_channel = static_cast<double>(num_images) * (height + 1) * (width + 1) * sizeof(double);
+  const double per_channel =
+      (static_cast<double>(num_images) * (height + 1) * (width + 1) + static_cast<double>(extra)) * sizeof(double);
   const int64_t chunk = static_cast<int64_t>(mib * 1024.0 * 1024.0 / per_channel);
   return std::max<int64_t>(1, std::min<int64_t>(chunk, channels));
 }
@@ -462,7 +464,7 @@ at::Tensor prroi_pool_forward_kernel(const at::Tensor& input, const at::Tensor& 
   const at::Tensor input_ = input.contiguous(), rois_ = rois.contiguous();
   const int64_t total = output.numel();
   const int64_t corners = num_rois * (pooled_height + 1) * (pooled_width + 1);
-  const int64_t chunk = table_chunk(input.size(0), height, width, channels);
+  const int64_t chunk = table_chunk(input.size(0), height, width, channels, corners);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "prroi_pool_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
