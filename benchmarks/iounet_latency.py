@@ -74,7 +74,8 @@ def _run(model, inputs):
 #: host-side CUDA runtime calls that wait for the device (not cudaDeviceSynchronize: the model never calls it, and the
 #: profiled block has two of its own, torch.cuda.synchronize below and the profiler's on exit)
 _SYNC_KEYS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
-#: copies (cudaMemcpyAsync: a copy to the host is followed by a cudaStreamSynchronize, one to the device need not wait)
+#: copies (cudaMemcpyAsync: a copy to the host is followed by a cudaStreamSynchronize; so is one to the device from
+#: pageable memory, e.g. torch.tensor(..., device="cuda"): both are counted under cudaStreamSynchronize above)
 _COPY_KEYS = ("cudaMemcpyAsync",)
 
 
