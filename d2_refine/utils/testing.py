@@ -1,5 +1,6 @@
 """Helpers for tiny training runs and synthetic batches (torch and detectron2 only, no pytest): the test-suite
 uses them, and so can a method's own checks. The suite's pytest helpers are in tests/helpers.py."""
+import contextlib
 import json
 import math
 import os
@@ -7,7 +8,8 @@ import os
 import torch
 from torchvision.ops import clip_boxes_to_image
 
-__all__ = ["smoke_trainer", "smoke_train", "read_losses", "tiny_shapes_opts", "synthetic_batch", "train_step_losses"]
+__all__ = ["smoke_trainer", "smoke_train", "read_losses", "tiny_shapes_opts", "synthetic_batch", "train_step_losses",
+           "device_step_against_cpu", "no_tf32", "SAMPLE_ALL_OPTS"]
 
 
 def cpu_and_cuda():
@@ -98,20 +100,65 @@ def synthetic_batch(image_size=128, boxes_per_image=((3, 0), (0, 0)), with_masks
     return batch
 
 
-def train_step_losses(model, batch):
-    """One training forward/backward of ``model`` on ``batch``; returns the loss dict as floats and checks
-    every loss and every gradient is finite."""
+def train_step_losses(model, batch, amp=False, start_iter=0):
+    """One training forward/backward of ``model`` on ``batch`` (at ``EventStorage`` iteration ``start_iter``; with
+    ``amp``, the forward under float16 autocast, as detectron2's AMPTrainer runs it); returns the loss dict as floats
+    and checks every loss and every gradient is finite."""
     from detectron2.utils.events import EventStorage
 
     model.train()
-    with EventStorage(0):
-        losses = model(batch)
+    device = next(model.parameters()).device.type
+    with EventStorage(start_iter):
+        with torch.autocast(device, dtype=torch.float16, enabled=amp):
+            losses = model(batch)
         total = sum(losses.values())
         total.backward()
-    out = {k: float(v) for k, v in losses.items()}
+    out = {k: float(v.detach()) for k, v in losses.items()}
     bad = {k: v for k, v in out.items() if not math.isfinite(v)}
     assert not bad, f"non-finite losses: {bad}"
     for name, p in model.named_parameters():
         if p.grad is not None:
             assert torch.isfinite(p.grad).all(), f"non-finite gradient in {name}"
     return out
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """float32 on CUDA as on the CPU inside it: cuDNN's convolutions (and cuBLAS's matmuls) without TF32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+#: config options under which R-CNN training samples every anchor and every proposal (positive fraction 1, batches
+#: larger than any image's count), so that its losses do not depend on random numbers
+SAMPLE_ALL_OPTS = ["MODEL.RPN.BATCH_SIZE_PER_IMAGE", "1000000", "MODEL.RPN.POSITIVE_FRACTION", "1.0",
+                   "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "1000000", "MODEL.ROI_HEADS.POSITIVE_FRACTION", "1.0",
+                   "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100"]
+
+
+def device_step_against_cpu(model, batch, device, start_iter=0, amp_rtol=2e-2):
+    """One training step of copies of ``model`` on ``device``, in float32 and with AMP, against one on the CPU in
+    float32 (TF32 off): the same losses (relative 5e-3 in float32, ``amp_rtol`` with AMP), and on the device a finite
+    gradient for every trainable parameter (DDP without find_unused_parameters needs each one at every step).
+    ``model`` itself is left as it is."""
+    import copy
+
+    torch.manual_seed(1)
+    ref = train_step_losses(copy.deepcopy(model).cpu(), batch, start_iter=start_iter)
+    for amp in (False, True):
+        # a device draws other random numbers than the CPU: each step gets other ones here, so that a loss which
+        # depends on them (sampled RoIs or anchors: sample them all, see SAMPLE_ALL_OPTS) fails on the CPU too
+        torch.manual_seed(2 + amp)
+        m = copy.deepcopy(model).to(device)
+        with no_tf32():
+            losses = train_step_losses(m, batch, amp=amp, start_iter=start_iter)
+        missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"{device}, amp={amp}: no gradient for {missing}"
+        assert set(losses) == set(ref), (sorted(losses), sorted(ref))
+        rtol = amp_rtol if amp else 5e-3  # float32: another summation order can move a proposal at the top-k edge
+        far = {k: (losses[k], ref[k]) for k in ref if abs(losses[k] - ref[k]) > rtol * abs(ref[k]) + 1e-4}
+        assert not far, f"{device}, amp={amp}: losses ({device}, cpu) apart: {far}"

@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from d2_refine.engine.config import setup_cfg  # noqa: E402
 from d2_refine.projects.ifr import IFRMaskHead  # noqa: E402
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, cpu_and_cuda  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "configs", "IFR")
 
@@ -208,3 +208,17 @@ def test_sync_free_solve_adds_one_host_sync_per_image_and_equal_masks():
     with torch.no_grad(), HostSyncCounter() as counter:
         head(torch.zeros(0, 128, 14, 14), [out1[:0]])
     assert counter.total == 0  # no RoIs: no solve, nothing read
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("config", ["ifr_mask_rcnn_R_18_FPN_shapes.yaml", "ifr_ws_mask_rcnn_R_18_FPN_shapes.yaml"])
+def test_training_step_on_a_device_matches_the_cpu(config, device):
+    """The implicit model after its warm-up (Broyden forward, implicit backward through the hook) and the weight-
+    sharing model, on ``device`` in float32 and with AMP against the CPU in float32, from the same weights and batch
+    (on the CPU: AMP in float16, and losses that do not depend on the random numbers)."""
+    from d2_refine.utils.testing import SAMPLE_ALL_OPTS, device_step_against_cpu
+
+    torch.manual_seed(0)
+    cfg = setup_cfg(os.path.join(CONFIGS, config), ["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+                                                    *SAMPLE_ALL_OPTS])
+    device_step_against_cpu(build_model(cfg), _batch(), device, start_iter=5000)

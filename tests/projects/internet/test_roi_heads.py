@@ -14,7 +14,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from d2_refine.engine.config import setup_cfg  # noqa: E402
 from d2_refine.projects.internet.pooler import LevelAssignedROIPooler  # noqa: E402
 from d2_refine.projects.internet.roi_heads import InterNetROIHeads  # noqa: E402
-from helpers import ROOT  # noqa: E402
+from helpers import ROOT, cpu_and_cuda  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
 
@@ -204,3 +204,16 @@ def test_warmup_fraction_is_a_one_line_error_naming_warmup_iters():
         _cfg("MODEL.INTERNET.WARMUP_FRACTION", "0.4")
     with pytest.raises(ValueError, match="WARMUP_ITERS must be >= 0"):
         build_model(_cfg("MODEL.INTERNET.WARMUP_ITERS", "-1"))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("loss", ["l2", "ot"])
+def test_training_step_on_a_device_matches_the_cpu(loss, device):
+    """InterNet's ROI heads (make-up layer, critic, class buffer, the OT loss on POT's device backend) on ``device`` in
+    float32 and with AMP against the CPU in float32, from the same weights and batch (on the CPU: AMP in float16, and
+    losses that do not depend on the random numbers)."""
+    from d2_refine.utils.testing import SAMPLE_ALL_OPTS, device_step_against_cpu
+
+    torch.manual_seed(0)
+    model = build_model(_cfg("MODEL.INTERNET.LOSS", loss, *SAMPLE_ALL_OPTS))
+    device_step_against_cpu(model, _batch(), device)

@@ -12,6 +12,8 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from d2_refine.config import add_d2_refine_config  # noqa: E402
 from d2_refine.projects.rdsnet import MBRM  # noqa: E402
 from d2_refine.projects.rdsnet.meta_arch import RDSNet  # noqa: E402
+from d2_refine.utils.testing import device_step_against_cpu, no_tf32  # noqa: E402
+from helpers import cpu_and_cuda  # noqa: E402
 
 
 def _tiny_cfg(**rdsnet):
@@ -198,21 +200,9 @@ def _batch(empty=False):
              "instances": _instances(128, 128, [[0, 0, 128, 60]], True)}]
 
 
-def _train_step(model, batch, amp=False):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    device = next(model.parameters()).device.type
-    with EventStorage(), torch.autocast(device, dtype=torch.float16, enabled=amp):
-        losses = model(batch)
-    sum(losses.values()).backward()
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-    return {k: float(v.detach()) for k, v in losses.items()}, missing, bad
-
-
 def _device_against_cpu(device):
-    """RDSNet + MBRM on ``device`` against the CPU, from the same weights: a float32 training step (on a batch with
-    masks and on one without a mask to train), an AMP step, and inference (boxes, classes, masks)."""
+    """RDSNet + MBRM on ``device`` against the CPU, from the same weights: float32 and AMP training steps (on a batch
+    with masks and on one without a mask to train), and inference (boxes, classes, masks)."""
     import copy
 
     from torchvision.ops import box_iou
@@ -223,13 +213,7 @@ def _device_against_cpu(device):
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
     base = build_model(cfg)
     for empty in (False, True):
-        ref, _, _ = _train_step(copy.deepcopy(base), _batch(empty))
-        for amp in (False, True):
-            losses, missing, bad = _train_step(copy.deepcopy(base).to(device), _batch(empty), amp)
-            # DDP without find_unused_parameters needs a gradient for every parameter at every step
-            assert not missing and not bad, (empty, amp, missing, bad)
-            for k in ref:
-                assert losses[k] == pytest.approx(ref[k], rel=2e-2 if amp else 1e-3, abs=1e-4), (empty, amp, k)
+        device_step_against_cpu(base, _batch(empty), device)
     model = copy.deepcopy(base).to(device).eval()
     images = [{"image": b["image"], "height": 300, "width": 380} for b in _batch()]
     with torch.no_grad():
@@ -244,8 +228,7 @@ def _device_against_cpu(device):
         assert (a.pred_masks != b.pred_masks[j]).float().mean() < 1e-3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
-def test_cuda_training_and_inference_match_the_cpu(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 against the CPU: no TF32
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    _device_against_cpu("cuda")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_training_and_inference_on_a_device_match_the_cpu(device):
+    with no_tf32():
+        _device_against_cpu(device)
