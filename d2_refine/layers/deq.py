@@ -19,12 +19,12 @@ What this module adds around torchdeq (torchdeq 0.1.0 has none of it):
   a ``writer`` callable, so a caller can log them (e.g. to detectron2's EventStorage) without this module
   importing detectron2;
 * 0 rows: no solve, an empty result that still takes part in autograd;
-* the solve runs in float32 (or float64) with autocast disabled;
+* the solve runs in the dtype of its iterate (IFR's mask head calls it in float32 with autocast disabled);
 * under ``torch.jit.trace`` or ``torch.export`` the forward solve has no branch on tensor values: it runs all
   its iterations and computes the fallback for every row, selecting it per row (docs/EXPORT.md);
-* at test time on a GPU the stop rule is tested on the device (``sync_free``): the solve spends its whole budget
-  with the rows frozen once the rule holds (the same result) and reads its statistics once, instead of making the
-  host wait for the GPU after every evaluation.
+* on a GPU the stop rule is tested on the device (``sync_free``), in training (forward and adjoint solves) and at
+  test time: the solve spends its whole budget with the rows frozen once the rule holds (the same result) and reads
+  its statistics once, instead of making the host wait for the GPU after every evaluation.
 
 Residuals are per row: ``||f(z_i) - z_i||_2`` ("abs") or that divided by ``||f(z_i)||_2`` ("rel"); a solve
 stops when every row is below ``tol * sqrt(D)`` ("abs", D = elements per row) or ``tol`` ("rel").
@@ -373,11 +373,11 @@ class DEQFixedPoint(nn.Module):
         fallback (str): "explicit" (rows that did not converge get ``fallback_fn``'s result) or "none" (keep
             the best iterate; non-finite rows become 0).
         divergence_factor (float): abort rows whose residual exceeds this times their initial residual.
-        sync_free (bool or None): at test time, test the stop rule on the device (``solve_fixed_point``'s
-            ``device_stop``): every solve then spends its whole budget, with the same result, and synchronises
-            with the host once (to read its statistics and decide the fallback) instead of once per evaluation.
-            None: on every device but the CPU, where a synchronisation costs nothing and stopping early saves
-            the evaluations left.
+        sync_free (bool or None): test the stop rule on the device (``solve_fixed_point``'s ``device_stop``), in
+            the forward and adjoint solves of training and in the test-time solve: every solve then spends its
+            whole budget, with the same result, and synchronises with the host once (to read its statistics and
+            decide the fallback) instead of once per evaluation. None: on every device but the CPU, where a
+            synchronisation costs nothing and stopping early saves the evaluations left.
     """
 
     def __init__(self, *, f_solver: str = "broyden", b_solver: str = "broyden", f_max_iter: int = 15,
@@ -445,7 +445,7 @@ class DEQFixedPoint(nn.Module):
         solver = self.f_solver if self.training else self.f_solver_test
         tracing = is_tracing_or_exporting()
         z, info = solve_fixed_point(func, z0, solver, max_iter, self.f_tol, self.stop_mode, **self.solver_kwargs,
-                                    device_stop=not (self.training or tracing) and self._sync_free(z0))
+                                    device_stop=not tracing and self._sync_free(z0))
         bad = self._not_converged(z, info, self.f_tol)
         if tracing:  # no branch on values: the fallback is always computed, then picked per row
             return self._replace_rows(z, bad, fallback_fn), DEQStats(nstep=info["nfe"], num_rows=z.shape[0])
@@ -519,7 +519,7 @@ class DEQFixedPoint(nn.Module):
                 else:
                     g, info = solve_fixed_point(lambda y: vjp(y) + v, torch.zeros_like(v), layer.b_solver,
                                                 layer.b_max_iter, layer.b_tol, layer.stop_mode,
-                                                **layer.solver_kwargs)
+                                                **layer.solver_kwargs, device_stop=layer._sync_free(v))
             bad = layer._not_converged(g, info, layer.b_tol)
             stats = _solve_stats(info, bad)
             if stats.fallbacks:
