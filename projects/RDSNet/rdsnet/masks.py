@@ -81,21 +81,23 @@ def correlate(pixel_reps: Tensor, obj_reps: Tensor) -> Tensor:
     return logits.view(n, 2, h, w)
 
 
-def downsample_mask_targets(masks: Tensor, stride: int) -> Tensor:
+def downsample_mask_targets(masks: Tensor, stride: int, chunk: int = 16) -> Tensor:
     """Binary ground-truth masks at ``1 / stride`` resolution: bilinear resize, then ``> 0.5``.
 
     Args:
         masks (Tensor[G, H, W]): binary masks at the (padded, stride-divisible) input size.
+        chunk (int): masks resized at once (each one is a float32 copy at full size: 4 MiB at 800 x 1344).
 
     Returns:
         Tensor[G, ceil(H / stride), ceil(W / stride)], float in {0, 1}.
     """
     g, h, w = masks.shape
     size = (math.ceil(h / stride), math.ceil(w / stride))
-    if g == 0:
-        return masks.new_zeros((0,) + size, dtype=torch.float32)
-    small = F.interpolate(masks[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    return (small > 0.5).float()
+    out = masks.new_zeros((g,) + size, dtype=torch.float32)
+    for i in range(0, g, max(int(chunk), 1)):
+        part = masks[i:i + chunk, None].float()
+        out[i:i + chunk] = F.interpolate(part, size=size, mode="bilinear", align_corners=False)[:, 0] > 0.5
+    return out
 
 
 def decode_soft_masks(

@@ -61,6 +61,8 @@ def test_downsample_mask_targets():
     assert t.shape == (2, 8, 6)
     assert t[0].sum() == 16 and t[0, 2:6, 1:5].all() and t[1].sum() == 0
     assert downsample_mask_targets(m[:0], 4).shape == (0, 8, 6)
+    many = torch.rand(37, 32, 24, generator=torch.Generator().manual_seed(0)) > 0.5  # resized 16 at a time
+    assert torch.equal(downsample_mask_targets(many, 4), downsample_mask_targets(many, 4, chunk=37))
 
 
 def test_decode_soft_masks_order_and_crop():
