@@ -99,6 +99,20 @@ def test_prroi_pool_non_finite_coordinate_raises_value_error(device, bad, column
             fn(features, rois, 2, 1.0)
 
 
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_prroi_pool_backward_called_directly_checks_boxes_first(device):
+    """The backward op called by itself (no forward to check first) with a non-finite box, without channels and with
+    a bad batch index: the same ValueError on both devices (CUDA returned zeros without channels, and checked the
+    batch index first)."""
+    rois = torch.tensor([[0, 1.0, 1.0, 4.0, 4.0], [3, 1.0, math.nan, 4.0, 4.0]], device=device)
+    for channels in (0, 2):
+        feats = torch.randn(1, channels, 6, 6, device=device)
+        g = torch.randn(2, channels, 2, 2, device=device)
+        with pytest.raises(ValueError, match="box coordinates must be finite"):
+            torch.ops.d2_refine._prroi_pool_backward(g, feats, rois, 1.0, 2, 2, False, True, True)
+
+
 def test_prroi_pool_overflow_after_scaling_raises_value_error():
     """Finite float32 boxes whose width (3e38 - -3e38) or scaled corner (3e38 * 16) overflows float32."""
     features = torch.randn(1, 2, 6, 6)

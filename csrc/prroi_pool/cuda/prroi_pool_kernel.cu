@@ -500,12 +500,12 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
   prroi::check_prroi_pool_grad(grad, input, rois, pooled_height, pooled_width);
   TORCH_CHECK(input.is_cuda(), "_prroi_pool_backward: input must be a CUDA tensor for the CUDA kernel");
   at::cuda::CUDAGuard device_guard(input.device());
+  prroi::check_finite_boxes(rois, spatial_scale, aligned);  // also without RoIs or channels, as on the CPU
   const int64_t num_rois = rois.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
   if (num_rois == 0 || grad.numel() == 0 || !(input_requires_grad || rois_requires_grad)) {
     return std::make_tuple(at::zeros(input.sizes(), input.options()), at::zeros(rois.sizes(), rois.options()));
   }
   prroi::check_batch_indices(rois, input.size(0));
-  prroi::check_finite_boxes(rois, spatial_scale, aligned);
   const at::Tensor grad_ = grad.contiguous(), input_ = input.contiguous(), rois_ = rois.contiguous();
   const at::Tensor grad_last = grad.permute({0, 2, 3, 1}).contiguous();  // [R, PH, PW, C] for the table path
   const int64_t corners = num_rois * (pooled_height + 1) * (pooled_width + 1);
