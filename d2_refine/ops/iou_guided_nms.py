@@ -95,7 +95,7 @@ def iou_guided_nms_padded(
     boxes: Tensor, scores: Tensor, ious: Tensor, idxs: Tensor, iou_threshold: float, guide: str = "rank"
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`iou_guided_nms` with a result of fixed size N, for callers on a GPU: nothing in it waits for the
-    device (on CUDA; :func:`iou_guided_nms` reads two sizes on the host), so work after it can be queued at once.
+    device (on CUDA; :func:`iou_guided_nms` reads three values on the host), so work after it can be queued at once.
 
     Returns:
         keep (Tensor[N], int64): the indices of :func:`iou_guided_nms`, then -1.

@@ -5,8 +5,9 @@
 // the block visits the candidates in ranking order, and when one is not yet owned (kept) its threads test every
 // later unowned candidate of the segment in parallel and claim those above the threshold. The new scores
 // (scatter-max of p over owners) and the final order come from ATen ops, all on the device. iou_guided_nms reads
-// two sizes on the host (the number of classes, the number kept); iou_guided_nms_padded reads none (it also drops
-// the candidates with non-finite values on the device, where iou_guided_nms compacts them away first).
+// three values on the host (whether every candidate is finite, the number of classes, the number kept);
+// iou_guided_nms_padded reads none (it drops the candidates with non-finite values on the device, where
+// iou_guided_nms compacts them away first).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
