@@ -656,3 +656,40 @@ def test_official_interface_unit_bins_are_2x2_means():
     torch.testing.assert_close(out, torch.stack([means[0, :, 1:6, 2:7], means[1, :, 4:9, 6:11]]))
     out.sum().backward()
     assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+
+
+@needs_ops
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("op", ["prroi_pool", "multilevel_prroi_pool"])
+def test_deterministic_mode_refuses_only_the_scattered_feature_gradient(device, op):
+    """Under ``torch.use_deterministic_algorithms(True)`` the CUDA backward refuses the feature gradient, which it
+    scatters with atomics (as torchvision's roi_align backward does), and still gives the box gradient (IoU-Net's
+    refinement), which is the same at every call; the CPU backward is deterministic and refuses nothing."""
+    from d2_refine.ops import multilevel_prroi_pool
+
+    maps = [torch.randn(1, 2, 16, 16, device=device), torch.randn(1, 2, 8, 8, device=device)]
+    boxes = torch.tensor([[1.0, 1.0, 30.0, 22.0], [3.0, 2.0, 60.0, 50.0]], device=device)
+
+    def pool(feats, b):
+        if op == "prroi_pool":
+            rois = torch.cat([b.new_zeros(len(b), 1), b], dim=1)
+            return prroi_pool(feats[0], rois, 2, 0.5)
+        return multilevel_prroi_pool(feats, [b], 2, (0.5, 0.25), canonical_box_size=32, canonical_level=2)
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        b = boxes.clone().requires_grad_()
+        (g,) = torch.autograd.grad(pool(maps, b).sum(), b)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+        feats = [m.clone().requires_grad_() for m in maps]
+        out = pool(feats, boxes).sum()
+        if device == "cuda":
+            with pytest.raises(RuntimeError, match="deterministic"):
+                out.backward()
+        else:
+            out.backward()
+            assert feats[0].grad.abs().sum() > 0
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

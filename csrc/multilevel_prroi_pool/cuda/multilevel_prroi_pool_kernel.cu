@@ -249,6 +249,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_kernel(
     }
     return std::make_tuple(grad_inputs, at::zeros(boxes.sizes(), boxes.options()));
   }
+  if (inputs_require_grad) {  // the maps' gradient is scattered with atomics (the box gradient is deterministic)
+    at::globalContext().alertNotDeterministic("multilevel_prroi_pool_backward_cuda (feature gradient)");
+  }
   const at::Tensor levels =
       box_levels(boxes, canonical_box_size, canonical_level, min_level, static_cast<int64_t>(inputs.size()));
   const at::Tensor images = box_images(boxes, boxes_per_image);

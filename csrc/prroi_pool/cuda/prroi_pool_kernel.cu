@@ -506,6 +506,9 @@ std::tuple<at::Tensor, at::Tensor> prroi_pool_backward_kernel(const at::Tensor& 
     return std::make_tuple(at::zeros(input.sizes(), input.options()), at::zeros(rois.sizes(), rois.options()));
   }
   prroi::check_batch_indices(rois, input.size(0));
+  if (input_requires_grad) {  // the feature gradient is scattered with atomics (the box gradient is deterministic)
+    at::globalContext().alertNotDeterministic("prroi_pool_backward_cuda (feature gradient)");
+  }
   const at::Tensor grad_ = grad.contiguous(), input_ = input.contiguous(), rois_ = rois.contiguous();
   const at::Tensor grad_last = grad.permute({0, 2, 3, 1}).contiguous();  // [R, PH, PW, C] for the table path
   const int64_t corners = num_rois * (pooled_height + 1) * (pooled_width + 1);
