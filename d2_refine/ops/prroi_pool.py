@@ -60,7 +60,9 @@ def prroi_pool(
     Returns:
         Tensor[K, C, PH, PW], in the dtype of ``input``: the mean of the interpolated map over each bin; 0 for
         zero-area bins. Differentiable w.r.t. ``input`` and the four box columns of ``rois`` (the index column
-        gets a zero gradient).
+        gets a zero gradient). On CUDA the gradient w.r.t. ``input`` is summed with atomics, so
+        ``torch.use_deterministic_algorithms(True)`` refuses it (as for torchvision's ``roi_align``); the box
+        gradient is deterministic.
 
     Bad input: zero-area, inverted (x2 < x1) and off-map boxes give zeros (and zero gradients); a box with a NaN or
     infinite coordinate, or one whose coordinates or extent overflow the compute dtype after scaling, raises a
