@@ -49,8 +49,10 @@ def roi_size_levels(boxes: torch.Tensor, strides: Sequence[int], pool_size: int 
         LongTensor[R]: level index in ``[0, len(strides)]``; ``len(strides)`` for boxes larger than every level.
     """
     s = _sqrt_area(boxes)
-    limits = torch.tensor([pool_size * st for st in strides], dtype=s.dtype, device=s.device)
-    return (s[:, None] > limits[None, :]).sum(dim=1).to(torch.int64)
+    level = torch.zeros(s.shape, dtype=torch.int64, device=s.device)
+    for st in strides:  # Python numbers: no tensor copied from the host (a wait for the device on CUDA)
+        level += s > pool_size * st
+    return level
 
 
 def assign_levels(boxes: torch.Tensor, strides: Sequence[int], assignment: str = "fpn",
