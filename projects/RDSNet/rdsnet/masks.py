@@ -94,9 +94,10 @@ def downsample_mask_targets(masks: Tensor, stride: int, chunk: int = 16) -> Tens
     g, h, w = masks.shape
     size = (math.ceil(h / stride), math.ceil(w / stride))
     out = masks.new_zeros((g,) + size, dtype=torch.float32)
-    for i in range(0, g, max(int(chunk), 1)):
-        part = masks[i:i + chunk, None].float()
-        out[i:i + chunk] = F.interpolate(part, size=size, mode="bilinear", align_corners=False)[:, 0] > 0.5
+    step = max(int(chunk), 1)
+    for i in range(0, g, step):
+        part = masks[i:i + step, None].float()
+        out[i:i + step] = F.interpolate(part, size=size, mode="bilinear", align_corners=False)[:, 0] > 0.5
     return out
 
 

@@ -63,6 +63,7 @@ def test_downsample_mask_targets():
     assert downsample_mask_targets(m[:0], 4).shape == (0, 8, 6)
     many = torch.rand(37, 32, 24, generator=torch.Generator().manual_seed(0)) > 0.5  # resized 16 at a time
     assert torch.equal(downsample_mask_targets(many, 4), downsample_mask_targets(many, 4, chunk=37))
+    assert torch.equal(downsample_mask_targets(many, 4), downsample_mask_targets(many, 4, chunk=0))  # one at a time
 
 
 def test_decode_soft_masks_order_and_crop():
