@@ -80,12 +80,12 @@ at::Tensor box_levels(const at::Tensor& boxes, double canonical_box_size, int64_
   at::Tensor level = at::floor(at::log2(at::sqrt(area) / canonical_box_size + 1e-8) + canonical_level);
   level = at::clamp(level, min_level, min_level + num_levels - 1);
   const at::Tensor index = at::nan_to_num(level, 0.0).to(at::kLong) - min_level;
-  // -1 (pools zeros): a NaN level (negative area), a box with a NaN or infinite coordinate, whose level would
-  // depend on the sign of the infinity, and a box whose width or height overflows (finite coordinates near the
-  // type's largest value: infinite bins, NaN in the kernels); checked on the device: no host synchronisation
-  const at::Tensor none = at::isnan(level)
-                              .logical_or(boxes.isfinite().all(1).logical_not())
-                              .logical_or(width.isfinite().logical_and(height.isfinite()).logical_not());
+  // -1 (pools zeros): a NaN level (negative area), and a box whose width or height is not finite: a NaN or
+  // infinite coordinate, whose level would depend on the sign of the infinity, or finite coordinates near the
+  // type's largest value whose difference overflows (infinite bins, NaN in the kernels); every coordinate is in
+  // one of the two differences. Checked on the device: no host synchronisation
+  const at::Tensor none =
+      at::isnan(level).logical_or(width.isfinite().logical_and(height.isfinite()).logical_not());
   return at::where(none, at::full({}, -1, index.options()), index);
 }
 

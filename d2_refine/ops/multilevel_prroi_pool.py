@@ -88,15 +88,16 @@ def box_levels(boxes: Tensor, canonical_box_size: float, canonical_level: int, m
                num_levels: int) -> Tensor:
     """Tensor[K] int64: level index in [0, num_levels) of each box (detectron2's ``assign_boxes_to_levels``, op for
     op, in the dtype of ``boxes``, float32 for half-precision boxes, whose areas overflow float16 beyond 256 x 256 px),
-    -1 where it is NaN or the box has a coordinate that is not finite (whose level would depend on the sign of the
-    infinity) or a width or height that overflows; checked on the device, without a host synchronisation."""
+    -1 where it is NaN or the box's width or height is not finite: a NaN or infinite coordinate (whose level would
+    depend on the sign of the infinity) or an extent that overflows; checked on the device, without a host
+    synchronisation."""
     boxes = boxes.to(compute_dtype(boxes))
     width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     area = width * height
     level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_box_size + 1e-8))
     level = torch.clamp(level, min=min_level, max=min_level + num_levels - 1)
     index = torch.nan_to_num(level, 0.0).to(torch.int64) - min_level
-    none = torch.isnan(level) | ~torch.isfinite(boxes).all(1) | ~torch.isfinite(width) | ~torch.isfinite(height)
+    none = torch.isnan(level) | ~(torch.isfinite(width) & torch.isfinite(height))
     return torch.where(none, torch.full_like(index, -1), index)
 
 
