@@ -134,7 +134,8 @@ def no_tf32():
 
 
 #: config options under which R-CNN training samples every anchor and every proposal (positive fraction 1, batches
-#: larger than any image's count), so that its losses do not depend on random numbers
+#: larger than any image's count), so that its losses do not depend on random numbers; 100 proposals per image keep
+#: the step small
 SAMPLE_ALL_OPTS = ["MODEL.RPN.BATCH_SIZE_PER_IMAGE", "1000000", "MODEL.RPN.POSITIVE_FRACTION", "1.0",
                    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "1000000", "MODEL.ROI_HEADS.POSITIVE_FRACTION", "1.0",
                    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100"]

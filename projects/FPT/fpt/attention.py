@@ -75,12 +75,12 @@ def euclidean_qk(q: torch.Tensor, k: torch.Tensor):
         k_sq = k32.pow(2).sum(-1, keepdim=True)
         # c = 1 while max |k|^2 <= 2^14, else the power of two that brings it there (on the device, no sync)
         c = torch.exp2(torch.log2(k_sq.amax(-2, keepdim=True) * 2.0 ** -14).ceil_().clamp_(0, 15))
-        ones = c.to(q.dtype).expand(q.shape[:-1] + (1,))
+        q_col = c.to(q.dtype).expand(q.shape[:-1] + (1,))  # q_hat's last column: c instead of 1
         k_sq = (k_sq / c).to(k.dtype)
     else:
         k_sq = k.to(acc).pow(2).sum(-1, keepdim=True).to(k.dtype)
-        ones = q.new_ones(q.shape[:-1] + (1,))
-    q_hat = torch.cat([q, ones], dim=-1)
+        q_col = q.new_ones(q.shape[:-1] + (1,))
+    q_hat = torch.cat([q, q_col], dim=-1)
     k_hat = torch.cat([2 * k, -k_sq], dim=-1)
     return q_hat, k_hat
 
